@@ -1,0 +1,203 @@
+"""Run a Meta Llama 3.x checkpoint with plain PyTorch, fairscale and llama-models: greedy decoding, KV-cached.
+
+Edit the settings below, or override any of them with an environment variable of the same name:
+
+    MODEL_NAME=Llama3.2-1B python minimal_run_inference.py
+
+stdout carries only the generated text; load time, speed and memory go to stderr.
+run_inference.py is this script's twin: the same steps under the same names, each one explained,
+plus beam search and sampling. README.md says where to get the checkpoints.
+"""
+
+import codecs
+import json
+import math
+import os
+import resource
+import sys
+import time
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import fairscale.nn.model_parallel.initialize as fs_init
+import torch
+import torch.distributed as dist
+from llama_models.checkpoint import maybe_reshard_state_dict
+from llama_models.datatypes import RawMessage
+from llama_models.llama3.args import ModelArgs
+from llama_models.llama3.chat_format import ChatFormat
+from llama_models.llama3.model import Transformer
+from llama_models.llama3.tokenizer import Tokenizer
+
+MODEL_NAME = "Llama3.2-1B-Instruct"  # a folder in LLAMA_MODELS_DIR: Llama3.2-1B, Llama3.2-3B, Llama3.1-8B, Llama3.3-70B, ... ("-Instruct" in the name: chat format)
+LLAMA_MODELS_DIR = "~/.llama/checkpoints"  # where `llama-model download --source meta` puts checkpoints
+INPUT_STRING = "The capital of France is"  # the user's message (Instruct models) or the text to continue (base models)
+SYSTEM_PROMPT = ""  # Instruct models only: a system message before the user's; "" for none
+DEVICE = "auto"  # "auto" (cuda, then mps, then cpu), "cpu", "mps", "cuda", "cuda:1"
+DTYPE = "auto"  # "auto" (bfloat16; float16 on GPUs without bfloat16), "bfloat16", "float16", "float32"
+MAX_NEW_TOKENS = 64  # generation stops here unless a stop token comes first
+
+# Llama 3.x RoPE scaling (https://github.com/meta-llama/llama-models/issues/166): see run_inference.py.
+ROPE_SCALE_FACTOR = 8  # Llama 3.1 and 3.3
+ROPE_SCALE_FACTOR_3_2_SMALL = 32  # Llama 3.2 1B and 3B, recognised by (dim, n_layers)
+LLAMA_3_2_SMALL_SHAPES = {(2048, 16), (3072, 28)}
+ROPE_ORIGINAL_CONTEXT = 8192
+ROPE_LOW_FREQ_FACTOR = 1
+ROPE_HIGH_FREQ_FACTOR = 4
+
+
+def setting(name):
+    """The global `name`, or the environment variable of that name when it is set."""
+    default = globals()[name]
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    try:
+        return type(default)(text)
+    except ValueError:
+        raise SystemExit(f"error: {name}={text!r} is not a valid {type(default).__name__}")
+
+
+def pick_device(name):
+    cuda = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    mps = ["mps"] if torch.backends.mps.is_available() else []
+    available = cuda + mps + ["cpu"]  # in the order "auto" prefers them
+    name = {"auto": available[0], "cuda": "cuda:0"}.get(name, name)
+    if name not in available:
+        raise SystemExit(f"error: DEVICE={name!r} is not available here; choose one of: auto, {', '.join(available)}")
+    return torch.device(name)
+
+
+def pick_dtype(name, device):
+    if name == "auto":
+        gpu_without_bf16 = device.type == "cuda" and not torch.cuda.is_bf16_supported()
+        name = "float16" if gpu_without_bf16 else "bfloat16"
+    if name not in ("bfloat16", "float16", "float32"):
+        raise SystemExit(f"error: DTYPE={name!r} is not supported; choose one of: auto, bfloat16, float16, float32")
+    return getattr(torch, name)
+
+
+def find_checkpoint(models_dir, model_name):
+    model_dir = models_dir / model_name
+    needed = [model_dir, model_dir / "params.json", model_dir / "tokenizer.model", model_dir / "consolidated.00.pth"]
+    missing = [path for path in needed if not path.exists()]
+    if missing:
+        found = sorted(path.parent.name for path in models_dir.glob("*/params.json"))
+        raise SystemExit(
+            f"error: {missing[0]} not found (checkpoints in {models_dir}: {', '.join(found) or 'none'}); "
+            f"download one with: llama-model download --source meta --model-id {model_name}"
+        )
+    return model_dir
+
+
+def encode_prompt(tokenizer, text, system_prompt, instruct):
+    if not instruct:
+        return tokenizer.encode(text, bos=True, eos=False)
+    messages = [RawMessage(role="system", content=system_prompt)] if system_prompt else []
+    messages.append(RawMessage(role="user", content=text))
+    return ChatFormat(tokenizer).encode_dialog_prompt(messages).tokens
+
+
+def init_distributed(device):
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)  # in memory: no port
+    with redirect_stdout(sys.stderr):  # fairscale prints; stdout is for generated text only
+        fs_init.initialize_model_parallel(1)
+
+
+def rope_scale_factor(args):
+    return ROPE_SCALE_FACTOR_3_2_SMALL if (args.dim, args.n_layers) in LLAMA_3_2_SMALL_SHAPES else ROPE_SCALE_FACTOR
+
+
+def rope_rotations(args, scale_factor):
+    head_dim = args.dim // args.n_heads
+    freqs = 1.0 / (args.rope_theta ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    if args.use_scaled_rope:
+        wavelengths = 2 * math.pi / freqs
+        band = (ROPE_ORIGINAL_CONTEXT / wavelengths - ROPE_LOW_FREQ_FACTOR) / (ROPE_HIGH_FREQ_FACTOR - ROPE_LOW_FREQ_FACTOR)
+        keep = band.clamp(0, 1)
+        freqs = (1 - keep) * freqs / scale_factor + keep * freqs
+    angles = torch.outer(torch.arange(args.max_seq_len).float(), freqs)  # (max_seq_len, head_dim // 2)
+    return torch.polar(torch.ones_like(angles), angles)
+
+
+def load_model(model_dir, device, dtype, max_seq_len, max_batch_size):
+    params = json.loads((model_dir / "params.json").read_text())
+    args = ModelArgs(**params, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+    with torch.device("meta"):
+        model = Transformer(args)
+    with redirect_stdout(sys.stderr):  # it prints the shard list
+        weights = maybe_reshard_state_dict(sorted(model_dir.glob("consolidated.*.pth")), args.n_kv_heads)
+    torch.set_default_dtype(torch.float32)  # maybe_reshard_state_dict sets it to bfloat16
+    model.load_state_dict(weights, assign=True)
+    model.to(device=device, dtype=dtype)
+    for layer in model.layers:
+        attention = layer.attention
+        cache_shape = (max_batch_size, max_seq_len, attention.n_local_kv_heads, attention.head_dim)
+        attention.cache_k = torch.zeros(cache_shape, device=device, dtype=dtype)
+        attention.cache_v = torch.zeros(cache_shape, device=device, dtype=dtype)
+    model.freqs_cis = rope_rotations(args, rope_scale_factor(args)).to(device)
+    return model
+
+
+def prefill(model, prompt_ids, device):
+    tokens = torch.tensor([prompt_ids], device=device)  # (1, prompt_len)
+    return model(tokens, start_pos=0)[0, -1]  # (vocab,)
+
+
+def decode_step(model, token_id, pos, device):
+    tokens = torch.tensor([[token_id]], device=device)  # (1, 1)
+    return model(tokens, start_pos=pos)[0, -1]  # (vocab,)
+
+
+def generate(model, prompt_ids, max_new_tokens, stop_tokens, device):
+    logits = prefill(model, prompt_ids, device)
+    for step in range(max_new_tokens):
+        if step > 0:
+            logits = decode_step(model, token_id, len(prompt_ids) + step - 1, device)
+        token_id = int(logits.argmax())
+        if token_id in stop_tokens:
+            return
+        yield token_id
+
+
+def stream(token_ids, tokenizer):
+    printed = []
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # holds back a character split across tokens
+    for token_id in token_ids:
+        print(utf8.decode(tokenizer.model.decode_single_token_bytes(token_id)), end="", flush=True)
+        printed.append(token_id)
+    print(utf8.decode(b"", final=True), end="", flush=True)
+    return printed
+
+
+def peak_memory_gib(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return max_rss / (2**30 if sys.platform == "darwin" else 2**20)
+
+
+def main():
+    device = pick_device(setting("DEVICE"))
+    dtype = pick_dtype(setting("DTYPE"), device)
+    model_dir = find_checkpoint(Path(setting("LLAMA_MODELS_DIR")).expanduser(), setting("MODEL_NAME"))
+    tokenizer = Tokenizer(model_dir / "tokenizer.model")
+    instruct = "instruct" in model_dir.name.lower()
+    prompt_ids = encode_prompt(tokenizer, setting("INPUT_STRING"), setting("SYSTEM_PROMPT"), instruct)
+    max_new_tokens = setting("MAX_NEW_TOKENS")
+
+    init_distributed(device)
+    start = time.perf_counter()
+    model = load_model(model_dir, device, dtype, len(prompt_ids) + max_new_tokens, max_batch_size=1)
+    print(f"loaded {model_dir.name} on {device} in {dtype} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+
+    start = time.perf_counter()
+    token_ids = stream(generate(model, prompt_ids, max_new_tokens, tokenizer.stop_tokens, device), tokenizer)
+    seconds = time.perf_counter() - start
+    print(f"\n{len(prompt_ids)} prompt + {len(token_ids)} new tokens in {seconds:.1f} s", file=sys.stderr)
+    print(f"peak memory {peak_memory_gib(device):.2f} GiB", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,521 @@
+"""Run a Meta Llama 3.x checkpoint with plain PyTorch, fairscale and llama-models, every step explained.
+
+This is the tutorial twin of minimal_run_inference.py: the same steps, in the same order, under the same
+names, with the reasons written next to the code, plus two more ways to choose tokens (beam search and
+top-p sampling). Read it top to bottom; it follows the data: text, tokens, weights, layers, logits, next token.
+
+Run it like its twin: edit the settings below, or override any of them with an environment variable of the
+same name, e.g.
+
+    MODEL_NAME=Llama3.2-1B BEAM_WIDTH=4 python run_inference.py
+
+stdout carries only the generated text; everything else (the model, memory, one line per token, speed)
+goes to stderr, so `python run_inference.py > answer.txt` keeps just the answer. README.md says where to
+get the checkpoints and how to run the tests.
+"""
+
+import codecs
+import base64
+import json
+import math
+import os
+import resource
+import sys
+import time
+import warnings
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import fairscale.nn.model_parallel.initialize as fs_init
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from llama_models.checkpoint import maybe_reshard_state_dict
+from llama_models.datatypes import RawMessage
+from llama_models.llama3.args import ModelArgs
+from llama_models.llama3.chat_format import ChatFormat
+from llama_models.llama3.model import Transformer
+from llama_models.llama3.tokenizer import Tokenizer
+
+# ---------------------------------------------------------------------------------------------------------
+# Settings. Each one can also be set by an environment variable of the same name (MAX_NEW_TOKENS=20 ...).
+# ---------------------------------------------------------------------------------------------------------
+MODEL_NAME = "Llama3.2-1B-Instruct"  # a folder in LLAMA_MODELS_DIR: Llama3.2-1B, Llama3.2-3B, Llama3.1-8B, Llama3.3-70B, ... ("-Instruct" in the name: chat format)
+LLAMA_MODELS_DIR = "~/.llama/checkpoints"  # where `llama-model download --source meta` puts checkpoints
+INPUT_STRING = "The capital of France is"  # the user's message (Instruct models) or the text to continue (base models)
+SYSTEM_PROMPT = ""  # Instruct models only: a system message before the user's; "" for none
+DEVICE = "auto"  # "auto" (cuda, then mps, then cpu), "cpu", "mps", "cuda", "cuda:1"
+DTYPE = "auto"  # "auto" (bfloat16; float16 on GPUs without bfloat16), "bfloat16", "float16", "float32"
+MAX_NEW_TOKENS = 64  # generation stops here unless a stop token comes first
+
+# How the next token is chosen. The default is greedy: always the most likely token.
+BEAM_WIDTH = 1  # > 1: beam search keeps this many candidate continuations (4 or 5 is usual); 1: greedy
+LENGTH_PENALTY = 1.0  # beam search: a finished beam's score is its log-probability / length**LENGTH_PENALTY
+NUM_RETURN_SEQUENCES = 1  # beam search: print this many of the best finished beams (at most BEAM_WIDTH)
+TEMPERATURE = 0.0  # > 0: sample instead (Meta's own scripts use 0.6); 0: off
+TOP_P = 0.9  # sampling: draw only from the most likely tokens that together hold this much probability
+SEED = 0  # sampling: the same seed gives the same text
+SHOW_TOKENS = 1  # 1: one line per generated token on stderr (its id, probability and the runners-up); 0: off
+
+# RoPE scaling constants of Llama 3.1+, explained at rope_rotations() below. Meta's published configs
+# (and https://github.com/meta-llama/llama-models/issues/166) give the factor per model.
+ROPE_SCALE_FACTOR = 8  # Llama 3.1 and 3.3
+ROPE_SCALE_FACTOR_3_2_SMALL = 32  # Llama 3.2 1B and 3B, recognised by (dim, n_layers)
+LLAMA_3_2_SMALL_SHAPES = {(2048, 16), (3072, 28)}
+ROPE_ORIGINAL_CONTEXT = 8192  # the context length the model was first trained with
+ROPE_LOW_FREQ_FACTOR = 1  # frequencies whose wavelength exceeds 8192 / 1 tokens are slowed by the factor
+ROPE_HIGH_FREQ_FACTOR = 4  # frequencies whose wavelength is under 8192 / 4 tokens are left alone
+SHOWN_ALTERNATIVES = 3  # runners-up printed per token when SHOW_TOKENS is on
+
+
+def setting(name):
+    """The global `name`, or the environment variable of that name when it is set.
+
+    The environment's text is converted to the type of the default (int, float or str), so
+    MAX_NEW_TOKENS=abc stops with a one-line error instead of failing somewhere deep inside."""
+    default = globals()[name]
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    try:
+        return type(default)(text)
+    except ValueError:
+        raise SystemExit(f"error: {name}={text!r} is not a valid {type(default).__name__}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Device and number format.
+# Nothing here is CUDA-specific: the same code runs on a laptop CPU, an Apple GPU (mps) or an NVIDIA GPU.
+# bfloat16 is the format Meta stores the weights in: 2 bytes per number, the range of float32 with less
+# precision. Keeping it halves memory and, because generating a token reads every weight once, roughly
+# halves the time per token against float32. float16 is for older GPUs without bfloat16 support.
+# ---------------------------------------------------------------------------------------------------------
+def pick_device(name):
+    cuda = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    mps = ["mps"] if torch.backends.mps.is_available() else []
+    available = cuda + mps + ["cpu"]  # in the order "auto" prefers them
+    name = {"auto": available[0], "cuda": "cuda:0"}.get(name, name)
+    if name not in available:
+        raise SystemExit(f"error: DEVICE={name!r} is not available here; choose one of: auto, {', '.join(available)}")
+    return torch.device(name)
+
+
+def pick_dtype(name, device):
+    if name == "auto":
+        gpu_without_bf16 = device.type == "cuda" and not torch.cuda.is_bf16_supported()
+        name = "float16" if gpu_without_bf16 else "bfloat16"
+    if name not in ("bfloat16", "float16", "float32"):
+        raise SystemExit(f"error: DTYPE={name!r} is not supported; choose one of: auto, bfloat16, float16, float32")
+    return getattr(torch, name)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The checkpoint folder, as `llama-model download --source meta --model-id NAME` leaves it:
+#   consolidated.00.pth  the weights (one file per model-parallel shard: 1 for 1B-8B, 8 for 70B)
+#   params.json          the architecture's sizes (read in load_model below)
+#   tokenizer.model      the vocabulary (read in encode_prompt below)
+#   checklist.chk        md5 sums of the other files (`llama-model verify-download` checks them)
+# ---------------------------------------------------------------------------------------------------------
+def find_checkpoint(models_dir, model_name):
+    model_dir = models_dir / model_name
+    needed = [model_dir, model_dir / "params.json", model_dir / "tokenizer.model", model_dir / "consolidated.00.pth"]
+    missing = [path for path in needed if not path.exists()]
+    if missing:
+        found = sorted(path.parent.name for path in models_dir.glob("*/params.json"))
+        raise SystemExit(
+            f"error: {missing[0]} not found (checkpoints in {models_dir}: {', '.join(found) or 'none'}); "
+            f"download one with: llama-model download --source meta --model-id {model_name}"
+        )
+    return model_dir
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Text to tokens.
+# tokenizer.model is a text file with one line per token: the token's bytes in base64, then its rank (its
+# id). The line "IFBhcmlz 12366" is the 6 bytes " Paris" with id 12366. There are 128,000 such byte
+# sequences; the tokenizer (tiktoken, a byte-pair encoder) splits text into the longest ones it knows.
+# After them come 256 special tokens that never appear in text, such as <|begin_of_text|> (128000).
+#
+# Base models continue text: the prompt is <|begin_of_text|> and the text. Instruct models were trained
+# on dialogs, each message wrapped in special tokens, and answer when the prompt ends with an open
+# assistant header:
+#   <|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n{SYSTEM_PROMPT}<|eot_id|>
+#   <|start_header_id|>user<|end_header_id|>\n\n{INPUT_STRING}<|eot_id|>
+#   <|start_header_id|>assistant<|end_header_id|>\n\n
+# llama-models' ChatFormat builds exactly this; the model's reply then ends with <|eot_id|>.
+# Which one applies is read from the folder name ("Instruct"): the two kinds have identical shapes.
+# ---------------------------------------------------------------------------------------------------------
+def encode_prompt(tokenizer, text, system_prompt, instruct):
+    if not instruct:
+        return tokenizer.encode(text, bos=True, eos=False)
+    messages = [RawMessage(role="system", content=system_prompt)] if system_prompt else []
+    messages.append(RawMessage(role="user", content=text))
+    return ChatFormat(tokenizer).encode_dialog_prompt(messages).tokens
+
+
+def describe_tokenizer(path, tokenizer, prompt_ids):
+    """Show a few lines of tokenizer.model decoded, and the prompt as the model sees it."""
+    for line in path.read_text().splitlines()[12366:12368]:  # " Paris" and its neighbour
+        token_b64, rank = line.split()
+        print(f"tokenizer.model line {line!r}: bytes {base64.b64decode(token_b64)!r}, id {rank}", file=sys.stderr)
+    print(f"prompt: {len(prompt_ids)} tokens {tokenizer.decode(prompt_ids)!r}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# torch.distributed and fairscale, even for one process.
+# llama-models builds the model from fairscale's model-parallel layers (ColumnParallelLinear,
+# RowParallelLinear, VocabParallelEmbedding), written so that a 70B model can be split across 8 GPUs, one
+# slice of every matrix per process. Even with one process those layers ask fairscale for the
+# "model-parallel group", so one must exist. A one-process group needs no launcher and no network: its
+# rendezvous store is a dictionary in memory (HashStore). The backend is nccl for NVIDIA GPUs and gloo
+# otherwise (gloo runs on CPUs, and with one process no data ever travels).
+# ---------------------------------------------------------------------------------------------------------
+def init_distributed(device):
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)  # in memory: no port
+    with redirect_stdout(sys.stderr):  # fairscale prints; stdout is for generated text only
+        fs_init.initialize_model_parallel(1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# RoPE: how the model knows where each token is.
+# Attention compares queries and keys with dot products, which by themselves ignore order. Rotary
+# position embedding (RoPE) rotates each pair of numbers (0,1), (2,3), ... of every query and key by an
+# angle proportional to the token's position, pair i turning at frequency theta**(-2i/head_dim). The dot
+# product of two rotated vectors then depends on how far apart the tokens are.
+#
+# Llama 3.1 and later stretch the slow pairs so that a model trained on 8,192 tokens works up to 131,072:
+# pairs whose wavelength is longer than 8192 / ROPE_LOW_FREQ_FACTOR positions turn FACTOR times slower,
+# pairs shorter than 8192 / ROPE_HIGH_FREQ_FACTOR are unchanged, and those in between are blended.
+# llama-models 0.3.0 hard-codes FACTOR = 8 (apply_scaling in llama_models/llama3/model.py), right for 3.1
+# and 3.3, but Llama 3.2 1B and 3B were trained with 32. With the wrong factor, short prompts look fine
+# and long ones slowly degrade. Rather than edit the installed package, we compute the rotation table
+# ourselves with the right factor and hand it to the model (model.freqs_cis in load_model). Folder names
+# can change, so the 3.2 models are recognised by their shapes, which no other Llama 3.x model has.
+# ---------------------------------------------------------------------------------------------------------
+def rope_scale_factor(args):
+    return ROPE_SCALE_FACTOR_3_2_SMALL if (args.dim, args.n_layers) in LLAMA_3_2_SMALL_SHAPES else ROPE_SCALE_FACTOR
+
+
+def rope_rotations(args, scale_factor):
+    head_dim = args.dim // args.n_heads
+    freqs = 1.0 / (args.rope_theta ** (torch.arange(0, head_dim, 2).float() / head_dim))  # (head_dim // 2,) radians/token
+    if args.use_scaled_rope:
+        wavelengths = 2 * math.pi / freqs  # tokens per full turn
+        # 0 for wavelengths over 8192 tokens, 1 under 2048, a straight line between: the share kept unscaled
+        band = (ROPE_ORIGINAL_CONTEXT / wavelengths - ROPE_LOW_FREQ_FACTOR) / (ROPE_HIGH_FREQ_FACTOR - ROPE_LOW_FREQ_FACTOR)
+        keep = band.clamp(0, 1)
+        freqs = (1 - keep) * freqs / scale_factor + keep * freqs
+    angles = torch.outer(torch.arange(args.max_seq_len).float(), freqs)  # (max_seq_len, head_dim // 2)
+    return torch.polar(torch.ones_like(angles), angles)  # cos + i sin: llama-models rotates with complex numbers
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Weights: from the file to the model without copies.
+#
+# params.json holds the sizes: dim (width of the hidden vector, 2048 for 1B), n_layers (transformer
+# blocks), n_heads (query heads; head_dim = dim / n_heads = 64), n_kv_heads (key/value heads, shared by
+# groups of query heads: grouped-query attention), vocab_size (128,256 tokens), ffn_dim_multiplier and
+# multiple_of (the feed-forward width, 8192 for 1B), norm_eps (RMSNorm's epsilon), rope_theta and
+# use_scaled_rope (see RoPE above). ModelArgs takes them, plus two sizes for the job at hand:
+# max_seq_len (prompt + new tokens) and max_batch_size (1, or the beam width).
+#
+# Three tricks keep memory at the size of the file:
+# 1. The meta device. Building Transformer(args) normally allocates every weight and fills it with
+#    random numbers, only for the checkpoint to overwrite them. Under torch.device("meta") tensors have a
+#    shape but no memory. (fairscale's linear layers allocate their weights with the legacy
+#    torch.Tensor(rows, cols), which ignores the meta device: that memory is never written, so the
+#    operating system never backs it with RAM, and it is released when the checkpoint replaces it.)
+# 2. mmap. torch.load(..., mmap=True) maps the file into memory instead of reading it: tensors point into
+#    the file, and the OS pages bytes in when they are first used (shared with its file cache).
+#    llama-models' maybe_reshard_state_dict does this, and merges or splits shards when their count
+#    differs from the number of processes.
+# 3. assign=True. load_state_dict normally copies each tensor into the module's existing one; assign
+#    makes the module's parameter *be* the loaded tensor. Llama 3.2 stores its output layer and its
+#    embedding table as one tensor (tied weights); assign keeps them one, saving 0.5 GB for 1B.
+# .to(device, dtype) then copies only if it has to (to a GPU, or to another dtype).
+#
+# The KV cache. Each new token attends to the keys and values of all tokens before it. Recomputing them
+# every step would make step n cost n times a step; instead every attention layer keeps them in
+# cache_k and cache_v, of shape (max_batch_size, max_seq_len, n_kv_heads, head_dim), one row per
+# sequence in the batch. llama-models allocates them when the model is built (on meta here), so we
+# create them ourselves, sized to this job. ModelArgs' defaults (32 sequences x 2048 tokens) would take
+# 16 layers x 2 x 32 x 2048 x 8 x 64 x 4 bytes = 4.3 GB in float32 for the 1B model, more than its
+# weights: the original version of this project did exactly that, which explains its memory use.
+# ---------------------------------------------------------------------------------------------------------
+def load_model(model_dir, device, dtype, max_seq_len, max_batch_size):
+    params = json.loads((model_dir / "params.json").read_text())
+    args = ModelArgs(**params, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+    with torch.device("meta"):
+        model = Transformer(args)  # shapes only
+    with redirect_stdout(sys.stderr), warnings.catch_warnings():  # it prints the shard list, and
+        warnings.filterwarnings("ignore", message=".*set_default_tensor_type")  # calls a deprecated API:
+        weights = maybe_reshard_state_dict(sorted(model_dir.glob("consolidated.*.pth")), args.n_kv_heads)
+    torch.set_default_dtype(torch.float32)  # ... torch.set_default_tensor_type(bfloat16): undo that side effect
+    model.load_state_dict(weights, assign=True)  # the parameters are now the memory-mapped tensors
+    model.to(device=device, dtype=dtype)
+    for layer in model.layers:
+        attention = layer.attention
+        cache_shape = (max_batch_size, max_seq_len, attention.n_local_kv_heads, attention.head_dim)
+        attention.cache_k = torch.zeros(cache_shape, device=device, dtype=dtype)
+        attention.cache_v = torch.zeros(cache_shape, device=device, dtype=dtype)
+    model.freqs_cis = rope_rotations(args, rope_scale_factor(args)).to(device)
+    # Speed-up: the output layer turns each position's hidden vector into vocab_size scores (logits), but
+    # generation only needs the last position's. Without this, a 1,000-token prompt would produce a
+    # (1000, 128256) float32 tensor (0.5 GB) and spend a whole weight pass per position computing it.
+    model.output.register_forward_pre_hook(lambda output_layer, inputs: (inputs[0][:, -1:],))
+    return model
+
+
+def describe_model(model, args):
+    """Print what is in memory: the weights, the KV cache, and the RoPE scale factor in use."""
+    storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()}
+    attention = model.layers[0].attention
+    cache_bytes = 2 * len(model.layers) * attention.cache_k.numel() * attention.cache_k.element_size()
+    print(
+        f"{args.n_layers} layers, dim {args.dim}, {args.n_heads} query / {args.n_kv_heads} key-value heads, "
+        f"vocab {args.vocab_size}, RoPE scale factor {rope_scale_factor(args) if args.use_scaled_rope else 'none'}; "
+        f"weights {sum(storages.values()) / 2**30:.2f} GiB, KV cache {cache_bytes / 2**30:.3f} GiB "
+        f"({args.max_batch_size} x {args.max_seq_len} tokens)",
+        file=sys.stderr,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tokens to logits: prefill, then one decode step per new token.
+#
+# model(tokens, start_pos) runs tokens of shape (batch, seqlen), which sit at positions start_pos ...
+# start_pos + seqlen - 1, through the network:
+#   embedding lookup           (batch, seqlen) -> (batch, seqlen, dim)
+#   n_layers x [RMSNorm, attention with RoPE and the KV cache, RMSNorm, SwiGLU feed-forward], each added
+#   to the running hidden vector   (batch, seqlen, dim)
+#   final RMSNorm and output layer -> (batch, 1, vocab) here, thanks to the hook above: the logits, one
+#   unnormalised score per vocabulary token; softmax turns them into probabilities.
+# Each call writes the new tokens' keys and values into the cache at their positions and attends over
+# everything cached so far.
+#
+# Prefill runs the whole prompt in one call (start_pos 0): one pass over the weights for all its tokens.
+# Then each decode step feeds only the newest token (seqlen 1) at its position. A step's cost is
+# dominated by reading every weight once (2.5 GB for 1B in bfloat16), so it stays flat as the text grows.
+# ---------------------------------------------------------------------------------------------------------
+def prefill(model, prompt_ids, device):
+    tokens = torch.tensor([prompt_ids], device=device)  # (1, prompt_len)
+    return model(tokens, start_pos=0)[0, -1]  # (vocab,)
+
+
+def decode_step(model, token_ids, pos, device):
+    """Feed one token per sequence in the batch, all at position `pos`; return each sequence's next logits."""
+    tokens = torch.tensor(token_ids, device=device).view(-1, 1)  # (batch, 1)
+    return model(tokens, start_pos=pos)[:, -1]  # (batch, vocab)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Choosing the next token, three ways.
+# 1. Greedy: the most likely token. Deterministic, and what the minimal script does.
+# 2. Top-p sampling: draw at random, but only among the most likely tokens that together hold TOP_P of
+#    the probability, after dividing the logits by TEMPERATURE (< 1 sharpens, > 1 flattens). Varied text,
+#    without the long tail of nonsense tokens. The same SEED gives the same draws.
+# 3. Beam search (further below): looks ahead over several candidate continuations at once.
+# ---------------------------------------------------------------------------------------------------------
+def pick_greedy(logits):
+    return int(logits.argmax())
+
+
+def sample_top_p(logits, temperature, top_p, generator):
+    probs = torch.softmax(logits.float() / temperature, dim=-1)  # (vocab,)
+    sorted_probs, order = probs.sort(descending=True)
+    outside_nucleus = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # mass before it already reaches top_p
+    sorted_probs[outside_nucleus] = 0.0  # the most likely token is always kept
+    choice = torch.multinomial(sorted_probs, num_samples=1, generator=generator)  # needs no renormalising
+    return int(order[choice])
+
+
+def show_token(step, token_id, logits, tokenizer):
+    """One aligned stderr line: step, id, text, probability, and the runners-up."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    top_probs, top_ids = probs.topk(SHOWN_ALTERNATIVES + 1)
+    others = [f"{tokenizer.decode([i])!r} {p:.3f}" for p, i in zip(top_probs.tolist(), top_ids.tolist()) if i != token_id]
+    text = repr(tokenizer.decode([token_id]))
+    print(f"{step:>5} {token_id:>7} {text:<20} {probs[token_id]:.3f}   {' | '.join(others[:SHOWN_ALTERNATIVES])}", file=sys.stderr)
+
+
+def generate(model, prompt_ids, max_new_tokens, stop_tokens, device, pick=pick_greedy, on_token=None):
+    """Greedy (or sampled, with another `pick`) decoding with the KV cache; yields the id of each new token."""
+    logits = prefill(model, prompt_ids, device)
+    for step in range(max_new_tokens):
+        if step > 0:
+            logits = decode_step(model, [token_id], len(prompt_ids) + step - 1, device)[0]
+        token_id = pick(logits)
+        if on_token:
+            on_token(step, token_id, logits)
+        if token_id in stop_tokens:
+            return
+        yield token_id
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Beam search: keep the BEAM_WIDTH most probable continuations, not just the single best next token.
+#
+# Greedy decoding can walk into a dead end: the best first token may lead to poor continuations while the
+# second best leads to much better ones. Beam search keeps k = BEAM_WIDTH partial sequences ("beams") and
+# at every step extends all of them by every vocabulary token, scores each extension by its total
+# log-probability (the sum of the log-probabilities of its tokens), and keeps the k best extensions,
+# whichever beams they came from. A beam that was best can be dropped a step later, and one beam can
+# spawn several survivors.
+#
+# The original version of this project took the k most likely *first* tokens and then continued each one
+# greedily, one after another, recomputing the whole text at every step. That is k greedy runs: they never
+# compete after the first token, and they cost k times a greedy run (times the text length, without a cache).
+#
+# Here the k beams run as one batch: one forward call per step for all of them, through weights that are
+# read once for the whole batch, which is why a beam step costs little more than a greedy step.
+# Shapes, per step:
+#   logits                       (k, vocab)       one row per live beam
+#   scores = beam_scores[:, None] + log_softmax(logits)     (k, vocab)  total log-prob of each extension
+#   flatten and take the top     (k * vocab,) -> (n_candidates,)
+#   parent beam = flat // vocab, new token = flat % vocab
+# Then each layer's KV cache rows must follow the parents: row i of the cache holds the keys and values of
+# beam i's past tokens, and the new beam i may descend from old beam 3. reorder_cache copies row 3 into
+# row i (for all layers, up to the current position) before the next step reads it.
+#
+# Finishing: an extension ending in a stop token is a finished hypothesis, not a live beam. Its score is
+# its total log-probability divided by length**LENGTH_PENALTY (length = its new tokens, the stop token
+# included). Log-probabilities only go down as tokens are added, so the raw sum favours short answers;
+# LENGTH_PENALTY = 1 compares average log-probability per token, 0 the raw sum, > 1 favours longer ones.
+# We keep the k best finished hypotheses and stop when a full set of k can no longer be beaten, using
+# transformers' default rule (early_stopping=False): stop once the best live beam's score at its current
+# length, length-penalised, is no better than the worst finished one. (With LENGTH_PENALTY > 0 a live beam
+# could in principle still climb by growing longer; this rule, like transformers', does not wait for that.)
+# At MAX_NEW_TOKENS, the k best extensions of the last step are finished as they are.
+# Candidates per step: (1 + number of stop tokens) x k, so that k live beams remain even if every stop
+# token is among each beam's best; finished hypotheses are taken only from the first k candidates.
+# These are the rules of transformers' generate(num_beams=k, do_sample=False), which the tests check.
+# ---------------------------------------------------------------------------------------------------------
+def reorder_cache(model, parents, length):
+    """Row i of every layer's KV cache becomes a copy of row parents[i], for positions 0 .. length - 1."""
+    rows = torch.tensor(parents, device=model.layers[0].attention.cache_k.device)
+    for layer in model.layers:
+        for cache in (layer.attention.cache_k, layer.attention.cache_v):  # (max_batch, max_seq, kv_heads, head_dim)
+            cache[: len(parents), :length] = cache[rows, :length]  # gathers first, then writes: safe to overlap
+
+
+def beam_search(model, prompt_ids, max_new_tokens, stop_tokens, device, beam_width, length_penalty, on_step=None):
+    """Returns the beam_width best finished hypotheses, best first, as (score, token ids incl. a stop token)."""
+    n_candidates = (1 + len(stop_tokens)) * beam_width
+    beams, beam_scores = [[]], torch.zeros(1)  # one live beam at first: the bare prompt, log-prob 0
+    finished = []  # (score, token_ids), best first
+    logits = prefill(model, prompt_ids, device)[None]  # (1, vocab): the prompt once, into cache row 0
+    for step in range(max_new_tokens):
+        if step > 0:
+            logits = decode_step(model, [beam[-1] for beam in beams], len(prompt_ids) + step - 1, device)  # (k, vocab)
+        scores = beam_scores[:, None] + F.log_softmax(logits.float(), dim=-1).cpu()  # (beams, vocab)
+        top_scores, flat = scores.view(-1).topk(n_candidates)  # best first
+        parents, tokens = (flat // scores.shape[1]).tolist(), (flat % scores.shape[1]).tolist()
+        length, last_step = step + 1, step + 1 == max_new_tokens  # new tokens per candidate, counting its last
+        survivors = []  # (score, parent, token) of the next live beams
+        for rank, (score, parent, token) in enumerate(zip(top_scores.tolist(), parents, tokens)):
+            ends = last_step or token in stop_tokens
+            if ends and rank < beam_width:
+                finished.append((score / length**length_penalty, beams[parent] + [token]))
+            elif not ends and len(survivors) < beam_width:
+                survivors.append((score, parent, token))
+        finished = sorted(finished, key=lambda hypothesis: hypothesis[0], reverse=True)[:beam_width]
+        if last_step or not survivors:
+            break
+        beams = [beams[parent] + [token] for _, parent, token in survivors]
+        beam_scores = torch.tensor([score for score, _, _ in survivors])
+        reorder_cache(model, [parent for _, parent, _ in survivors], len(prompt_ids) + step)
+        if on_step:
+            on_step(step, beams, beam_scores, finished)
+        best_live = beam_scores[0].item() / length**length_penalty
+        if len(finished) == beam_width and best_live <= finished[-1][0]:
+            break  # transformers' early_stopping=False rule, see above
+    return finished
+
+
+def show_beams(step, beams, beam_scores, finished, tokenizer):
+    """One compact stderr line per step: each live beam's total log-prob and its last few words."""
+    tails = [f"{score:7.2f} {tokenizer.decode(beam[-4:])!r:<24.24}" for score, beam in zip(beam_scores.tolist(), beams)]
+    print(f"{step:>4} {len(finished)} done | " + " | ".join(tails), file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tokens back to text, as they come.
+# A token is a sequence of bytes, not always whole characters: an emoji or a CJK character can be split
+# across two tokens. Printing each token's bytes decoded on its own would print replacement characters
+# (U+FFFD) in the middle of such a character. An incremental UTF-8 decoder holds back an incomplete
+# character until its remaining bytes arrive, so the printed text is exactly tokenizer.decode(all ids).
+# ---------------------------------------------------------------------------------------------------------
+def stream(token_ids, tokenizer):
+    printed = []
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # holds back a character split across tokens
+    for token_id in token_ids:
+        print(utf8.decode(tokenizer.model.decode_single_token_bytes(token_id)), end="", flush=True)
+        printed.append(token_id)
+    print(utf8.decode(b"", final=True), end="", flush=True)
+    return printed
+
+
+def peak_memory_gib(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return max_rss / (2**30 if sys.platform == "darwin" else 2**20)
+
+
+def check_strategy(beam_width, num_return_sequences, temperature, top_p):
+    """Stop with a one-line error for settings outside their range."""
+    if beam_width < 1:
+        raise SystemExit(f"error: BEAM_WIDTH={beam_width} must be at least 1 (1 = greedy)")
+    if not 1 <= num_return_sequences <= beam_width:
+        raise SystemExit(f"error: NUM_RETURN_SEQUENCES={num_return_sequences} must be between 1 and BEAM_WIDTH={beam_width}")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise SystemExit(f"error: TEMPERATURE={temperature} must be >= 0 and TOP_P={top_p} in (0, 1]")
+    if temperature > 0 and beam_width > 1:
+        raise SystemExit("error: choose beam search (BEAM_WIDTH > 1) or sampling (TEMPERATURE > 0), not both")
+
+
+def main():
+    device = pick_device(setting("DEVICE"))
+    dtype = pick_dtype(setting("DTYPE"), device)
+    model_dir = find_checkpoint(Path(setting("LLAMA_MODELS_DIR")).expanduser(), setting("MODEL_NAME"))
+    tokenizer = Tokenizer(model_dir / "tokenizer.model")
+    instruct = "instruct" in model_dir.name.lower()
+    prompt_ids = encode_prompt(tokenizer, setting("INPUT_STRING"), setting("SYSTEM_PROMPT"), instruct)
+    describe_tokenizer(model_dir / "tokenizer.model", tokenizer, prompt_ids)
+    max_new_tokens = setting("MAX_NEW_TOKENS")
+    beam_width, num_return_sequences = setting("BEAM_WIDTH"), setting("NUM_RETURN_SEQUENCES")
+    temperature, top_p = setting("TEMPERATURE"), setting("TOP_P")
+    check_strategy(beam_width, num_return_sequences, temperature, top_p)
+
+    init_distributed(device)
+    start = time.perf_counter()
+    model = load_model(model_dir, device, dtype, len(prompt_ids) + max_new_tokens, max_batch_size=beam_width)
+    describe_model(model, model.params)
+    threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
+    print(f"loaded {model_dir.name} on {device}{threads} in {dtype} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+
+    start = time.perf_counter()
+    if beam_width > 1:
+        on_step = lambda *state: show_beams(*state, tokenizer) if setting("SHOW_TOKENS") else None
+        finished = beam_search(model, prompt_ids, max_new_tokens, tokenizer.stop_tokens, device,
+                               beam_width, setting("LENGTH_PENALTY"), on_step)
+        for i, (score, token_ids) in enumerate(finished[:num_return_sequences]):
+            print(f"beam result {i + 1}: score {score:.4f}, {len(token_ids)} tokens", file=sys.stderr)
+            print("\n\n" if i else "", end="")
+            stream([t for t in token_ids if t not in tokenizer.stop_tokens], tokenizer)
+        new_tokens = max(len(token_ids) for _, token_ids in finished)
+    else:
+        pick = pick_greedy
+        if temperature > 0:
+            generator = torch.Generator(device=device).manual_seed(setting("SEED"))
+            pick = lambda logits: sample_top_p(logits, temperature, top_p, generator)
+        on_token = lambda *state: show_token(*state, tokenizer) if setting("SHOW_TOKENS") else None
+        new_tokens = len(stream(generate(model, prompt_ids, max_new_tokens, tokenizer.stop_tokens, device, pick, on_token), tokenizer))
+    seconds = time.perf_counter() - start
+    print(f"\n{len(prompt_ids)} prompt + {new_tokens} new tokens in {seconds:.1f} s ({new_tokens / seconds:.2f} tokens/s)", file=sys.stderr)
+    print(f"peak memory {peak_memory_gib(device):.2f} GiB", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
