@@ -171,6 +171,12 @@ def stream(token_ids, tokenizer):
     return printed
 
 
+def check_max_new_tokens(max_new_tokens):
+    if max_new_tokens < 1:
+        raise SystemExit(f"error: MAX_NEW_TOKENS={max_new_tokens} must be at least 1")
+    return max_new_tokens
+
+
 def peak_memory_gib(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -181,11 +187,11 @@ def peak_memory_gib(device):
 def main():
     device = pick_device(setting("DEVICE"))
     dtype = pick_dtype(setting("DTYPE"), device)
+    max_new_tokens = check_max_new_tokens(setting("MAX_NEW_TOKENS"))
     model_dir = find_checkpoint(Path(setting("LLAMA_MODELS_DIR")).expanduser(), setting("MODEL_NAME"))
     tokenizer = Tokenizer(model_dir / "tokenizer.model")
     instruct = "instruct" in model_dir.name.lower()
     prompt_ids = encode_prompt(tokenizer, setting("INPUT_STRING"), setting("SYSTEM_PROMPT"), instruct)
-    max_new_tokens = setting("MAX_NEW_TOKENS")
 
     init_distributed(device)
     start = time.perf_counter()

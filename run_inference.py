@@ -463,6 +463,12 @@ def peak_memory_gib(device):
     return max_rss / (2**30 if sys.platform == "darwin" else 2**20)
 
 
+def check_max_new_tokens(max_new_tokens):
+    if max_new_tokens < 1:
+        raise SystemExit(f"error: MAX_NEW_TOKENS={max_new_tokens} must be at least 1")
+    return max_new_tokens
+
+
 def check_strategy(beam_width, num_return_sequences, temperature, top_p):
     """Stop with a one-line error for settings outside their range."""
     if beam_width < 1:
@@ -478,15 +484,15 @@ def check_strategy(beam_width, num_return_sequences, temperature, top_p):
 def main():
     device = pick_device(setting("DEVICE"))
     dtype = pick_dtype(setting("DTYPE"), device)
+    max_new_tokens = check_max_new_tokens(setting("MAX_NEW_TOKENS"))
+    beam_width, num_return_sequences = setting("BEAM_WIDTH"), setting("NUM_RETURN_SEQUENCES")
+    temperature, top_p = setting("TEMPERATURE"), setting("TOP_P")
+    check_strategy(beam_width, num_return_sequences, temperature, top_p)
     model_dir = find_checkpoint(Path(setting("LLAMA_MODELS_DIR")).expanduser(), setting("MODEL_NAME"))
     tokenizer = Tokenizer(model_dir / "tokenizer.model")
     instruct = "instruct" in model_dir.name.lower()
     prompt_ids = encode_prompt(tokenizer, setting("INPUT_STRING"), setting("SYSTEM_PROMPT"), instruct)
     describe_tokenizer(model_dir / "tokenizer.model", tokenizer, prompt_ids)
-    max_new_tokens = setting("MAX_NEW_TOKENS")
-    beam_width, num_return_sequences = setting("BEAM_WIDTH"), setting("NUM_RETURN_SEQUENCES")
-    temperature, top_p = setting("TEMPERATURE"), setting("TOP_P")
-    check_strategy(beam_width, num_return_sequences, temperature, top_p)
 
     init_distributed(device)
     start = time.perf_counter()

@@ -24,8 +24,10 @@ def run_script(script, models_dir, model_name, **settings):
     """Run a script as a user would: `python SCRIPT` with its settings overridden by environment variables."""
     env = {**os.environ, "LLAMA_MODELS_DIR": str(models_dir), "MODEL_NAME": model_name, "DEVICE": "cpu"}
     env.update({name: str(value) for name, value in settings.items()})
-    return subprocess.run([sys.executable, str(REPO / script)], env=env, capture_output=True, text=True,
-                          encoding="utf-8", timeout=600)
+    result = subprocess.run([sys.executable, str(REPO / script)], env=env, capture_output=True, timeout=600)
+    # Decoded here rather than with text=True, which would turn a generated "\r\n" into "\n".
+    result.stdout, result.stderr = result.stdout.decode("utf-8"), result.stderr.decode("utf-8")
+    return result
 
 
 @pytest.fixture(scope="session")

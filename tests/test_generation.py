@@ -1,0 +1,113 @@
+"""run_inference.py's three ways of choosing tokens: greedy, beam search and top-p sampling."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import minimal_run_inference
+import run_inference
+from conftest import CPU, greedy_without_cache, run_script
+
+PROMPT = "The capital of France is"
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(tokenizer):
+    return run_inference.encode_prompt(tokenizer, PROMPT, "", instruct=False)
+
+
+def load(models_dir, prompt_ids, max_new_tokens, batch, module=run_inference):
+    return module.load_model(models_dir / "Tiny", CPU, torch.float32, len(prompt_ids) + max_new_tokens, batch)
+
+
+def test_beam_width_1_is_greedy(models_dir, tokenizer, prompt_ids, distributed):
+    model = load(models_dir, prompt_ids, 20, batch=1)
+    greedy = list(run_inference.generate(model, prompt_ids, 20, tokenizer.stop_tokens, CPU))
+    [(score, beam)] = run_inference.beam_search(model, prompt_ids, 20, tokenizer.stop_tokens, CPU,
+                                                beam_width=1, length_penalty=1.0)
+    assert len(greedy) == 20 and beam == greedy
+    result = run_script("run_inference.py", models_dir, "Tiny", INPUT_STRING=PROMPT, DTYPE="float32",
+                        MAX_NEW_TOKENS=20, BEAM_WIDTH=1)
+    assert result.returncode == 0 and result.stdout == tokenizer.decode(greedy)
+
+
+@pytest.mark.parametrize("length_penalty", [1.0, 0.0, 2.0])
+def test_beam_score_is_the_sum_of_token_log_probs(length_penalty, models_dir, tokenizer, prompt_ids, distributed):
+    """The reported score, recomputed by one cache-free pass over prompt + sequence."""
+    new_tokens, k = 16, 4
+    finished = run_inference.beam_search(load(models_dir, prompt_ids, new_tokens, batch=k), prompt_ids, new_tokens,
+                                         tokenizer.stop_tokens, CPU, beam_width=k, length_penalty=length_penalty)
+    assert len(finished) == k
+    assert [score for score, _ in finished] == sorted((score for score, _ in finished), reverse=True)
+    reference = load(models_dir, prompt_ids, new_tokens, batch=1, module=minimal_run_inference)  # all positions
+    for score, token_ids in finished:
+        logits = reference(torch.tensor([prompt_ids + token_ids]), start_pos=0)[0]  # (len, vocab)
+        log_probs = F.log_softmax(logits[len(prompt_ids) - 1:-1], dim=-1)
+        total = log_probs.gather(1, torch.tensor(token_ids)[:, None]).sum().item()
+        assert score == pytest.approx(total / len(token_ids) ** length_penalty, abs=1e-4)
+
+
+def test_beam_search_finds_a_more_probable_text_than_greedy(models_dir, tokenizer, prompt_ids, distributed):
+    """With the length penalty off, beam search's best total log-probability is at least greedy's."""
+    new_tokens = 12
+    model = load(models_dir, prompt_ids, new_tokens, batch=4)
+    greedy = list(run_inference.generate(model, prompt_ids, new_tokens, tokenizer.stop_tokens, CPU))
+    [(best, _), *_] = run_inference.beam_search(model, prompt_ids, new_tokens, tokenizer.stop_tokens, CPU,
+                                                beam_width=4, length_penalty=0.0)
+    logits = load(models_dir, prompt_ids, new_tokens, 1, minimal_run_inference)(torch.tensor([prompt_ids + greedy]), 0)[0]
+    greedy_total = F.log_softmax(logits[len(prompt_ids) - 1:-1], -1).gather(1, torch.tensor(greedy)[:, None]).sum()
+    assert best >= greedy_total.item() - 1e-4
+
+
+def test_num_return_sequences_prints_best_first_separated_by_a_blank_line(models_dir, tokenizer, prompt_ids, distributed):
+    k, new_tokens = 3, 10
+    finished = run_inference.beam_search(load(models_dir, prompt_ids, new_tokens, batch=k), prompt_ids, new_tokens,
+                                         tokenizer.stop_tokens, CPU, beam_width=k, length_penalty=1.0)
+    result = run_script("run_inference.py", models_dir, "Tiny", INPUT_STRING=PROMPT, DTYPE="float32",
+                        MAX_NEW_TOKENS=new_tokens, BEAM_WIDTH=k, NUM_RETURN_SEQUENCES=2)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "\n\n".join(tokenizer.decode(ids) for _, ids in finished[:2])
+
+
+def sampled(models_dir, **settings):
+    result = run_script("run_inference.py", models_dir, "Tiny", INPUT_STRING=PROMPT, DTYPE="float32",
+                        MAX_NEW_TOKENS=16, TOP_P=1.0, **settings)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_sampling_is_reproducible_by_seed(models_dir):
+    # At temperature 3 the tiny model's distribution is nearly flat over 128,256 tokens: two seeds
+    # drawing the same 16 tokens is as good as impossible.
+    first = sampled(models_dir, TEMPERATURE=3.0, SEED=1)
+    assert first == sampled(models_dir, TEMPERATURE=3.0, SEED=1)
+    assert first != sampled(models_dir, TEMPERATURE=3.0, SEED=2)
+
+
+def test_sampling_near_zero_temperature_is_greedy(models_dir, tokenizer, prompt_ids, distributed):
+    model = load(models_dir, prompt_ids, 16, batch=1, module=minimal_run_inference)
+    greedy = greedy_without_cache(model, prompt_ids, 16, tokenizer.stop_tokens)
+    assert sampled(models_dir, TEMPERATURE=1e-4, SEED=3) == tokenizer.decode(greedy)
+
+
+def test_top_p_keeps_only_the_nucleus():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    generator = torch.Generator().manual_seed(0)
+    draws = {run_inference.sample_top_p(logits, 1.0, 0.7, generator) for _ in range(200)}
+    assert draws == {0, 1}  # 0.5 alone is short of 0.7; 0.5 + 0.3 reaches it; the rest is cut
+    draws = {run_inference.sample_top_p(logits, 1.0, 1.0, generator) for _ in range(400)}
+    assert draws == {0, 1, 2, 3}
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"BEAM_WIDTH": 0}, "BEAM_WIDTH=0 must be at least 1"),
+    ({"BEAM_WIDTH": 2, "NUM_RETURN_SEQUENCES": 3}, "NUM_RETURN_SEQUENCES=3 must be between 1 and BEAM_WIDTH=2"),
+    ({"TOP_P": 1.5, "TEMPERATURE": 0.6}, "TOP_P=1.5 in (0, 1]"),
+    ({"TEMPERATURE": -1}, "TEMPERATURE=-1.0 must be >= 0"),
+    ({"BEAM_WIDTH": "two"}, "BEAM_WIDTH='two' is not a valid int"),
+    ({"MAX_NEW_TOKENS": 0}, "MAX_NEW_TOKENS=0 must be at least 1"),
+])
+def test_bad_strategy_settings_are_one_clear_line(settings, message, models_dir):
+    result = run_script("run_inference.py", models_dir, "Tiny", **settings)
+    assert result.returncode != 0 and result.stdout == ""
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
