@@ -457,10 +457,14 @@ def stream(token_ids, tokenizer):
 
 
 def peak_memory_gib(device):
+    """Peak memory of this process: resident memory on a CPU, allocated tensors on a GPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return max_rss / (2**30 if sys.platform == "darwin" else 2**20)
+    if sys.platform == "darwin":
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**30  # bytes on macOS
+    # Linux: this process's own peak (ru_maxrss would count the peak of the process that launched it)
+    status = Path("/proc/self/status").read_text()
+    return int(status.split("VmHWM:")[1].split()[0]) / 2**20  # KiB
 
 
 def check_max_new_tokens(max_new_tokens):
