@@ -10,10 +10,7 @@ plus beam search and sampling. README.md says where to get the checkpoints.
 """
 
 import codecs
-import json
 import math
-import os
-import resource
 import sys
 import time
 from contextlib import redirect_stdout
@@ -29,6 +26,8 @@ from llama_models.llama3.chat_format import ChatFormat
 from llama_models.llama3.model import Transformer
 from llama_models.llama3.tokenizer import Tokenizer
 
+import support  # settings from the environment, device and dtype, input checks: support.py
+
 MODEL_NAME = "Llama3.2-1B-Instruct"  # a folder in LLAMA_MODELS_DIR: Llama3.2-1B, Llama3.2-3B, Llama3.1-8B, Llama3.3-70B, ... ("-Instruct" in the name: chat format)
 LLAMA_MODELS_DIR = "~/.llama/checkpoints"  # where `llama-model download --source meta` puts checkpoints
 INPUT_STRING = "The capital of France is"  # the user's message (Instruct models) or the text to continue (base models)
@@ -36,6 +35,7 @@ SYSTEM_PROMPT = ""  # Instruct models only: a system message before the user's; 
 DEVICE = "auto"  # "auto" (cuda, then mps, then cpu), "cpu", "mps", "cuda", "cuda:1"
 DTYPE = "auto"  # "auto" (bfloat16; float16 on GPUs without bfloat16), "bfloat16", "float16", "float32"
 MAX_NEW_TOKENS = 64  # generation stops here unless a stop token comes first
+PREFILL_CHUNK = 256  # prompt tokens per forward call: bounds the memory of a long prompt's attention
 
 # Llama 3.x RoPE scaling (https://github.com/meta-llama/llama-models/issues/166): see run_inference.py.
 ROPE_SCALE_FACTOR = 8  # Llama 3.1 and 3.3
@@ -44,50 +44,6 @@ LLAMA_3_2_SMALL_SHAPES = {(2048, 16), (3072, 28)}
 ROPE_ORIGINAL_CONTEXT = 8192
 ROPE_LOW_FREQ_FACTOR = 1
 ROPE_HIGH_FREQ_FACTOR = 4
-
-
-def setting(name):
-    """The global `name`, or the environment variable of that name when it is set."""
-    default = globals()[name]
-    text = os.environ.get(name)
-    if text is None:
-        return default
-    try:
-        return type(default)(text)
-    except ValueError:
-        raise SystemExit(f"error: {name}={text!r} is not a valid {type(default).__name__}")
-
-
-def pick_device(name):
-    cuda = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    mps = ["mps"] if torch.backends.mps.is_available() else []
-    available = cuda + mps + ["cpu"]  # in the order "auto" prefers them
-    name = {"auto": available[0], "cuda": "cuda:0"}.get(name, name)
-    if name not in available:
-        raise SystemExit(f"error: DEVICE={name!r} is not available here; choose one of: auto, {', '.join(available)}")
-    return torch.device(name)
-
-
-def pick_dtype(name, device):
-    if name == "auto":
-        gpu_without_bf16 = device.type == "cuda" and not torch.cuda.is_bf16_supported()
-        name = "float16" if gpu_without_bf16 else "bfloat16"
-    if name not in ("bfloat16", "float16", "float32"):
-        raise SystemExit(f"error: DTYPE={name!r} is not supported; choose one of: auto, bfloat16, float16, float32")
-    return getattr(torch, name)
-
-
-def find_checkpoint(models_dir, model_name):
-    model_dir = models_dir / model_name
-    needed = [model_dir, model_dir / "params.json", model_dir / "tokenizer.model", model_dir / "consolidated.00.pth"]
-    missing = [path for path in needed if not path.exists()]
-    if missing:
-        found = sorted(path.parent.name for path in models_dir.glob("*/params.json"))
-        raise SystemExit(
-            f"error: {missing[0]} not found (checkpoints in {models_dir}: {', '.join(found) or 'none'}); "
-            f"download one with: llama-model download --source meta --model-id {model_name}"
-        )
-    return model_dir
 
 
 def encode_prompt(tokenizer, text, system_prompt, instruct):
@@ -122,13 +78,14 @@ def rope_rotations(args, scale_factor):
 
 
 def load_model(model_dir, device, dtype, max_seq_len, max_batch_size):
-    params = json.loads((model_dir / "params.json").read_text())
+    params = support.read_params(model_dir)
     args = ModelArgs(**params, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
     with torch.device("meta"):
         model = Transformer(args)
-    with redirect_stdout(sys.stderr):  # it prints the shard list
+    with redirect_stdout(sys.stderr), support.reading_checkpoint(model_dir):  # it prints the shard list
         weights = maybe_reshard_state_dict(sorted(model_dir.glob("consolidated.*.pth")), args.n_kv_heads)
-    torch.set_default_dtype(torch.float32)  # maybe_reshard_state_dict sets it to bfloat16
+    torch.set_default_dtype(torch.float32)  # maybe_reshard_state_dict set it to bfloat16
+    support.check_weights(model, weights, model_dir)
     model.load_state_dict(weights, assign=True)
     model.to(device=device, dtype=dtype)
     for layer in model.layers:
@@ -141,8 +98,10 @@ def load_model(model_dir, device, dtype, max_seq_len, max_batch_size):
 
 
 def prefill(model, prompt_ids, device):
-    tokens = torch.tensor([prompt_ids], device=device)  # (1, prompt_len)
-    return model(tokens, start_pos=0)[0, -1]  # (vocab,)
+    for start in range(0, len(prompt_ids), PREFILL_CHUNK):
+        tokens = torch.tensor([prompt_ids[start : start + PREFILL_CHUNK]], device=device)  # (1, chunk)
+        logits = model(tokens, start_pos=start)[0, -1]  # (vocab,)
+    return logits
 
 
 def decode_step(model, token_id, pos, device):
@@ -155,6 +114,7 @@ def generate(model, prompt_ids, max_new_tokens, stop_tokens, device):
     for step in range(max_new_tokens):
         if step > 0:
             logits = decode_step(model, token_id, len(prompt_ids) + step - 1, device)
+        support.check_finite(logits, model.norm.weight.dtype)
         token_id = int(logits.argmax())
         if token_id in stop_tokens:
             return
@@ -171,42 +131,29 @@ def stream(token_ids, tokenizer):
     return printed
 
 
-def check_max_new_tokens(max_new_tokens):
-    if max_new_tokens < 1:
-        raise SystemExit(f"error: MAX_NEW_TOKENS={max_new_tokens} must be at least 1")
-    return max_new_tokens
-
-
-def peak_memory_gib(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    if sys.platform == "darwin":
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**30  # bytes on macOS
-    # Linux: this process's own peak (ru_maxrss would count the peak of the process that launched it)
-    status = Path("/proc/self/status").read_text()
-    return int(status.split("VmHWM:")[1].split()[0]) / 2**20  # KiB
-
-
 def main():
-    device = pick_device(setting("DEVICE"))
-    dtype = pick_dtype(setting("DTYPE"), device)
-    max_new_tokens = check_max_new_tokens(setting("MAX_NEW_TOKENS"))
-    model_dir = find_checkpoint(Path(setting("LLAMA_MODELS_DIR")).expanduser(), setting("MODEL_NAME"))
+    support.apply_environment(globals())
+    device = support.pick_device(DEVICE)
+    dtype = support.pick_dtype(DTYPE, device)
+    support.check_range("MAX_NEW_TOKENS", MAX_NEW_TOKENS, 1)
+    model_dir = support.find_checkpoint(Path(LLAMA_MODELS_DIR).expanduser(), MODEL_NAME)
     tokenizer = Tokenizer(model_dir / "tokenizer.model")
     instruct = "instruct" in model_dir.name.lower()
-    prompt_ids = encode_prompt(tokenizer, setting("INPUT_STRING"), setting("SYSTEM_PROMPT"), instruct)
+    prompt_ids = encode_prompt(tokenizer, INPUT_STRING, SYSTEM_PROMPT, instruct)
+    support.check_length(len(prompt_ids), MAX_NEW_TOKENS, support.read_params(model_dir))
+    support.check_memory(model_dir, dtype, device)
 
     init_distributed(device)
     start = time.perf_counter()
-    model = load_model(model_dir, device, dtype, len(prompt_ids) + max_new_tokens, max_batch_size=1)
+    model = load_model(model_dir, device, dtype, len(prompt_ids) + MAX_NEW_TOKENS, max_batch_size=1)
     print(f"loaded {model_dir.name} on {device} in {dtype} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
 
     start = time.perf_counter()
-    token_ids = stream(generate(model, prompt_ids, max_new_tokens, tokenizer.stop_tokens, device), tokenizer)
+    token_ids = stream(generate(model, prompt_ids, MAX_NEW_TOKENS, tokenizer.stop_tokens, device), tokenizer)
     seconds = time.perf_counter() - start
     print(f"\n{len(prompt_ids)} prompt + {len(token_ids)} new tokens in {seconds:.1f} s", file=sys.stderr)
-    print(f"peak memory {peak_memory_gib(device):.2f} GiB", file=sys.stderr)
+    print(f"peak memory {support.peak_memory_gib(device):.2f} GiB", file=sys.stderr)
 
 
 if __name__ == "__main__":
-    main()
+    support.run(main)

@@ -14,16 +14,13 @@ goes to stderr, so `python run_inference.py > answer.txt` keeps just the answer.
 get the checkpoints and how to run the tests.
 """
 
-import codecs
 import base64
-import json
+import codecs
 import math
-import os
-import resource
 import sys
 import time
-import warnings
 from contextlib import redirect_stdout
+from functools import partial
 from pathlib import Path
 
 import fairscale.nn.model_parallel.initialize as fs_init
@@ -37,8 +34,11 @@ from llama_models.llama3.chat_format import ChatFormat
 from llama_models.llama3.model import Transformer
 from llama_models.llama3.tokenizer import Tokenizer
 
+import support  # settings from the environment, device and dtype, input checks: support.py
+
 # ---------------------------------------------------------------------------------------------------------
-# Settings. Each one can also be set by an environment variable of the same name (MAX_NEW_TOKENS=20 ...).
+# Settings. Each one can also be set by an environment variable of the same name (MAX_NEW_TOKENS=20 ...);
+# the text is converted to the type of the default, and a value that does not convert is an error.
 # ---------------------------------------------------------------------------------------------------------
 MODEL_NAME = "Llama3.2-1B-Instruct"  # a folder in LLAMA_MODELS_DIR: Llama3.2-1B, Llama3.2-3B, Llama3.1-8B, Llama3.3-70B, ... ("-Instruct" in the name: chat format)
 LLAMA_MODELS_DIR = "~/.llama/checkpoints"  # where `llama-model download --source meta` puts checkpoints
@@ -47,6 +47,7 @@ SYSTEM_PROMPT = ""  # Instruct models only: a system message before the user's; 
 DEVICE = "auto"  # "auto" (cuda, then mps, then cpu), "cpu", "mps", "cuda", "cuda:1"
 DTYPE = "auto"  # "auto" (bfloat16; float16 on GPUs without bfloat16), "bfloat16", "float16", "float32"
 MAX_NEW_TOKENS = 64  # generation stops here unless a stop token comes first
+PREFILL_CHUNK = 256  # prompt tokens per forward call: bounds the memory of a long prompt's attention
 
 # How the next token is chosen. The default is greedy: always the most likely token.
 BEAM_WIDTH = 1  # > 1: beam search keeps this many candidate continuations (4 or 5 is usual); 1: greedy
@@ -66,67 +67,6 @@ ROPE_ORIGINAL_CONTEXT = 8192  # the context length the model was first trained w
 ROPE_LOW_FREQ_FACTOR = 1  # frequencies whose wavelength exceeds 8192 / 1 tokens are slowed by the factor
 ROPE_HIGH_FREQ_FACTOR = 4  # frequencies whose wavelength is under 8192 / 4 tokens are left alone
 SHOWN_ALTERNATIVES = 3  # runners-up printed per token when SHOW_TOKENS is on
-
-
-def setting(name):
-    """The global `name`, or the environment variable of that name when it is set.
-
-    The environment's text is converted to the type of the default (int, float or str), so
-    MAX_NEW_TOKENS=abc stops with a one-line error instead of failing somewhere deep inside."""
-    default = globals()[name]
-    text = os.environ.get(name)
-    if text is None:
-        return default
-    try:
-        return type(default)(text)
-    except ValueError:
-        raise SystemExit(f"error: {name}={text!r} is not a valid {type(default).__name__}")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Device and number format.
-# Nothing here is CUDA-specific: the same code runs on a laptop CPU, an Apple GPU (mps) or an NVIDIA GPU.
-# bfloat16 is the format Meta stores the weights in: 2 bytes per number, the range of float32 with less
-# precision. Keeping it halves memory and, because generating a token reads every weight once, roughly
-# halves the time per token against float32. float16 is for older GPUs without bfloat16 support.
-# ---------------------------------------------------------------------------------------------------------
-def pick_device(name):
-    cuda = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    mps = ["mps"] if torch.backends.mps.is_available() else []
-    available = cuda + mps + ["cpu"]  # in the order "auto" prefers them
-    name = {"auto": available[0], "cuda": "cuda:0"}.get(name, name)
-    if name not in available:
-        raise SystemExit(f"error: DEVICE={name!r} is not available here; choose one of: auto, {', '.join(available)}")
-    return torch.device(name)
-
-
-def pick_dtype(name, device):
-    if name == "auto":
-        gpu_without_bf16 = device.type == "cuda" and not torch.cuda.is_bf16_supported()
-        name = "float16" if gpu_without_bf16 else "bfloat16"
-    if name not in ("bfloat16", "float16", "float32"):
-        raise SystemExit(f"error: DTYPE={name!r} is not supported; choose one of: auto, bfloat16, float16, float32")
-    return getattr(torch, name)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The checkpoint folder, as `llama-model download --source meta --model-id NAME` leaves it:
-#   consolidated.00.pth  the weights (one file per model-parallel shard: 1 for 1B-8B, 8 for 70B)
-#   params.json          the architecture's sizes (read in load_model below)
-#   tokenizer.model      the vocabulary (read in encode_prompt below)
-#   checklist.chk        md5 sums of the other files (`llama-model verify-download` checks them)
-# ---------------------------------------------------------------------------------------------------------
-def find_checkpoint(models_dir, model_name):
-    model_dir = models_dir / model_name
-    needed = [model_dir, model_dir / "params.json", model_dir / "tokenizer.model", model_dir / "consolidated.00.pth"]
-    missing = [path for path in needed if not path.exists()]
-    if missing:
-        found = sorted(path.parent.name for path in models_dir.glob("*/params.json"))
-        raise SystemExit(
-            f"error: {missing[0]} not found (checkpoints in {models_dir}: {', '.join(found) or 'none'}); "
-            f"download one with: llama-model download --source meta --model-id {model_name}"
-        )
-    return model_dir
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -244,14 +184,14 @@ def rope_rotations(args, scale_factor):
 # weights: the original version of this project did exactly that, which explains its memory use.
 # ---------------------------------------------------------------------------------------------------------
 def load_model(model_dir, device, dtype, max_seq_len, max_batch_size):
-    params = json.loads((model_dir / "params.json").read_text())
+    params = support.read_params(model_dir)  # params.json, checked: a text-only Llama 3.x model
     args = ModelArgs(**params, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
     with torch.device("meta"):
         model = Transformer(args)  # shapes only
-    with redirect_stdout(sys.stderr), warnings.catch_warnings():  # it prints the shard list, and
-        warnings.filterwarnings("ignore", message=".*set_default_tensor_type")  # calls a deprecated API:
+    with redirect_stdout(sys.stderr), support.reading_checkpoint(model_dir):  # it prints the shard list
         weights = maybe_reshard_state_dict(sorted(model_dir.glob("consolidated.*.pth")), args.n_kv_heads)
-    torch.set_default_dtype(torch.float32)  # ... torch.set_default_tensor_type(bfloat16): undo that side effect
+    torch.set_default_dtype(torch.float32)  # it also called torch.set_default_tensor_type(bfloat16): undo that
+    support.check_weights(model, weights, model_dir)  # names and shapes agree with params.json
     model.load_state_dict(weights, assign=True)  # the parameters are now the memory-mapped tensors
     model.to(device=device, dtype=dtype)
     for layer in model.layers:
@@ -275,7 +215,7 @@ def describe_model(model, args):
     print(
         f"{args.n_layers} layers, dim {args.dim}, {args.n_heads} query / {args.n_kv_heads} key-value heads, "
         f"vocab {args.vocab_size}, RoPE scale factor {rope_scale_factor(args) if args.use_scaled_rope else 'none'}; "
-        f"weights {sum(storages.values()) / 2**30:.2f} GiB, KV cache {cache_bytes / 2**30:.3f} GiB "
+        f"weights {sum(storages.values()) / 2**30:.2f} GiB, KV cache {cache_bytes / 2**20:.1f} MiB "
         f"({args.max_batch_size} x {args.max_seq_len} tokens)",
         file=sys.stderr,
     )
@@ -294,13 +234,18 @@ def describe_model(model, args):
 # Each call writes the new tokens' keys and values into the cache at their positions and attends over
 # everything cached so far.
 #
-# Prefill runs the whole prompt in one call (start_pos 0): one pass over the weights for all its tokens.
-# Then each decode step feeds only the newest token (seqlen 1) at its position. A step's cost is
-# dominated by reading every weight once (2.5 GB for 1B in bfloat16), so it stays flat as the text grows.
+# Prefill runs the prompt through the model in chunks of PREFILL_CHUNK tokens: one pass over the weights
+# serves all the tokens of a chunk. (One chunk for the whole prompt would be fastest, but attention
+# compares every token of a chunk with every token before it: for a 10,000-token prompt on the 1B model
+# the scores alone, 32 heads x 10,000 x 10,000 x 4 bytes, would need 12.8 GB.) Then each decode step
+# feeds only the newest token (seqlen 1) at its position. A step's cost is dominated by reading every
+# weight once (2.5 GB for 1B in bfloat16), so it stays flat as the text grows.
 # ---------------------------------------------------------------------------------------------------------
 def prefill(model, prompt_ids, device):
-    tokens = torch.tensor([prompt_ids], device=device)  # (1, prompt_len)
-    return model(tokens, start_pos=0)[0, -1]  # (vocab,)
+    for start in range(0, len(prompt_ids), PREFILL_CHUNK):
+        tokens = torch.tensor([prompt_ids[start : start + PREFILL_CHUNK]], device=device)  # (1, chunk)
+        logits = model(tokens, start_pos=start)[0, -1]  # (vocab,)
+    return logits
 
 
 def decode_step(model, token_ids, pos, device):
@@ -334,9 +279,9 @@ def show_token(step, token_id, logits, tokenizer):
     """One aligned stderr line: step, id, text, probability, and the runners-up."""
     probs = torch.softmax(logits.float(), dim=-1)
     top_probs, top_ids = probs.topk(SHOWN_ALTERNATIVES + 1)
-    others = [f"{tokenizer.decode([i])!r} {p:.3f}" for p, i in zip(top_probs.tolist(), top_ids.tolist()) if i != token_id]
+    others = [f"{tokenizer.decode([i])!r} {p:.3g}" for p, i in zip(top_probs.tolist(), top_ids.tolist()) if i != token_id]
     text = repr(tokenizer.decode([token_id]))
-    print(f"{step:>5} {token_id:>7} {text:<20} {probs[token_id]:.3f}   {' | '.join(others[:SHOWN_ALTERNATIVES])}", file=sys.stderr)
+    print(f"{step:>5} {token_id:>7} {text:<20} {probs[token_id]:<9.3g} {' | '.join(others[:SHOWN_ALTERNATIVES])}", file=sys.stderr)
 
 
 def generate(model, prompt_ids, max_new_tokens, stop_tokens, device, pick=pick_greedy, on_token=None):
@@ -345,6 +290,7 @@ def generate(model, prompt_ids, max_new_tokens, stop_tokens, device, pick=pick_g
     for step in range(max_new_tokens):
         if step > 0:
             logits = decode_step(model, [token_id], len(prompt_ids) + step - 1, device)[0]
+        support.check_finite(logits, model.norm.weight.dtype)  # NaN or inf: stop, never print garbage
         token_id = pick(logits)
         if on_token:
             on_token(step, token_id, logits)
@@ -408,6 +354,7 @@ def beam_search(model, prompt_ids, max_new_tokens, stop_tokens, device, beam_wid
     for step in range(max_new_tokens):
         if step > 0:
             logits = decode_step(model, [beam[-1] for beam in beams], len(prompt_ids) + step - 1, device)  # (k, vocab)
+        support.check_finite(logits, model.norm.weight.dtype)
         scores = beam_scores[:, None] + F.log_softmax(logits.float(), dim=-1).cpu()  # (beams, vocab)
         top_scores, flat = scores.view(-1).topk(n_candidates)  # best first
         parents, tokens = (flat // scores.shape[1]).tolist(), (flat % scores.shape[1]).tolist()
@@ -456,76 +403,75 @@ def stream(token_ids, tokenizer):
     return printed
 
 
-def peak_memory_gib(device):
-    """Peak memory of this process: resident memory on a CPU, allocated tensors on a GPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    if sys.platform == "darwin":
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**30  # bytes on macOS
-    # Linux: this process's own peak (ru_maxrss would count the peak of the process that launched it)
-    status = Path("/proc/self/status").read_text()
-    return int(status.split("VmHWM:")[1].split()[0]) / 2**20  # KiB
+def token_picker(device):
+    """Greedy, or top-p sampling with its own seeded random generator when TEMPERATURE > 0."""
+    if TEMPERATURE == 0:
+        return pick_greedy
+    generator = torch.Generator(device=device).manual_seed(SEED)
+    return lambda logits: sample_top_p(logits, TEMPERATURE, TOP_P, generator)
 
 
-def check_max_new_tokens(max_new_tokens):
-    if max_new_tokens < 1:
-        raise SystemExit(f"error: MAX_NEW_TOKENS={max_new_tokens} must be at least 1")
-    return max_new_tokens
-
-
-def check_strategy(beam_width, num_return_sequences, temperature, top_p):
-    """Stop with a one-line error for settings outside their range."""
-    if beam_width < 1:
-        raise SystemExit(f"error: BEAM_WIDTH={beam_width} must be at least 1 (1 = greedy)")
-    if not 1 <= num_return_sequences <= beam_width:
-        raise SystemExit(f"error: NUM_RETURN_SEQUENCES={num_return_sequences} must be between 1 and BEAM_WIDTH={beam_width}")
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise SystemExit(f"error: TEMPERATURE={temperature} must be >= 0 and TOP_P={top_p} in (0, 1]")
-    if temperature > 0 and beam_width > 1:
-        raise SystemExit("error: choose beam search (BEAM_WIDTH > 1) or sampling (TEMPERATURE > 0), not both")
+def run_beam_search(model, tokenizer, prompt_ids, device):
+    """Beam search, then the best NUM_RETURN_SEQUENCES texts on stdout, best first, a blank line between."""
+    finished = beam_search(model, prompt_ids, MAX_NEW_TOKENS, tokenizer.stop_tokens, device, BEAM_WIDTH,
+                           LENGTH_PENALTY, SHOW_TOKENS and partial(show_beams, tokenizer=tokenizer))
+    for i, (score, token_ids) in enumerate(finished[:NUM_RETURN_SEQUENCES]):
+        print(f"beam result {i + 1}: score {score:.4f}, {len(token_ids)} tokens", file=sys.stderr)
+        print("\n\n" if i else "", end="")
+        stream([t for t in token_ids if t not in tokenizer.stop_tokens], tokenizer)
+    return max(len(token_ids) for _, token_ids in finished)
 
 
 def main():
-    device = pick_device(setting("DEVICE"))
-    dtype = pick_dtype(setting("DTYPE"), device)
-    max_new_tokens = check_max_new_tokens(setting("MAX_NEW_TOKENS"))
-    beam_width, num_return_sequences = setting("BEAM_WIDTH"), setting("NUM_RETURN_SEQUENCES")
-    temperature, top_p = setting("TEMPERATURE"), setting("TOP_P")
-    check_strategy(beam_width, num_return_sequences, temperature, top_p)
-    model_dir = find_checkpoint(Path(setting("LLAMA_MODELS_DIR")).expanduser(), setting("MODEL_NAME"))
+    # Settings: the globals above, overridden by environment variables, then checked, before any work.
+    # Device and number format: nothing here is CUDA-specific; the same code runs on a laptop CPU, an
+    # Apple GPU (mps) or an NVIDIA GPU. bfloat16 is the format Meta stores the weights in: 2 bytes per
+    # number, float32's range with less precision. Keeping it halves memory and, because generating a
+    # token reads every weight once, roughly halves the time per token against float32. float16 is for
+    # GPUs without bfloat16 (it overflows more easily). On a CPU, PyTorch uses one thread per physical
+    # core; OMP_NUM_THREADS=N python run_inference.py changes that.
+    support.apply_environment(globals())
+    device = support.pick_device(DEVICE)
+    dtype = support.pick_dtype(DTYPE, device)
+    support.check_range("MAX_NEW_TOKENS", MAX_NEW_TOKENS, 1)
+    support.check_range("BEAM_WIDTH", BEAM_WIDTH, 1)
+    support.check_range("NUM_RETURN_SEQUENCES", NUM_RETURN_SEQUENCES, 1, BEAM_WIDTH)
+    support.check_range("TEMPERATURE", TEMPERATURE, 0.0)
+    if not 0 < TOP_P <= 1:
+        support.fail(f"TOP_P={TOP_P} is out of range: it must be in (0, 1]")
+    if TEMPERATURE > 0 and BEAM_WIDTH > 1:
+        support.fail("choose beam search (BEAM_WIDTH > 1) or sampling (TEMPERATURE > 0), not both")
+
+    # The checkpoint folder, as `llama-model download --source meta --model-id NAME` leaves it:
+    #   consolidated.00.pth  the weights (one file per model-parallel shard: 1 for 1B to 8B, 8 for 70B)
+    #   params.json          the architecture's sizes (read in load_model)
+    #   tokenizer.model      the vocabulary (see encode_prompt)
+    #   checklist.chk        md5 sums of the other files (`llama-model verify-download` checks them)
+    model_dir = support.find_checkpoint(Path(LLAMA_MODELS_DIR).expanduser(), MODEL_NAME)
     tokenizer = Tokenizer(model_dir / "tokenizer.model")
     instruct = "instruct" in model_dir.name.lower()
-    prompt_ids = encode_prompt(tokenizer, setting("INPUT_STRING"), setting("SYSTEM_PROMPT"), instruct)
+    prompt_ids = encode_prompt(tokenizer, INPUT_STRING, SYSTEM_PROMPT, instruct)
     describe_tokenizer(model_dir / "tokenizer.model", tokenizer, prompt_ids)
+    support.check_length(len(prompt_ids), MAX_NEW_TOKENS, support.read_params(model_dir))
+    support.check_memory(model_dir, dtype, device)  # before trying: say so if the weights cannot fit
 
     init_distributed(device)
     start = time.perf_counter()
-    model = load_model(model_dir, device, dtype, len(prompt_ids) + max_new_tokens, max_batch_size=beam_width)
+    model = load_model(model_dir, device, dtype, len(prompt_ids) + MAX_NEW_TOKENS, max_batch_size=BEAM_WIDTH)
     describe_model(model, model.params)
     threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
     print(f"loaded {model_dir.name} on {device}{threads} in {dtype} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
 
     start = time.perf_counter()
-    if beam_width > 1:
-        on_step = lambda *state: show_beams(*state, tokenizer) if setting("SHOW_TOKENS") else None
-        finished = beam_search(model, prompt_ids, max_new_tokens, tokenizer.stop_tokens, device,
-                               beam_width, setting("LENGTH_PENALTY"), on_step)
-        for i, (score, token_ids) in enumerate(finished[:num_return_sequences]):
-            print(f"beam result {i + 1}: score {score:.4f}, {len(token_ids)} tokens", file=sys.stderr)
-            print("\n\n" if i else "", end="")
-            stream([t for t in token_ids if t not in tokenizer.stop_tokens], tokenizer)
-        new_tokens = max(len(token_ids) for _, token_ids in finished)
+    if BEAM_WIDTH > 1:
+        new_tokens = run_beam_search(model, tokenizer, prompt_ids, device)
     else:
-        pick = pick_greedy
-        if temperature > 0:
-            generator = torch.Generator(device=device).manual_seed(setting("SEED"))
-            pick = lambda logits: sample_top_p(logits, temperature, top_p, generator)
-        on_token = lambda *state: show_token(*state, tokenizer) if setting("SHOW_TOKENS") else None
-        new_tokens = len(stream(generate(model, prompt_ids, max_new_tokens, tokenizer.stop_tokens, device, pick, on_token), tokenizer))
+        new_tokens = len(stream(generate(model, prompt_ids, MAX_NEW_TOKENS, tokenizer.stop_tokens, device,
+                                         token_picker(device), SHOW_TOKENS and partial(show_token, tokenizer=tokenizer)), tokenizer))
     seconds = time.perf_counter() - start
     print(f"\n{len(prompt_ids)} prompt + {new_tokens} new tokens in {seconds:.1f} s ({new_tokens / seconds:.2f} tokens/s)", file=sys.stderr)
-    print(f"peak memory {peak_memory_gib(device):.2f} GiB", file=sys.stderr)
+    print(f"peak memory {support.peak_memory_gib(device):.2f} GiB", file=sys.stderr)
 
 
 if __name__ == "__main__":
-    main()
+    support.run(main)

@@ -16,6 +16,8 @@ import torch
 TOKENIZER = Path(llama_models.llama3.__file__).parent / "tokenizer.model"
 
 # Small enough to load and run in a fraction of a second; the real vocabulary, so the real tokenizer works.
+EMBEDDING_STD = 0.02
+
 TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128256, multiple_of=32,
             ffn_dim_multiplier=1.0, norm_eps=1e-05, rope_theta=500000.0, use_scaled_rope=True)
 # The published shapes of Llama 3.2 1B (its params.json); Llama 3.2 ties the output layer to the embeddings.
@@ -30,7 +32,8 @@ def ffn_hidden_dim(params):
 
 
 def random_weights(params, seed=0, tie_embeddings=False):
-    """Meta's tensor names and shapes, N(0, 1/fan_in) linears so activations stay O(1), bf16."""
+    """Meta's tensor names and shapes in bf16: N(0, 1/fan_in) linears so activations stay O(1), and small
+    embeddings as in trained models (tied to the output layer, large ones would make every logit huge)."""
     generator = torch.Generator().manual_seed(seed)
     dim, head_dim = params["dim"], params["dim"] // params["n_heads"]
     kv_dim, hidden = params["n_kv_heads"] * head_dim, ffn_hidden_dim(params)
@@ -38,7 +41,8 @@ def random_weights(params, seed=0, tie_embeddings=False):
     def linear(rows, cols):
         return (torch.randn(rows, cols, generator=generator) / cols**0.5).to(torch.bfloat16)
 
-    weights = {"tok_embeddings.weight": torch.randn(params["vocab_size"], dim, generator=generator).to(torch.bfloat16)}
+    embeddings = EMBEDDING_STD * torch.randn(params["vocab_size"], dim, generator=generator)
+    weights = {"tok_embeddings.weight": embeddings.to(torch.bfloat16)}
     for i in range(params["n_layers"]):
         layer = f"layers.{i}."
         weights[layer + "attention.wq.weight"] = linear(dim, dim)

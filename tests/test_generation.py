@@ -100,12 +100,12 @@ def test_top_p_keeps_only_the_nucleus():
 
 
 @pytest.mark.parametrize("settings, message", [
-    ({"BEAM_WIDTH": 0}, "BEAM_WIDTH=0 must be at least 1"),
-    ({"BEAM_WIDTH": 2, "NUM_RETURN_SEQUENCES": 3}, "NUM_RETURN_SEQUENCES=3 must be between 1 and BEAM_WIDTH=2"),
-    ({"TOP_P": 1.5, "TEMPERATURE": 0.6}, "TOP_P=1.5 in (0, 1]"),
-    ({"TEMPERATURE": -1}, "TEMPERATURE=-1.0 must be >= 0"),
+    ({"BEAM_WIDTH": 0}, "BEAM_WIDTH=0 is out of range: it must be at least 1"),
+    ({"BEAM_WIDTH": 2, "NUM_RETURN_SEQUENCES": 3}, "NUM_RETURN_SEQUENCES=3 is out of range: it must be at least 1 and at most 2"),
+    ({"TOP_P": 1.5, "TEMPERATURE": 0.6}, "TOP_P=1.5 is out of range: it must be in (0, 1]"),
+    ({"TEMPERATURE": -1}, "TEMPERATURE=-1.0 is out of range: it must be at least 0.0"),
     ({"BEAM_WIDTH": "two"}, "BEAM_WIDTH='two' is not a valid int"),
-    ({"MAX_NEW_TOKENS": 0}, "MAX_NEW_TOKENS=0 must be at least 1"),
+    ({"BEAM_WIDTH": 2, "TEMPERATURE": 0.5}, "choose beam search (BEAM_WIDTH > 1) or sampling (TEMPERATURE > 0)"),
 ])
 def test_bad_strategy_settings_are_one_clear_line(settings, message, models_dir):
     result = run_script("run_inference.py", models_dir, "Tiny", **settings)

@@ -114,7 +114,7 @@ def test_missing_checkpoint_is_one_clear_line(script_name, models_dir):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in result.stderr
     assert str(models_dir / "Llama3.2-3B-Instruct") in lines[0]
-    assert "Tiny, Tiny-Instruct" in lines[0]
+    assert "Tiny, Tiny-Instruct" in lines[0] or "Tiny-Instruct, Tiny" in lines[0]
     assert "llama-model download --source meta --model-id Llama3.2-3B-Instruct" in lines[0]
 
 
@@ -123,6 +123,7 @@ def test_missing_checkpoint_is_one_clear_line(script_name, models_dir):
     ("DEVICE", "cuda", "DEVICE='cuda:0' is not available here"),
     ("DTYPE", "float8", "DTYPE='float8' is not supported"),
     ("MAX_NEW_TOKENS", "ten", "MAX_NEW_TOKENS='ten' is not a valid int"),
+    ("MAX_NEW_TOKENS", "0", "MAX_NEW_TOKENS=0 is out of range: it must be at least 1"),
 ])
 @pytest.mark.parametrize("script_name", SCRIPTS)
 def test_bad_settings_are_one_clear_line(script_name, setting, value, message, models_dir):
