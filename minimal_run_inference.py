@@ -24,7 +24,6 @@ from llama_models.datatypes import RawMessage
 from llama_models.llama3.args import ModelArgs
 from llama_models.llama3.chat_format import ChatFormat
 from llama_models.llama3.model import Transformer
-from llama_models.llama3.tokenizer import Tokenizer
 
 import support  # settings from the environment, device and dtype, input checks: support.py
 
@@ -137,10 +136,11 @@ def main():
     dtype = support.pick_dtype(DTYPE, device)
     support.check_range("MAX_NEW_TOKENS", MAX_NEW_TOKENS, 1)
     model_dir = support.find_checkpoint(Path(LLAMA_MODELS_DIR).expanduser(), MODEL_NAME)
-    tokenizer = Tokenizer(model_dir / "tokenizer.model")
+    params = support.read_params(model_dir)
+    tokenizer = support.load_tokenizer(model_dir, params)
     instruct = "instruct" in model_dir.name.lower()
     prompt_ids = encode_prompt(tokenizer, INPUT_STRING, SYSTEM_PROMPT, instruct)
-    support.check_length(len(prompt_ids), MAX_NEW_TOKENS, support.read_params(model_dir))
+    support.check_length(len(prompt_ids), MAX_NEW_TOKENS, params)
     support.check_memory(model_dir, dtype, device)
 
     init_distributed(device)

@@ -32,7 +32,6 @@ from llama_models.datatypes import RawMessage
 from llama_models.llama3.args import ModelArgs
 from llama_models.llama3.chat_format import ChatFormat
 from llama_models.llama3.model import Transformer
-from llama_models.llama3.tokenizer import Tokenizer
 
 import support  # settings from the environment, device and dtype, input checks: support.py
 
@@ -448,11 +447,12 @@ def main():
     #   tokenizer.model      the vocabulary (see encode_prompt)
     #   checklist.chk        md5 sums of the other files (`llama-model verify-download` checks them)
     model_dir = support.find_checkpoint(Path(LLAMA_MODELS_DIR).expanduser(), MODEL_NAME)
-    tokenizer = Tokenizer(model_dir / "tokenizer.model")
+    params = support.read_params(model_dir)
+    tokenizer = support.load_tokenizer(model_dir, params)
     instruct = "instruct" in model_dir.name.lower()
     prompt_ids = encode_prompt(tokenizer, INPUT_STRING, SYSTEM_PROMPT, instruct)
     describe_tokenizer(model_dir / "tokenizer.model", tokenizer, prompt_ids)
-    support.check_length(len(prompt_ids), MAX_NEW_TOKENS, support.read_params(model_dir))
+    support.check_length(len(prompt_ids), MAX_NEW_TOKENS, params)
     support.check_memory(model_dir, dtype, device)  # before trying: say so if the weights cannot fit
 
     init_distributed(device)

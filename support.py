@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from llama_models.llama3.tokenizer import Tokenizer
 
 LLAMA_3_VOCAB_SIZE = 128256  # every Llama 3.x model; Llama 2 has 32,000 (or -1), Llama 4 202,048
 REQUIRED_PARAMS = ("dim", "n_layers", "n_heads", "vocab_size")
@@ -106,10 +107,17 @@ def read_params(model_dir):
     return params
 
 
-def check_tokenizer(tokenizer, params, path):
-    if tokenizer.n_words > params["vocab_size"]:
-        fail(f"{path} has {tokenizer.n_words} tokens but params.json's vocab_size is {params['vocab_size']}; "
-             "the tokenizer belongs to another model: re-download the checkpoint")
+def load_tokenizer(model_dir, params):
+    """llama-models' Tokenizer for the checkpoint's tokenizer.model, checked against params.json."""
+    path = model_dir / "tokenizer.model"
+    try:
+        tokenizer = Tokenizer(path)
+    except Exception as error:  # tiktoken's parser raises several kinds
+        fail(f"{path} is not a Llama 3 tokenizer file ({type(error).__name__}); re-download the checkpoint")
+    if tokenizer.n_words != params["vocab_size"]:
+        fail(f"{path} has {tokenizer.n_words} tokens but params.json's vocab_size is {params['vocab_size']}: "
+             "they belong to different models; re-download the checkpoint")
+    return tokenizer
 
 
 def check_length(prompt_length, max_new_tokens, params):

@@ -1,0 +1,179 @@
+"""Bad input, faults and limits: one clear line on stderr, a non-zero status, no traceback, nothing written."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import minimal_run_inference
+from conftest import CPU, REPO, SCRIPTS, run_script
+from random_checkpoint import TINY, write_checkpoint
+
+GIB = 2**30
+
+
+@pytest.fixture(params=SCRIPTS)
+def script_name(request):
+    return request.param
+
+
+def fails_with(result, *fragments):
+    """The script stopped with one line on stderr containing every fragment, and printed no text."""
+    assert result.returncode not in (0, None)
+    assert result.stdout == ""
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    error = [line for line in lines if line.startswith("error: ")]
+    assert len(error) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in error[0]
+
+
+@pytest.fixture
+def broken(tmp_path, models_dir):
+    """A copy of the tiny checkpoint as models_dir/Broken, to damage in a test."""
+    shutil.copytree(models_dir / "Tiny", tmp_path / "Broken")
+    return tmp_path / "Broken"
+
+
+def test_missing_models_dir(script_name, tmp_path):
+    fails_with(run_script(script_name, tmp_path / "nowhere", "Llama3.2-1B"),
+               str(tmp_path / "nowhere" / "Llama3.2-1B"), "no checkpoints in",
+               "llama-model download --source meta --model-id Llama3.2-1B")
+
+
+def test_unknown_model_lists_the_closest_first(script_name, models_dir):
+    result = run_script(script_name, models_dir, "Tiny-Instrct")
+    fails_with(result, str(models_dir / "Tiny-Instrct"), "checkpoints in", "--model-id Tiny-Instrct")
+    assert "Tiny-Instruct, Tiny" in result.stderr
+
+
+@pytest.mark.parametrize("missing", ["params.json", "tokenizer.model", "consolidated.00.pth"])
+def test_incomplete_folder_names_the_missing_file(script_name, broken, missing):
+    (broken / missing).unlink()
+    fails_with(run_script(script_name, broken.parent, "Broken"), missing, "llama-model download")
+
+
+@pytest.mark.parametrize("damage", ["cut in half", "random bytes"])
+def test_damaged_weights(script_name, broken, damage):
+    path = broken / "consolidated.00.pth"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] if damage == "cut in half" else os.urandom(len(data)))
+    fails_with(run_script(script_name, broken.parent, "Broken"), "damaged", "re-download",
+               "llama-model verify-download --model-id Broken")
+
+
+@pytest.mark.parametrize("params_text, fragments", [
+    ("{not json", ["params.json is not valid JSON"]),
+    (json.dumps({k: v for k, v in TINY.items() if k != "dim"}), ["params.json", "'dim'"]),
+    (json.dumps({k: v for k, v in TINY.items() if k != "n_layers"}), ["params.json", "'n_layers'"]),
+    (json.dumps({k: v for k, v in TINY.items() if k != "n_heads"}), ["params.json", "'n_heads'"]),
+    (json.dumps({k: v for k, v in TINY.items() if k != "vocab_size"}), ["params.json", "'vocab_size'"]),
+    (json.dumps({**TINY, "vocab_size": -1}), ["looks like Llama 2", "text-only Llama 3.x"]),
+    (json.dumps({**TINY, "vocab_size": 202048, "moe_args": {}}), ["looks like Llama 4", "text-only Llama 3.x"]),
+    (json.dumps({**TINY, "vision_chunk_size": 560}), ["looks like a vision model", "text-only Llama 3.x"]),
+])
+def test_bad_params_json(script_name, broken, params_text, fragments):
+    (broken / "params.json").write_text(params_text)
+    fails_with(run_script(script_name, broken.parent, "Broken"), *fragments)
+
+
+@pytest.mark.parametrize("change, fragments", [
+    ("wrong shape", ["layers.1.attention.wq.weight in", "has shape (64, 32), but params.json implies (64, 64)"]),
+    ("missing", ["lack layers.1.attention.wq.weight", "(64, 64)"]),
+    ("extra", ["unexpected tensor rope.freqs"]),
+])
+def test_weights_that_do_not_match_params(script_name, tmp_path, tiny_weights, change, fragments):
+    weights = dict(tiny_weights)
+    if change == "wrong shape":
+        weights["layers.1.attention.wq.weight"] = weights["layers.1.attention.wq.weight"][:, :32].clone()
+    elif change == "missing":
+        del weights["layers.1.attention.wq.weight"]
+    else:
+        weights["rope.freqs"] = torch.zeros(8)
+    write_checkpoint(tmp_path / "Mismatch", TINY, weights)
+    fails_with(run_script(script_name, tmp_path, "Mismatch"), *fragments)
+
+
+def test_tokenizer_that_does_not_fit_vocab_size(script_name, broken):
+    with open(broken / "tokenizer.model", "a") as tokenizer_file:
+        tokenizer_file.write("bm90IGEgcmVhbCB0b2tlbg== 128000\n")  # one token more than Llama 3 has
+    fails_with(run_script(script_name, broken.parent, "Broken"), "128257 tokens", "vocab_size is 128256")
+
+
+def test_tokenizer_that_is_not_a_tokenizer(script_name, broken):
+    (broken / "tokenizer.model").write_bytes(os.urandom(1000))
+    fails_with(run_script(script_name, broken.parent, "Broken"), "is not a Llama 3 tokenizer file")
+
+
+def test_prompt_longer_than_the_context(script_name, tmp_path, tiny_weights, models_dir, tokenizer):
+    write_checkpoint(tmp_path / "Llama3-Tiny", {**TINY, "use_scaled_rope": False}, tiny_weights)  # 8,192 tokens
+    text = "a " * 9000
+    prompt_length = len(tokenizer.encode(text, bos=True, eos=False))
+    result = run_script(script_name, tmp_path, "Llama3-Tiny", INPUT_STRING=text)
+    fails_with(result, f"the prompt ({prompt_length} tokens) + MAX_NEW_TOKENS (64) exceeds the model's context of 8192")
+    fails_with(run_script(script_name, models_dir, "Tiny", MAX_NEW_TOKENS=200000),
+               "MAX_NEW_TOKENS (200000)", "context of 131072 tokens")
+
+
+def test_unavailable_device(script_name, models_dir):
+    if torch.backends.mps.is_available():
+        pytest.skip("this machine has mps")
+    fails_with(run_script(script_name, models_dir, "Tiny", DEVICE="mps"), "DEVICE='mps' is not available here", "cpu")
+
+
+def test_nan_in_the_weights_stops_instead_of_printing_garbage(script_name, tmp_path, tiny_weights):
+    weights = dict(tiny_weights)
+    weights["layers.0.feed_forward.w2.weight"] = weights["layers.0.feed_forward.w2.weight"].clone()
+    weights["layers.0.feed_forward.w2.weight"][3, 5] = float("nan")
+    write_checkpoint(tmp_path / "Poisoned", TINY, weights)
+    fails_with(run_script(script_name, tmp_path, "Poisoned"), "NaN or infinite", "bfloat16 on cpu")
+
+
+def test_checkpoint_larger_than_memory_is_refused_before_loading(script_name, broken):
+    with open(broken / "consolidated.00.pth", "r+b") as weights_file:
+        weights_file.truncate(1024 * GIB)  # a sparse 1 TiB file: takes no disk space
+    fails_with(run_script(script_name, broken.parent, "Broken"), "Broken needs 1024.0 GiB", "is available",
+               "try a smaller model")
+
+
+@pytest.mark.parametrize("text", [
+    "",
+    "🦙 Llamas: 駱馬 (ラマ), e\u0301, \u202eright-to-left\u202c and \x07\x1b[31m control characters",
+    "a" * 100_000,
+])
+def test_unusual_prompts_work_and_print_exactly_the_decoded_ids(script_name, models_dir, tokenizer, distributed, text):
+    prompt_ids = minimal_run_inference.encode_prompt(tokenizer, text, "", instruct=False)
+    model = minimal_run_inference.load_model(models_dir / "Tiny", CPU, torch.bfloat16, len(prompt_ids) + 8, 1)
+    expected = list(minimal_run_inference.generate(model, prompt_ids, 8, tokenizer.stop_tokens, CPU))
+    result = run_script(script_name, models_dir, "Tiny", INPUT_STRING=text, MAX_NEW_TOKENS=8, SHOW_TOKENS=0)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == tokenizer.decode(expected)
+
+
+@pytest.mark.parametrize("settings", [{}, {"BEAM_WIDTH": 3}, {"TEMPERATURE": 0.8, "SEED": 7}])
+def test_same_inputs_give_byte_identical_output_and_the_checkpoint_is_untouched(models_dir, settings):
+    folder = models_dir / "Tiny"
+    before = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir())
+    runs = [run_script("run_inference.py", models_dir, "Tiny", MAX_NEW_TOKENS=12, **settings) for _ in range(2)]
+    assert runs[0].returncode == 0 and runs[0].stdout != ""
+    assert runs[0].stdout == runs[1].stdout
+    assert sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir()) == before
+
+
+def test_ctrl_c_stops_cleanly_and_keeps_the_text(script_name, models_dir):
+    env = {**os.environ, "LLAMA_MODELS_DIR": str(models_dir), "MODEL_NAME": "Tiny", "DEVICE": "cpu",
+           "MAX_NEW_TOKENS": "100000", "SHOW_TOKENS": "0"}
+    process = subprocess.Popen([sys.executable, str(REPO / script_name)], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = process.stdout.read(1)  # generation has started
+    process.send_signal(signal.SIGINT)
+    rest, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert first and "Traceback" not in stderr.decode()
+    assert "interrupted" in stderr.decode()
