@@ -6,11 +6,12 @@ Edit the settings below, or override any of them with an environment variable of
 
 stdout carries only the generated text; load time, speed and memory go to stderr.
 run_inference.py is this script's twin: the same steps under the same names, each one explained,
-plus beam search and sampling. README.md says where to get the checkpoints.
+plus beam search, sampling and 8-bit weights. README.md says where to get the checkpoints.
 """
 
 import codecs
 import math
+import os
 import sys
 import time
 from contextlib import redirect_stdout
@@ -55,9 +56,14 @@ def encode_prompt(tokenizer, text, system_prompt, instruct):
 
 def init_distributed(device):
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)  # in memory: no port
+    if "RANK" in os.environ:  # started by torchrun: join its group (its environment says where)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend)
+    else:  # one process: an in-memory store, no launcher, no network port
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     with redirect_stdout(sys.stderr):  # fairscale prints; stdout is for generated text only
-        fs_init.initialize_model_parallel(1)
+        fs_init.initialize_model_parallel(dist.get_world_size())  # model-parallel size = processes
 
 
 def rope_scale_factor(args):
@@ -79,7 +85,7 @@ def rope_rotations(args, scale_factor):
 def load_model(model_dir, device, dtype, max_seq_len, max_batch_size):
     params = support.read_params(model_dir)
     args = ModelArgs(**params, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
-    with torch.device("meta"):
+    with torch.device("meta"), support.without_weight_init():
         model = Transformer(args)
     with redirect_stdout(sys.stderr), support.reading_checkpoint(model_dir):  # it prints the shard list
         weights = maybe_reshard_state_dict(sorted(model_dir.glob("consolidated.*.pth")), args.n_kv_heads)
@@ -132,6 +138,7 @@ def stream(token_ids, tokenizer):
 
 def main():
     support.apply_environment(globals())
+    support.silence_other_ranks()
     device = support.pick_device(DEVICE)
     dtype = support.pick_dtype(DTYPE, device)
     support.check_range("MAX_NEW_TOKENS", MAX_NEW_TOKENS, 1)
@@ -141,6 +148,7 @@ def main():
     instruct = "instruct" in model_dir.name.lower()
     prompt_ids = encode_prompt(tokenizer, INPUT_STRING, SYSTEM_PROMPT, instruct)
     support.check_length(len(prompt_ids), MAX_NEW_TOKENS, params)
+    support.check_shards(model_dir, params)
     support.check_memory(model_dir, dtype, device)
 
     init_distributed(device)

@@ -2,7 +2,9 @@
 
 This is the tutorial twin of minimal_run_inference.py: the same steps, in the same order, under the same
 names, with the reasons written next to the code, plus two more ways to choose tokens (beam search and
-top-p sampling). Read it top to bottom; it follows the data: text, tokens, weights, layers, logits, next token.
+top-p sampling), optional 8-bit weights, and the speed-ups that make it fast on a CPU. Read it top to
+bottom; it follows the data: text, tokens, weights, layers, logits, next token. Both scripts also run
+under torchrun, split across processes (see init_distributed).
 
 Run it like its twin: edit the settings below, or override any of them with an environment variable of the
 same name, e.g.
@@ -16,10 +18,13 @@ get the checkpoints and how to run the tests.
 
 import base64
 import codecs
+import ctypes
 import math
+import mmap
+import os
 import sys
 import time
-from contextlib import redirect_stdout
+from contextlib import contextmanager, redirect_stdout
 from functools import partial
 from pathlib import Path
 
@@ -27,11 +32,13 @@ import fairscale.nn.model_parallel.initialize as fs_init
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from fairscale.nn.model_parallel.mappings import gather_from_model_parallel_region, reduce_from_model_parallel_region
 from llama_models.checkpoint import maybe_reshard_state_dict
 from llama_models.datatypes import RawMessage
 from llama_models.llama3.args import ModelArgs
 from llama_models.llama3.chat_format import ChatFormat
-from llama_models.llama3.model import Transformer
+from llama_models.llama3.model import Transformer, apply_rotary_emb
 
 import support  # settings from the environment, device and dtype, input checks: support.py
 
@@ -55,6 +62,7 @@ NUM_RETURN_SEQUENCES = 1  # beam search: print this many of the best finished be
 TEMPERATURE = 0.0  # > 0: sample instead (Meta's own scripts use 0.6); 0: off
 TOP_P = 0.9  # sampling: draw only from the most likely tokens that together hold this much probability
 SEED = 0  # sampling: the same seed gives the same text
+QUANTIZE = ""  # "int8": 8-bit linear weights (half the memory, faster decoding on CPUs); "": as stored
 SHOW_TOKENS = 1  # 1: one line per generated token on stderr (its id, probability and the runners-up); 0: off
 
 # RoPE scaling constants of Llama 3.1+, explained at rope_rotations() below. Meta's published configs
@@ -66,6 +74,7 @@ ROPE_ORIGINAL_CONTEXT = 8192  # the context length the model was first trained w
 ROPE_LOW_FREQ_FACTOR = 1  # frequencies whose wavelength exceeds 8192 / 1 tokens are slowed by the factor
 ROPE_HIGH_FREQ_FACTOR = 4  # frequencies whose wavelength is under 8192 / 4 tokens are left alone
 SHOWN_ALTERNATIVES = 3  # runners-up printed per token when SHOW_TOKENS is on
+MADV_DONTNEED = 4  # madvise() advice: "this process no longer needs these pages" (Linux and macOS)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -101,19 +110,43 @@ def describe_tokenizer(path, tokenizer, prompt_ids):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# torch.distributed and fairscale, even for one process.
-# llama-models builds the model from fairscale's model-parallel layers (ColumnParallelLinear,
-# RowParallelLinear, VocabParallelEmbedding), written so that a 70B model can be split across 8 GPUs, one
-# slice of every matrix per process. Even with one process those layers ask fairscale for the
-# "model-parallel group", so one must exist. A one-process group needs no launcher and no network: its
-# rendezvous store is a dictionary in memory (HashStore). The backend is nccl for NVIDIA GPUs and gloo
-# otherwise (gloo runs on CPUs, and with one process no data ever travels).
+# torch.distributed and fairscale: one process, or many.
+# llama-models builds the model from fairscale's model-parallel layers, written so that a model too big
+# for one device is split across N processes (one per GPU, on one or several machines), each holding a
+# 1/N slice of every large matrix:
+#   ColumnParallelLinear (wq, wk, wv, w1, w3, output): each process holds some output rows and computes
+#     those outputs; the attention heads and the feed-forward units are divided among the processes, so
+#     each one also keeps only its own key-value heads in its KV cache (n_kv_heads / N of them). The
+#     output layer then gathers the pieces (all_gather), so every process sees all the logits.
+#   RowParallelLinear (wo, w2): each process holds some input columns, multiplies its slice of the
+#     hidden vector, and the partial results are summed across processes (all_reduce).
+#   VocabParallelEmbedding: each process holds the embeddings of a range of token ids; a process looks up
+#     the ids in its range, zeros for the others, and an all_reduce completes every row.
+# So each layer costs two all_reduces and the output one all_gather; everything else is local. Every
+# process runs this same script, computes the same logits and so picks the same tokens (greedy, beam
+# search, and sampling, whose generators share the seed); only rank 0 prints.
+#
+# Even with one process those layers ask fairscale for the "model-parallel group", so one must exist. A
+# one-process group needs no launcher and no network: its rendezvous store is a dictionary in memory
+# (HashStore). Launched by torchrun, PyTorch's distributed launcher, the processes find each other through
+# the RANK, WORLD_SIZE and MASTER_ADDR/MASTER_PORT variables it sets, and the model-parallel size is the
+# number of processes:
+#   torchrun --nproc-per-node 8 run_inference.py                  one machine, 8 GPUs (Llama 3.3 70B)
+#   torchrun --nnodes 2 --nproc-per-node 8 --node-rank R --master-addr HOST --master-port 29500 run_inference.py
+#                                                                 two machines (405B), R = 0 and 1
+#   DEVICE=cpu torchrun --nproc-per-node 2 run_inference.py       two CPU processes, to try it at home
+# The backend is nccl for NVIDIA GPUs (one GPU per local rank) and gloo otherwise (gloo runs on CPUs).
 # ---------------------------------------------------------------------------------------------------------
 def init_distributed(device):
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)  # in memory: no port
+    if "RANK" in os.environ:  # started by torchrun: join its group (its environment says where)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend)
+    else:  # one process: an in-memory store, no launcher, no network port
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     with redirect_stdout(sys.stderr):  # fairscale prints; stdout is for generated text only
-        fs_init.initialize_model_parallel(1)
+        fs_init.initialize_model_parallel(dist.get_world_size())  # model-parallel size = processes
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -164,11 +197,15 @@ def rope_rotations(args, scale_factor):
 #    random numbers, only for the checkpoint to overwrite them. Under torch.device("meta") tensors have a
 #    shape but no memory. (fairscale's linear layers allocate their weights with the legacy
 #    torch.Tensor(rows, cols), which ignores the meta device: that memory is never written, so the
-#    operating system never backs it with RAM, and it is released when the checkpoint replaces it.)
+#    operating system never backs it with RAM, and it is released when the checkpoint replaces it.
+#    support.without_weight_init skips fairscale's initialisation of those weights, which would write
+#    them, and with several processes would first build each weight at full size.)
 # 2. mmap. torch.load(..., mmap=True) maps the file into memory instead of reading it: tensors point into
 #    the file, and the OS pages bytes in when they are first used (shared with its file cache).
-#    llama-models' maybe_reshard_state_dict does this, and merges or splits shards when their count
-#    differs from the number of processes.
+#    llama-models' maybe_reshard_state_dict does this. A checkpoint comes in as many shards as Meta used
+#    processes (8 for 70B); when this run has another number of processes, it merges shards (8 onto 1:
+#    torch.cat, a real copy) or splits them (1 onto 2: each process keeps its half), as long as one
+#    number divides the other.
 # 3. assign=True. load_state_dict normally copies each tensor into the module's existing one; assign
 #    makes the module's parameter *be* the loaded tensor. Llama 3.2 stores its output layer and its
 #    embedding table as one tensor (tied weights); assign keeps them one, saving 0.5 GB for 1B.
@@ -182,28 +219,158 @@ def rope_rotations(args, scale_factor):
 # 16 layers x 2 x 32 x 2048 x 8 x 64 x 4 bytes = 4.3 GB in float32 for the 1B model, more than its
 # weights: the original version of this project did exactly that, which explains its memory use.
 # ---------------------------------------------------------------------------------------------------------
-def load_model(model_dir, device, dtype, max_seq_len, max_batch_size):
+def load_model(model_dir, device, dtype, max_seq_len, max_batch_size, quantize=""):
     params = support.read_params(model_dir)  # params.json, checked: a text-only Llama 3.x model
     args = ModelArgs(**params, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
-    with torch.device("meta"):
+    with torch.device("meta"), support.without_weight_init():
         model = Transformer(args)  # shapes only
     with redirect_stdout(sys.stderr), support.reading_checkpoint(model_dir):  # it prints the shard list
         weights = maybe_reshard_state_dict(sorted(model_dir.glob("consolidated.*.pth")), args.n_kv_heads)
     torch.set_default_dtype(torch.float32)  # it also called torch.set_default_tensor_type(bfloat16): undo that
     support.check_weights(model, weights, model_dir)  # names and shapes agree with params.json
     model.load_state_dict(weights, assign=True)  # the parameters are now the memory-mapped tensors
-    model.to(device=device, dtype=dtype)
+    if quantize == "int8":
+        quantize_linear_layers(model)  # before moving anything: from the mapped file, layer by layer
+    model.to(device=device, dtype=dtype)  # floating-point tensors only: int8 weights stay int8
     for layer in model.layers:
         attention = layer.attention
         cache_shape = (max_batch_size, max_seq_len, attention.n_local_kv_heads, attention.head_dim)
         attention.cache_k = torch.zeros(cache_shape, device=device, dtype=dtype)
         attention.cache_v = torch.zeros(cache_shape, device=device, dtype=dtype)
     model.freqs_cis = rope_rotations(args, rope_scale_factor(args)).to(device)
+    for layer in model.layers:  # speed-up: see fused_attention below
+        layer.attention.forward = partial(fused_attention, layer.attention)
     # Speed-up: the output layer turns each position's hidden vector into vocab_size scores (logits), but
     # generation only needs the last position's. Without this, a 1,000-token prompt would produce a
-    # (1000, 128256) float32 tensor (0.5 GB) and spend a whole weight pass per position computing it.
+    # (1000, 128256) float32 tensor (0.5 GB) and spend 1,000 times the output layer's arithmetic on it.
     model.output.register_forward_pre_hook(lambda output_layer, inputs: (inputs[0][:, -1:],))
     return model
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Optional: 8-bit weights (QUANTIZE = "int8").
+# Decoding one token reads every weight once, so on a CPU (and a laptop GPU) the time per token is
+# mostly the time to stream the weights from memory. Storing the linear layers' weights in 8 bits instead
+# of 16 halves both the memory (Llama 3.1 8B: 16 GB -> 8 GB, so it fits a 16 GB laptop) and the bytes
+# read per token.
+#
+# Per-channel symmetric quantisation: each output channel (row) w of a weight matrix gets its own scale
+#   scale = max(|w|) / 127,   w_int8 = round(w / scale)  in [-127, 127],   w is approximately w_int8 * scale
+# One scale per row keeps a row of small weights from being crushed by another row's large ones. The
+# rounding error is at most scale / 2 per weight; the layer's output error is printed below (about 1%).
+# Only the weights are quantised: activations (the hidden vectors) stay in bfloat16, so nothing about the
+# arithmetic of attention or the norms changes, and no calibration data is needed. The product
+# x @ (w_int8 * scale).T is computed as (x @ w_int8.T) * scale, by PyTorch's own int8-weight kernel
+# (torch._weight_int8pack_mm) on CPUs and Apple GPUs; elsewhere by converting the weight back for each
+# product (correct, not faster).
+#
+# The embedding table stays in bfloat16: a lookup reads one row per token, not the table, so quantising it
+# would save memory but no time; and since it stays memory-mapped, only the rows of tokens actually seen
+# are ever read from disk. (Llama 3.2's output layer shares the table's values; it is quantised like any
+# other linear layer, into its own int8 copy, because it is read in full for every token.)
+#
+# Memory during the conversion: each weight is read from the memory-mapped file and converted in blocks
+# of rows; once done, release_pages tells the operating system that this process no longer needs the
+# weight's pages, so they leave its resident memory (they stay in the file cache, and could be read
+# again if something did). So the full bfloat16 model is never resident: peak memory is the int8 model
+# plus a block.
+# ---------------------------------------------------------------------------------------------------------
+QUANTIZE_BLOCK_ROWS = 4096  # rows converted at a time
+INT8_MAX = 127  # symmetric: -127 .. 127
+
+
+def quantize_int8(weight):
+    """(int8 weight, one float32 scale per row) such that weight ~= int8 * scale[:, None]."""
+    scales = torch.empty(weight.shape[0])
+    quantized = torch.empty(weight.shape, dtype=torch.int8)
+    for start in range(0, weight.shape[0], QUANTIZE_BLOCK_ROWS):
+        rows = weight[start : start + QUANTIZE_BLOCK_ROWS].float()  # (block, in)
+        block_scales = rows.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / INT8_MAX
+        quantized[start : start + QUANTIZE_BLOCK_ROWS] = torch.round(rows / block_scales[:, None]).to(torch.int8)
+        scales[start : start + QUANTIZE_BLOCK_ROWS] = block_scales
+        release_pages(weight[start : start + QUANTIZE_BLOCK_ROWS])
+    return quantized, scales
+
+
+def release_pages(tensor):
+    """madvise(MADV_DONTNEED): the memory-mapped pages wholly inside `tensor` leave this process's memory.
+    Reading them again would fetch them from the file; nothing does. No-op where libc is not at hand."""
+    try:
+        libc = ctypes.CDLL(None)
+    except OSError:
+        return
+    start = -(-tensor.data_ptr() // mmap.PAGESIZE) * mmap.PAGESIZE  # first whole page
+    end = (tensor.data_ptr() + tensor.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+    if end > start:
+        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED)
+
+
+def int8_matmul(x, weight, scales):
+    """x @ (weight * scales[:, None]).T for an int8 weight (out, in) and x (..., in)."""
+    rows = x.reshape(-1, x.shape[-1])  # the kernel takes 2-D input: (tokens, in)
+    if x.device.type in ("cpu", "mps"):
+        out = torch._weight_int8pack_mm(rows, weight, scales)  # reads 1 byte per weight
+    else:
+        out = F.linear(rows, weight.to(x.dtype)) * scales  # a temporary 16-bit copy of the weight
+    return out.view(*x.shape[:-1], -1)  # (..., out)
+
+
+def int8_forward(layer, x):
+    """A fairscale linear layer's forward with int8 weights: the product above, then the same collective
+    (fairscale's copy_to_model_parallel_region, on the way in, only acts in backward passes)."""
+    out = int8_matmul(x, layer.weight, layer.scales)
+    if isinstance(layer, RowParallelLinear):
+        return reduce_from_model_parallel_region(out)  # sum the processes' partial products
+    return gather_from_model_parallel_region(out) if layer.gather_output else out
+
+
+def quantize_linear_layers(model):
+    """Every linear layer's weight becomes int8 + per-row scales; its forward becomes int8_forward."""
+    layers = [m for m in model.modules() if isinstance(m, (ColumnParallelLinear, RowParallelLinear))]
+    for layer in sorted(layers, key=lambda m: -m.weight.numel()):  # the largest (output) first
+        bf16_weight = layer.weight
+        int8_weight, scales = quantize_int8(bf16_weight.detach())
+        layer.weight = torch.nn.Parameter(int8_weight, requires_grad=False)
+        layer.register_buffer("scales", scales)  # a buffer: model.to(dtype) converts it with the rest
+        layer.forward = partial(int8_forward, layer)
+        if layer is model.layers[0].attention.wq:
+            show_quantization_error(bf16_weight, int8_weight, scales)
+
+
+def show_quantization_error(weight, int8_weight, scales):
+    """The relative error int8 weights add to one layer's output, on random bfloat16 inputs."""
+    x = torch.randn(16, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    exact = F.linear(x.float(), weight.float())
+    approx = int8_matmul(x, int8_weight, scales.to(torch.bfloat16)).float()
+    error = ((approx - exact).norm(dim=1) / exact.norm(dim=1)).mean()
+    print(f"int8: layer 0's wq output differs from bfloat16 by {error:.2%} on average (relative)", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Speed-up: attention in one fused call.
+# llama-models' Attention.forward computes attention step by step: it copies the cached keys and values
+# so that each of the n_heads query heads has its own copy (repeat_kv: 4 copies for 32 query heads over 8
+# key-value heads), multiplies queries by keys, takes the softmax in float32 and multiplies by the values,
+# each step a new tensor. At a 500-token context that is about 2.9 ms per layer per token on a 2-core CPU.
+# PyTorch's scaled_dot_product_attention does the same arithmetic in one call that reads the grouped
+# keys and values where they are (enable_gqa) without copying them: about 1.0 ms. The function below is
+# Attention.forward with that one change; everything else (the projections, RoPE via llama-models' own
+# apply_rotary_emb, the cache layout (batch, position, kv_head, head_dim), the mask) is the same.
+# minimal_run_inference.py keeps llama-models' original, and the tests check that both give the same text.
+# (If you edit Attention.forward in an editable llama-models to experiment, edit or remove this too.)
+# ---------------------------------------------------------------------------------------------------------
+def fused_attention(attention, x, start_pos, freqs_cis, mask):
+    batch, seqlen, _ = x.shape
+    xq = attention.wq(x).view(batch, seqlen, attention.n_local_heads, attention.head_dim)
+    xk = attention.wk(x).view(batch, seqlen, attention.n_local_kv_heads, attention.head_dim)
+    xv = attention.wv(x).view(batch, seqlen, attention.n_local_kv_heads, attention.head_dim)
+    xq, xk = apply_rotary_emb(xq, xk, freqs_cis=freqs_cis)  # rotate by position: see RoPE above
+    attention.cache_k[:batch, start_pos : start_pos + seqlen] = xk
+    attention.cache_v[:batch, start_pos : start_pos + seqlen] = xv
+    keys = attention.cache_k[:batch, : start_pos + seqlen].transpose(1, 2)  # (batch, kv_heads, context, head_dim)
+    values = attention.cache_v[:batch, : start_pos + seqlen].transpose(1, 2)
+    output = F.scaled_dot_product_attention(xq.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=True)
+    return attention.wo(output.transpose(1, 2).reshape(batch, seqlen, -1))  # (batch, seqlen, dim)
 
 
 def describe_model(model, args):
@@ -250,7 +417,25 @@ def prefill(model, prompt_ids, device):
 def decode_step(model, token_ids, pos, device):
     """Feed one token per sequence in the batch, all at position `pos`; return each sequence's next logits."""
     tokens = torch.tensor(token_ids, device=device).view(-1, 1)  # (batch, 1)
-    return model(tokens, start_pos=pos)[:, -1]  # (batch, vocab)
+    with matrix_vector_kernels(enabled=device.type == "cpu" and len(token_ids) == 1):
+        return model(tokens, start_pos=pos)[:, -1]  # (batch, vocab)
+
+
+# Speed-up (CPU, one sequence): a decode step multiplies every weight matrix by a single vector. PyTorch
+# sends bfloat16 matrix products on CPUs with AVX-512 to the oneDNN library, whose kernels are built for
+# many rows at once; for one row, PyTorch's own matrix-vector code streams the weights faster. Measured
+# here (2-core AVX-512 machine, all 1B weights, one row): 141 ms through oneDNN, 100 ms without it. For
+# several rows (a prompt chunk, or beam search's k beams) oneDNN is much faster (152 ms for 5 rows against
+# 345 ms), so it is switched off only around single-row steps. Other CPUs may differ: measure with
+# benchmarks/bench_decode.py.
+@contextmanager
+def matrix_vector_kernels(enabled):
+    use_onednn = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = use_onednn and not enabled
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = use_onednn
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -430,6 +615,7 @@ def main():
     # GPUs without bfloat16 (it overflows more easily). On a CPU, PyTorch uses one thread per physical
     # core; OMP_NUM_THREADS=N python run_inference.py changes that.
     support.apply_environment(globals())
+    support.silence_other_ranks()
     device = support.pick_device(DEVICE)
     dtype = support.pick_dtype(DTYPE, device)
     support.check_range("MAX_NEW_TOKENS", MAX_NEW_TOKENS, 1)
@@ -438,6 +624,8 @@ def main():
     support.check_range("TEMPERATURE", TEMPERATURE, 0.0)
     if not 0 < TOP_P <= 1:
         support.fail(f"TOP_P={TOP_P} is out of range: it must be in (0, 1]")
+    if QUANTIZE not in ("", "int8"):
+        support.fail(f"QUANTIZE={QUANTIZE!r} is not supported; choose \"int8\" or \"\" (off)")
     if TEMPERATURE > 0 and BEAM_WIDTH > 1:
         support.fail("choose beam search (BEAM_WIDTH > 1) or sampling (TEMPERATURE > 0), not both")
 
@@ -453,11 +641,12 @@ def main():
     prompt_ids = encode_prompt(tokenizer, INPUT_STRING, SYSTEM_PROMPT, instruct)
     describe_tokenizer(model_dir / "tokenizer.model", tokenizer, prompt_ids)
     support.check_length(len(prompt_ids), MAX_NEW_TOKENS, params)
-    support.check_memory(model_dir, dtype, device)  # before trying: say so if the weights cannot fit
+    support.check_shards(model_dir, params)
+    support.check_memory(model_dir, dtype, device, QUANTIZE)  # before trying: say so if the weights cannot fit
 
     init_distributed(device)
     start = time.perf_counter()
-    model = load_model(model_dir, device, dtype, len(prompt_ids) + MAX_NEW_TOKENS, max_batch_size=BEAM_WIDTH)
+    model = load_model(model_dir, device, dtype, len(prompt_ids) + MAX_NEW_TOKENS, BEAM_WIDTH, QUANTIZE)
     describe_model(model, model.params)
     threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
     print(f"loaded {model_dir.name} on {device}{threads} in {dtype} in {time.perf_counter() - start:.1f} s", file=sys.stderr)

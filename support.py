@@ -14,6 +14,7 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
+import fairscale.nn.model_parallel.layers as fairscale_layers
 import torch
 from llama_models.llama3.tokenizer import Tokenizer
 
@@ -41,12 +42,27 @@ def apply_environment(settings):
             fail(f"{name}={text!r} is not a valid {type(default).__name__} (the default is {default!r})")
 
 
+def processes():
+    """How many processes torchrun started together (1 without torchrun), and this one's rank."""
+    return int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+
+
+def silence_other_ranks():
+    """Under torchrun every process computes the same tokens; only rank 0 prints them (and any error)."""
+    if processes()[1] != 0:
+        sys.stdout = sys.stderr = open(os.devnull, "w")
+
+
 def pick_device(name):
-    """"auto" picks cuda, then mps, then cpu; a device that is not here is an error, not a fallback."""
+    """"auto" picks cuda, then mps, then cpu; a device that is not here is an error, not a fallback.
+    Under torchrun, "cuda" means the GPU of this process's local rank."""
     cuda = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
     mps = ["mps"] if torch.backends.mps.is_available() else []
     available = cuda + mps + ["cpu"]  # in the order "auto" prefers them
-    name = {"auto": available[0], "cuda": "cuda:0"}.get(name, name)
+    if name == "auto":
+        name = available[0].split(":")[0]
+    if name == "cuda":
+        name = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
     if name not in available:
         fail(f"DEVICE={name!r} is not available here; choose one of: auto, {', '.join(available)}")
     return torch.device(name)
@@ -128,10 +144,23 @@ def check_length(prompt_length, max_new_tokens, params):
              f"context of {limit} tokens; shorten INPUT_STRING or lower MAX_NEW_TOKENS")
 
 
-def check_memory(model_dir, dtype, device):
-    """Refuse to start a load that cannot fit: the weights need their file size, scaled to the dtype."""
+def check_shards(model_dir, params):
+    """The checkpoint's shards must split or merge evenly onto the processes, and so must the heads."""
+    shards, world_size = len(list(model_dir.glob("consolidated.*.pth"))), processes()[0]
+    if shards % world_size and world_size % shards:
+        fail(f"{model_dir} has {shards} shards, which cannot be split or merged onto {world_size} processes: "
+             f"run a number of processes that divides {shards} or is a multiple of it")
+    if params.get("n_kv_heads", params["n_heads"]) % world_size:
+        fail(f"{model_dir.name} has {params.get('n_kv_heads', params['n_heads'])} key-value heads, which cannot be "
+             f"split across {world_size} processes: use a number of processes that divides it")
+
+
+def check_memory(model_dir, dtype, device, quantize=""):
+    """Refuse to start a load that cannot fit: the weights need their file size, scaled to the dtype
+    (int8: half), shared among the processes of a torchrun launch (each holds its slice)."""
     checkpoint_bytes = sum(path.stat().st_size for path in model_dir.glob("consolidated.*.pth"))
-    needed = checkpoint_bytes * torch.finfo(dtype).bits / 16  # the files hold bfloat16
+    bits = 8 if quantize == "int8" else torch.finfo(dtype).bits
+    needed = checkpoint_bytes * bits / 16 / processes()[0]  # the files hold bfloat16
     if device.type == "cuda":
         available = torch.cuda.mem_get_info(device)[0]
     elif Path("/proc/meminfo").exists():  # Linux: memory the kernel can hand out without swapping
@@ -139,9 +168,22 @@ def check_memory(model_dir, dtype, device):
     else:
         available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")  # total memory, macOS
     if needed > available:
-        smaller = " or DTYPE=bfloat16" if dtype == torch.float32 else ""
-        fail(f"{model_dir.name} needs {needed / GIB:.1f} GiB for its weights in {str(dtype)[6:]} on {device}, "
+        smaller = " or DTYPE=bfloat16" if dtype == torch.float32 else " or QUANTIZE=int8 (run_inference.py)" if not quantize else ""
+        fail(f"{model_dir.name} needs {needed / GIB:.1f} GiB for its weights in {quantize or str(dtype)[6:]} on {device}, "
              f"but {available / GIB:.1f} GiB is available; try a smaller model{smaller}")
+
+
+@contextmanager
+def without_weight_init():
+    """Build fairscale's layers without initialising their weights: the checkpoint replaces them anyway.
+    (fairscale fills each process's slice from a full-size "master" weight; on the meta device, with
+    several processes, that copy from meta memory to the slice even fails.)"""
+    original = fairscale_layers._initialize_affine_weight
+    fairscale_layers._initialize_affine_weight = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        fairscale_layers._initialize_affine_weight = original
 
 
 @contextmanager

@@ -60,15 +60,39 @@ def random_weights(params, seed=0, tie_embeddings=False):
     return weights
 
 
-def write_checkpoint(folder, params, weights):
+# How Meta splits a model across model-parallel shards (llama-models' fairscale layers): column-parallel
+# layers and the vocabulary-parallel embedding by rows (dim 0), row-parallel layers by columns (dim 1),
+# norms replicated.
+SPLIT_BY_ROWS = ("attention.wq", "attention.wk", "attention.wv", "feed_forward.w1", "feed_forward.w3", "output",
+                 "tok_embeddings")
+SPLIT_BY_COLUMNS = ("attention.wo", "feed_forward.w2")
+
+
+def split_into_shards(weights, shards):
+    """The state dicts of `shards` model-parallel shards, as in Meta's multi-file checkpoints."""
+    def split(name, tensor):
+        module = name.removesuffix(".weight")  # "layers.3.attention.wq", "output", ...
+        if module.endswith(SPLIT_BY_ROWS):
+            return tensor.chunk(shards, dim=0)
+        if module.endswith(SPLIT_BY_COLUMNS):
+            return tensor.chunk(shards, dim=1)
+        return [tensor] * shards
+
+    pieces = {name: split(name, tensor) for name, tensor in weights.items()}
+    return [{name: pieces[name][i].clone() for name in weights} for i in range(shards)]
+
+
+def write_checkpoint(folder, params, weights, shards=1):
     """A checkpoint folder in Meta's layout from the given params.json fields and tensors."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    torch.save(weights, folder / "consolidated.00.pth")
+    files = [f"consolidated.{i:02d}.pth" for i in range(shards)]
+    for name, shard in zip(files, [weights] if shards == 1 else split_into_shards(weights, shards)):
+        torch.save(shard, folder / name)
     (folder / "params.json").write_text(json.dumps(params))
     shutil.copyfile(TOKENIZER, folder / "tokenizer.model")
     sums = [f"{hashlib.md5((folder / name).read_bytes()).hexdigest()}  {name}"
-            for name in ("consolidated.00.pth", "params.json", "tokenizer.model")]
+            for name in files + ["params.json", "tokenizer.model"]]
     (folder / "checklist.chk").write_text("\n".join(sums) + "\n")
     return folder
 

@@ -1,0 +1,60 @@
+"""Model parallel with torchrun: CPU processes with gloo, on a tiny checkpoint saved as 1 and as 2 shards."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, run_script
+from random_checkpoint import TINY, write_checkpoint
+
+SETTINGS = {"DTYPE": "float32", "MAX_NEW_TOKENS": 16, "INPUT_STRING": "Once upon a time", "SHOW_TOKENS": 0}
+
+
+@pytest.fixture(scope="module")
+def sharded_dir(tmp_path_factory, models_dir, tiny_weights):
+    """models_dir's tiny weights again, saved as 2 shards split the way Meta splits them."""
+    folder = tmp_path_factory.mktemp("sharded")
+    write_checkpoint(folder / "Tiny", TINY, tiny_weights, shards=2)
+    return folder
+
+
+def torchrun(processes, script_name, models_dir, **settings):
+    """`torchrun --nproc-per-node N SCRIPT` on this machine, settings in environment variables."""
+    env = {**os.environ, "LLAMA_MODELS_DIR": str(models_dir), "MODEL_NAME": "Tiny", "DEVICE": "cpu"}
+    env.update({name: str(value) for name, value in settings.items()})
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
+               str(REPO / script_name)]
+    result = subprocess.run(command, env=env, capture_output=True, timeout=300)
+    result.stdout, result.stderr = result.stdout.decode(), result.stderr.decode()
+    return result
+
+
+@pytest.mark.parametrize("script_name, strategy", [
+    ("minimal_run_inference.py", {}),
+    ("run_inference.py", {}),
+    ("run_inference.py", {"BEAM_WIDTH": 3}),  # beam search is in run_inference.py only
+], ids=["minimal-greedy", "tutorial-greedy", "tutorial-beam"])
+def test_two_processes_decode_the_single_process_tokens(script_name, strategy, models_dir, sharded_dir):
+    single = run_script(script_name, models_dir, "Tiny", **SETTINGS, **strategy)
+    assert single.returncode == 0 and single.stdout, single.stderr
+    for folder in (models_dir, sharded_dir):  # 1 shard split onto 2 processes; 2 shards, one each
+        result = torchrun(2, script_name, folder, **SETTINGS, **strategy)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == single.stdout  # printed once: only rank 0 prints
+
+
+def test_two_shards_merge_in_one_process(models_dir, sharded_dir):
+    single = run_script("run_inference.py", models_dir, "Tiny", **SETTINGS)
+    merged = run_script("run_inference.py", sharded_dir, "Tiny", **SETTINGS)
+    assert merged.returncode == 0, merged.stderr
+    assert merged.stdout == single.stdout != ""
+
+
+def test_shards_that_cannot_map_onto_the_processes(sharded_dir):
+    result = torchrun(3, "minimal_run_inference.py", sharded_dir, **SETTINGS)
+    assert result.returncode != 0 and result.stdout == ""
+    ours = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(ours) == 1  # printed by rank 0 only (torchrun adds its own failure report)
+    assert "has 2 shards, which cannot be split or merged onto 3 processes" in ours[0]
