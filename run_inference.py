@@ -382,11 +382,13 @@ def grouped_attention(attention, x, start_pos, freqs_cis, mask):
     # query head h uses key-value head h // n_rep: group the n_rep heads of each key-value head as rows
     queries = xq.view(batch, seqlen, kv_heads, n_rep, head_dim).permute(0, 2, 3, 1, 4)
     queries = queries.reshape(batch, kv_heads, n_rep * seqlen, head_dim)  # (batch, kv_heads, n_rep * seqlen, head_dim)
-    scores = (queries @ keys).float() / math.sqrt(head_dim)  # (batch, kv_heads, n_rep * seqlen, context)
+    # In float32, like llama-models' softmax; on CPUs this also keeps these small products, whose shape
+    # changes with every token, away from oneDNN, which would cache a new kernel for each shape.
+    scores = queries.float() @ keys.float() / math.sqrt(head_dim)  # (batch, kv_heads, n_rep * seqlen, context)
     if mask is not None:  # (seqlen, context): broadcast over the batch, the heads and n_rep
         scores = (scores.view(batch, kv_heads, n_rep, seqlen, context) + mask).view_as(scores)
-    weights = torch.softmax(scores, dim=-1).type_as(xq)
-    output = weights @ values  # (batch, kv_heads, n_rep * seqlen, head_dim)
+    weights = torch.softmax(scores, dim=-1)
+    output = (weights @ values.float()).type_as(xq)  # (batch, kv_heads, n_rep * seqlen, head_dim)
     output = output.view(batch, kv_heads, n_rep, seqlen, head_dim).permute(0, 3, 1, 2, 4)  # back to head order
     return attention.wo(output.reshape(batch, seqlen, -1))  # (batch, seqlen, dim)
 

@@ -10,7 +10,6 @@ import sys
 import pytest
 import torch
 
-import minimal_run_inference
 from conftest import CPU, REPO, SCRIPTS, run_script
 from random_checkpoint import TINY, write_checkpoint
 
@@ -147,11 +146,13 @@ def test_checkpoint_larger_than_memory_is_refused_before_loading(script_name, br
     "🦙 Llamas: 駱馬 (ラマ), e\u0301, \u202eright-to-left\u202c and \x07\x1b[31m control characters",
     "a" * 100_000,
 ])
-def test_unusual_prompts_work_and_print_exactly_the_decoded_ids(script_name, models_dir, tokenizer, distributed, text):
-    prompt_ids = minimal_run_inference.encode_prompt(tokenizer, text, "", instruct=False)
-    model = minimal_run_inference.load_model(models_dir / "Tiny", CPU, torch.bfloat16, len(prompt_ids) + 8, 1)
-    expected = list(minimal_run_inference.generate(model, prompt_ids, 8, tokenizer.stop_tokens, CPU))
-    result = run_script(script_name, models_dir, "Tiny", INPUT_STRING=text, MAX_NEW_TOKENS=8, SHOW_TOKENS=0)
+def test_unusual_prompts_work_and_print_exactly_the_decoded_ids(script, models_dir, tokenizer, distributed, text):
+    """The ids come from the same script's own functions in this process (bfloat16, as the run)."""
+    prompt_ids = script.encode_prompt(tokenizer, text, "", instruct=False)
+    model = script.load_model(models_dir / "Tiny", CPU, torch.bfloat16, len(prompt_ids) + 8, 1)
+    expected = list(script.generate(model, prompt_ids, 8, tokenizer.stop_tokens, CPU))
+    result = run_script(f"{script.__name__}.py", models_dir, "Tiny", INPUT_STRING=text, MAX_NEW_TOKENS=8,
+                        SHOW_TOKENS=0)
     assert result.returncode == 0, result.stderr
     assert result.stdout == tokenizer.decode(expected)
 

@@ -31,11 +31,16 @@ def test_stdout_is_exactly_the_cache_free_greedy_text(script_name, model_name, m
     assert "Traceback" not in result.stderr
 
 
-def test_bfloat16_default_runs_and_both_scripts_agree(models_dir):
-    outputs = [run_script(name, models_dir, "Tiny", MAX_NEW_TOKENS=16) for name in SCRIPTS]
-    assert [result.returncode for result in outputs] == [0, 0], outputs[0].stderr + outputs[1].stderr
-    assert outputs[0].stdout == outputs[1].stdout != ""
-    assert "torch.bfloat16" in outputs[0].stderr
+def test_bfloat16_default_prints_what_the_same_functions_compute(script, models_dir, tokenizer, distributed):
+    """In bfloat16 the two scripts may round differently (run_inference.py computes attention in float32),
+    so each is compared with its own functions run in this process."""
+    prompt_ids = script.encode_prompt(tokenizer, "The capital of France is", "", instruct=False)
+    model = script.load_model(models_dir / "Tiny", CPU, torch.bfloat16, len(prompt_ids) + 16, 1)
+    expected = list(script.generate(model, prompt_ids, 16, tokenizer.stop_tokens, CPU))
+    result = run_script(f"{script.__name__}.py", models_dir, "Tiny", MAX_NEW_TOKENS=16)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == tokenizer.decode(expected) != ""
+    assert "torch.bfloat16" in result.stderr
 
 
 def test_stop_token_ends_generation(tmp_path, models_dir, tiny_weights, tokenizer, distributed):
