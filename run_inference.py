@@ -241,8 +241,9 @@ def load_model(model_dir, device, dtype, max_seq_len, max_batch_size, quantize="
     for layer in model.layers:  # speed-up: see grouped_attention below
         layer.attention.forward = partial(grouped_attention, layer.attention)
     # Speed-up: the output layer turns each position's hidden vector into vocab_size scores (logits), but
-    # generation only needs the last position's. Without this, a 1,000-token prompt would produce a
-    # (1000, 128256) float32 tensor (0.5 GB) and spend 1,000 times the output layer's arithmetic on it.
+    # generation only needs the last position's. Without this, every 256-token prompt chunk would produce
+    # a (256, 128256) float32 tensor (131 MB; 0.5 GB for a 1,000-token prompt in one call) and spend 256
+    # times the output layer's arithmetic on scores nobody reads.
     model.output.register_forward_pre_hook(lambda output_layer, inputs: (inputs[0][:, -1:],))
     return model
 
@@ -395,14 +396,17 @@ def grouped_attention(attention, x, start_pos, freqs_cis, mask):
 
 def describe_model(model, args):
     """Print what is in memory: the weights, the KV cache, and the RoPE scale factor in use."""
-    storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()}
+    tensors = {p.data_ptr(): p for p in model.parameters()}  # tied weights are one tensor: count it once
+    gib = {}  # per dtype: int8 weights and the bfloat16 rest, when quantised
+    for tensor in tensors.values():
+        gib[str(tensor.dtype)[6:]] = gib.get(str(tensor.dtype)[6:], 0) + tensor.nbytes / 2**30
     attention = model.layers[0].attention
     cache_bytes = 2 * len(model.layers) * attention.cache_k.numel() * attention.cache_k.element_size()
     print(
         f"{args.n_layers} layers, dim {args.dim}, {args.n_heads} query / {args.n_kv_heads} key-value heads, "
         f"vocab {args.vocab_size}, RoPE scale factor {rope_scale_factor(args) if args.use_scaled_rope else 'none'}; "
-        f"weights {sum(storages.values()) / 2**30:.2f} GiB, KV cache {cache_bytes / 2**20:.1f} MiB "
-        f"({args.max_batch_size} x {args.max_seq_len} tokens)",
+        f"weights {' + '.join(f'{size:.2f} GiB {dtype}' for dtype, size in gib.items())}, "
+        f"KV cache {cache_bytes / 2**20:.1f} MiB ({args.max_batch_size} x {args.max_seq_len} tokens)",
         file=sys.stderr,
     )
 
