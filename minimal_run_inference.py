@@ -142,6 +142,7 @@ def main():
     device = support.pick_device(DEVICE)
     dtype = support.pick_dtype(DTYPE, device)
     support.check_range("MAX_NEW_TOKENS", MAX_NEW_TOKENS, 1)
+    support.check_range("PREFILL_CHUNK", PREFILL_CHUNK, 1)
     model_dir = support.find_checkpoint(Path(LLAMA_MODELS_DIR).expanduser(), MODEL_NAME)
     params = support.read_params(model_dir)
     tokenizer = support.load_tokenizer(model_dir, params)
@@ -159,7 +160,7 @@ def main():
     start = time.perf_counter()
     token_ids = stream(generate(model, prompt_ids, MAX_NEW_TOKENS, tokenizer.stop_tokens, device), tokenizer)
     seconds = time.perf_counter() - start
-    print(f"\n{len(prompt_ids)} prompt + {len(token_ids)} new tokens in {seconds:.1f} s", file=sys.stderr)
+    print(f"\n{len(prompt_ids)} prompt + {len(token_ids)} new tokens in {seconds:.1f} s ({len(token_ids) / seconds:.2f} tokens/s)", file=sys.stderr)
     print(f"peak memory {support.peak_memory_gib(device):.2f} GiB", file=sys.stderr)
 
 

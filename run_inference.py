@@ -643,6 +643,7 @@ def main():
     device = support.pick_device(DEVICE)
     dtype = support.pick_dtype(DTYPE, device)
     support.check_range("MAX_NEW_TOKENS", MAX_NEW_TOKENS, 1)
+    support.check_range("PREFILL_CHUNK", PREFILL_CHUNK, 1)
     support.check_range("BEAM_WIDTH", BEAM_WIDTH, 1)
     support.check_range("NUM_RETURN_SEQUENCES", NUM_RETURN_SEQUENCES, 1, BEAM_WIDTH)
     support.check_range("TEMPERATURE", TEMPERATURE, 0.0)

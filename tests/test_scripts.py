@@ -129,6 +129,7 @@ def test_missing_checkpoint_is_one_clear_line(script_name, models_dir):
     ("DTYPE", "float8", "DTYPE='float8' is not supported"),
     ("MAX_NEW_TOKENS", "ten", "MAX_NEW_TOKENS='ten' is not a valid int"),
     ("MAX_NEW_TOKENS", "0", "MAX_NEW_TOKENS=0 is out of range: it must be at least 1"),
+    ("PREFILL_CHUNK", "0", "PREFILL_CHUNK=0 is out of range: it must be at least 1"),
 ])
 @pytest.mark.parametrize("script_name", SCRIPTS)
 def test_bad_settings_are_one_clear_line(script_name, setting, value, message, models_dir):
