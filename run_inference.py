@@ -622,12 +622,27 @@ def token_picker(device):
 def run_beam_search(model, tokenizer, prompt_ids, device):
     """Beam search, then the best NUM_RETURN_SEQUENCES texts on stdout, best first, a blank line between."""
     finished = beam_search(model, prompt_ids, MAX_NEW_TOKENS, tokenizer.stop_tokens, device, BEAM_WIDTH,
-                           LENGTH_PENALTY, SHOW_TOKENS and partial(show_beams, tokenizer=tokenizer))
+                           LENGTH_PENALTY, partial(show_beams, tokenizer=tokenizer) if SHOW_TOKENS else None)
     for i, (score, token_ids) in enumerate(finished[:NUM_RETURN_SEQUENCES]):
         print(f"beam result {i + 1}: score {score:.4f}, {len(token_ids)} tokens", file=sys.stderr)
         print("\n\n" if i else "", end="")
         stream([t for t in token_ids if t not in tokenizer.stop_tokens], tokenizer)
     return max(len(token_ids) for _, token_ids in finished)
+
+
+def check_settings():
+    """The numeric and named settings of this script, each in its range."""
+    support.check_range("MAX_NEW_TOKENS", MAX_NEW_TOKENS, 1)
+    support.check_range("PREFILL_CHUNK", PREFILL_CHUNK, 1)
+    support.check_range("BEAM_WIDTH", BEAM_WIDTH, 1)
+    support.check_range("NUM_RETURN_SEQUENCES", NUM_RETURN_SEQUENCES, 1, BEAM_WIDTH)
+    support.check_range("TEMPERATURE", TEMPERATURE, 0.0)
+    if not 0 < TOP_P <= 1:
+        support.fail(f"TOP_P={TOP_P} is out of range: it must be in (0, 1]")
+    if QUANTIZE not in ("", "int8"):
+        support.fail(f"QUANTIZE={QUANTIZE!r} is not supported; choose \"int8\" or \"\" (off)")
+    if TEMPERATURE > 0 and BEAM_WIDTH > 1:
+        support.fail("choose beam search (BEAM_WIDTH > 1) or sampling (TEMPERATURE > 0), not both")
 
 
 def main():
@@ -642,17 +657,7 @@ def main():
     support.silence_other_ranks()
     device = support.pick_device(DEVICE)
     dtype = support.pick_dtype(DTYPE, device)
-    support.check_range("MAX_NEW_TOKENS", MAX_NEW_TOKENS, 1)
-    support.check_range("PREFILL_CHUNK", PREFILL_CHUNK, 1)
-    support.check_range("BEAM_WIDTH", BEAM_WIDTH, 1)
-    support.check_range("NUM_RETURN_SEQUENCES", NUM_RETURN_SEQUENCES, 1, BEAM_WIDTH)
-    support.check_range("TEMPERATURE", TEMPERATURE, 0.0)
-    if not 0 < TOP_P <= 1:
-        support.fail(f"TOP_P={TOP_P} is out of range: it must be in (0, 1]")
-    if QUANTIZE not in ("", "int8"):
-        support.fail(f"QUANTIZE={QUANTIZE!r} is not supported; choose \"int8\" or \"\" (off)")
-    if TEMPERATURE > 0 and BEAM_WIDTH > 1:
-        support.fail("choose beam search (BEAM_WIDTH > 1) or sampling (TEMPERATURE > 0), not both")
+    check_settings()
 
     # The checkpoint folder, as `llama-model download --source meta --model-id NAME` leaves it:
     #   consolidated.00.pth  the weights (one file per model-parallel shard: 1 for 1B to 8B, 8 for 70B)
@@ -680,8 +685,9 @@ def main():
     if BEAM_WIDTH > 1:
         new_tokens = run_beam_search(model, tokenizer, prompt_ids, device)
     else:
-        new_tokens = len(stream(generate(model, prompt_ids, MAX_NEW_TOKENS, tokenizer.stop_tokens, device,
-                                         token_picker(device), SHOW_TOKENS and partial(show_token, tokenizer=tokenizer)), tokenizer))
+        on_token = partial(show_token, tokenizer=tokenizer) if SHOW_TOKENS else None
+        token_ids = generate(model, prompt_ids, MAX_NEW_TOKENS, tokenizer.stop_tokens, device, token_picker(device), on_token)
+        new_tokens = len(stream(token_ids, tokenizer))
     seconds = time.perf_counter() - start
     print(f"\n{len(prompt_ids)} prompt + {new_tokens} new tokens in {seconds:.1f} s ({new_tokens / seconds:.2f} tokens/s)", file=sys.stderr)
     print(f"peak memory {support.peak_memory_gib(device):.2f} GiB", file=sys.stderr)
