@@ -117,13 +117,13 @@ def decode_step(model, token_id, pos, device):
 def generate(model, prompt_ids, max_new_tokens, stop_tokens, device):
     logits = prefill(model, prompt_ids, device)
     for step in range(max_new_tokens):
-        if step > 0:
-            logits = decode_step(model, token_id, len(prompt_ids) + step - 1, device)
         support.check_finite(logits, model.norm.weight.dtype)
         token_id = int(logits.argmax())
         if token_id in stop_tokens:
             return
         yield token_id
+        if step + 1 < max_new_tokens:  # no forward pass for a token that would not be used
+            logits = decode_step(model, token_id, len(prompt_ids) + step, device)
 
 
 def stream(token_ids, tokenizer):

@@ -399,7 +399,8 @@ def describe_model(model, args):
     tensors = {p.data_ptr(): p for p in model.parameters()}  # tied weights are one tensor: count it once
     gib = {}  # per dtype: int8 weights and the bfloat16 rest, when quantised
     for tensor in tensors.values():
-        gib[str(tensor.dtype)[6:]] = gib.get(str(tensor.dtype)[6:], 0) + tensor.nbytes / 2**30
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        gib[dtype] = gib.get(dtype, 0) + tensor.nbytes / 2**30
     attention = model.layers[0].attention
     cache_bytes = 2 * len(model.layers) * attention.cache_k.numel() * attention.cache_k.element_size()
     print(
@@ -496,8 +497,6 @@ def generate(model, prompt_ids, max_new_tokens, stop_tokens, device, pick=pick_g
     """Greedy (or sampled, with another `pick`) decoding with the KV cache; yields the id of each new token."""
     logits = prefill(model, prompt_ids, device)
     for step in range(max_new_tokens):
-        if step > 0:
-            logits = decode_step(model, [token_id], len(prompt_ids) + step - 1, device)[0]
         support.check_finite(logits, model.norm.weight.dtype)  # NaN or inf: stop, never print garbage
         token_id = pick(logits)
         if on_token:
@@ -505,6 +504,8 @@ def generate(model, prompt_ids, max_new_tokens, stop_tokens, device, pick=pick_g
         if token_id in stop_tokens:
             return
         yield token_id
+        if step + 1 < max_new_tokens:  # no forward pass for a token that would not be used
+            logits = decode_step(model, [token_id], len(prompt_ids) + step, device)[0]  # it sits at this position
 
 
 # ---------------------------------------------------------------------------------------------------------
