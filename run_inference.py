@@ -231,6 +231,8 @@ def load_model(model_dir, device, dtype, max_seq_len, max_batch_size, quantize="
     model.load_state_dict(weights, assign=True)  # the parameters are now the memory-mapped tensors
     if quantize == "int8":
         quantize_linear_layers(model)  # before moving anything: from the mapped file, layer by layer
+    elif packs_weights(device, dtype, max_batch_size):
+        pack_linear_layers(model, dtype, max_batch_size)  # CPU, several sequences per step: see below
     model.to(device=device, dtype=dtype)  # floating-point tensors only: int8 weights stay int8
     for layer in model.layers:
         attention = layer.attention
@@ -246,6 +248,28 @@ def load_model(model_dir, device, dtype, max_seq_len, max_batch_size, quantize="
     # times the output layer's arithmetic on scores nobody reads.
     model.output.register_forward_pre_hook(lambda output_layer, inputs: (inputs[0][:, -1:],))
     return model
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Storing the linear layers' weights differently. The two sections below (8-bit weights, and weights packed
+# for oneDNN) keep llama-models' and fairscale's layers but change what their weight tensor holds, and so
+# how a layer multiplies by it: linear_forward is a fairscale linear layer's forward with another product.
+# Both convert the largest weight (the output layer, 128256 x 2048 for 1B) first, while nothing else is
+# converted yet, so that its temporary memory does not add to everything else's.
+# ---------------------------------------------------------------------------------------------------------
+def linear_layers(model):
+    """Every fairscale linear layer in the model, the largest first."""
+    layers = [m for m in model.modules() if isinstance(m, (ColumnParallelLinear, RowParallelLinear))]
+    return sorted(layers, key=lambda layer: -layer.weight.numel())
+
+
+def linear_forward(layer, product, x):
+    """A fairscale linear layer's forward, with product(layer, x) instead of F.linear(x, layer.weight), then
+    the same collective (fairscale's copy_to_model_parallel_region, on the way in, only acts in backward passes)."""
+    out = product(layer, x)
+    if isinstance(layer, RowParallelLinear):
+        return reduce_from_model_parallel_region(out)  # sum the processes' partial products
+    return gather_from_model_parallel_region(out) if layer.gather_output else out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -320,24 +344,18 @@ def int8_matmul(x, weight, scales):
     return out.view(*x.shape[:-1], -1)  # (..., out)
 
 
-def int8_forward(layer, x):
-    """A fairscale linear layer's forward with int8 weights: the product above, then the same collective
-    (fairscale's copy_to_model_parallel_region, on the way in, only acts in backward passes)."""
-    out = int8_matmul(x, layer.weight, layer.scales)
-    if isinstance(layer, RowParallelLinear):
-        return reduce_from_model_parallel_region(out)  # sum the processes' partial products
-    return gather_from_model_parallel_region(out) if layer.gather_output else out
+def int8_product(layer, x):
+    return int8_matmul(x, layer.weight, layer.scales)
 
 
 def quantize_linear_layers(model):
-    """Every linear layer's weight becomes int8 + per-row scales; its forward becomes int8_forward."""
-    layers = [m for m in model.modules() if isinstance(m, (ColumnParallelLinear, RowParallelLinear))]
-    for layer in sorted(layers, key=lambda m: -m.weight.numel()):  # the largest (output) first
+    """Every linear layer's weight becomes int8 + per-row scales; its product becomes int8_product."""
+    for layer in linear_layers(model):
         bf16_weight = layer.weight
         int8_weight, scales = quantize_int8(bf16_weight.detach())
         layer.weight = torch.nn.Parameter(int8_weight, requires_grad=False)
         layer.register_buffer("scales", scales)  # a buffer: model.to(dtype) converts it with the rest
-        layer.forward = partial(int8_forward, layer)
+        layer.forward = partial(linear_forward, layer, int8_product)
         if layer is model.layers[0].attention.wq:
             show_quantization_error(bf16_weight, int8_weight, scales)
 
@@ -349,6 +367,53 @@ def show_quantization_error(weight, int8_weight, scales):
     approx = int8_matmul(x, int8_weight, scales.to(torch.bfloat16)).float()
     error = ((approx - exact).norm(dim=1) / exact.norm(dim=1)).mean()
     print(f"int8: layer 0's wq output differs from bfloat16 by {error:.2%} on average (relative)", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Speed-up (CPU, several sequences per step, i.e. beam search): weights packed for oneDNN.
+# With k beams, every decode step multiplies each weight matrix by k rows at once. On x86 CPUs PyTorch
+# hands bfloat16 products to the oneDNN library, whose kernels read the weight in a blocked layout of
+# their own (in bfloat16: tiles of 64 output channels x 32 inputs, each pair of neighbouring inputs side
+# by side, which is what the CPU's bfloat16 dot-product instruction consumes). Given the plain (out, in)
+# weight, the kernel rearranges it block by block inside every call, and on a few rows the rearranging
+# takes longer than the multiplying. pack_linear_layers rearranges each weight once, at load time
+# (torch.ops.mkldnn._reorder_linear_weight, the op torch.compile's CPU weight-freezing uses), and each
+# layer then calls oneDNN's linear on the packed weight. The same holds in float32, where PyTorch's
+# default path for a few rows is slower still. Measured on a 2-core AVX-512 CPU, all the 1B model's
+# linear layers, 5 rows: bfloat16 about 130 ms plain against 60 ms packed (8 against 37 GB/s in
+# float32); a whole beam-5 decode step 170 ms against 105 ms. `rows` tells oneDNN how many rows to
+# expect, and so which layout to choose.
+#
+# Greedy decoding and sampling (one row per step) keep the plain weights: for a single row PyTorch's own
+# matrix-vector kernel reads them faster still (see matrix_vector_kernels), and plain weights stay
+# memory-mapped, with nothing to copy at load time. A packed weight is a copy in ordinary memory; as in
+# the 8-bit conversion, release_pages then lets go of the plain weight's pages, so the model is resident
+# once. (Llama 3.2's tied output layer gets its own packed copy; the embedding table stays mapped, and a
+# lookup reads only the rows of the tokens it looks up.)
+# ---------------------------------------------------------------------------------------------------------
+def packs_weights(device, dtype, rows):
+    """Whether load_model packs the weights: several rows per step, on an x86 CPU (where oneDNN's fast
+    kernels are), in float32, or in bfloat16 where oneDNN has bfloat16 kernels (AVX-512 CPUs)."""
+    if device.type != "cpu" or rows == 1 or not torch.backends.mkldnn.is_available():
+        return False
+    x86 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+    if dtype == torch.bfloat16:
+        return x86 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return x86 and dtype == torch.float32
+
+
+def pack_linear_layers(model, dtype, rows):
+    """Every linear layer's weight becomes a oneDNN-packed copy in `dtype`; its product becomes onednn_product."""
+    for layer in linear_layers(model):
+        plain = layer.weight.detach()
+        packed = torch.ops.mkldnn._reorder_linear_weight(plain.to(dtype), rows)  # an opaque "mkldnn" tensor
+        layer.weight = torch.nn.Parameter(packed, requires_grad=False)
+        release_pages(plain)
+        layer.forward = partial(linear_forward, layer, onednn_product)
+
+
+def onednn_product(layer, x):
+    return torch.ops.mkldnn._linear_pointwise(x, layer.weight, None, "none", [], "")  # no bias, nothing fused
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -396,7 +461,8 @@ def grouped_attention(attention, x, start_pos, freqs_cis, mask):
 
 def describe_model(model, args):
     """Print what is in memory: the weights, the KV cache, and the RoPE scale factor in use."""
-    tensors = {p.data_ptr(): p for p in model.parameters()}  # tied weights are one tensor: count it once
+    # Tied weights are one tensor: count it once. (Packed weights have no data pointer; none is shared.)
+    tensors = {id(p) if p.is_mkldnn else p.data_ptr(): p for p in model.parameters()}
     gib = {}  # per dtype: int8 weights and the bfloat16 rest, when quantised
     for tensor in tensors.values():
         dtype = str(tensor.dtype).removeprefix("torch.")
@@ -449,10 +515,11 @@ def decode_step(model, token_ids, pos, device):
 # Speed-up (CPU, one sequence): a decode step multiplies every weight matrix by a single vector. PyTorch
 # sends bfloat16 matrix products on CPUs with AVX-512 to the oneDNN library, whose kernels are built for
 # many rows at once; for one row, PyTorch's own matrix-vector code streams the weights faster. Measured
-# here (2-core AVX-512 machine, all 1B weights, one row): 141 ms through oneDNN, 100 ms without it. For
-# several rows (a prompt chunk, or beam search's k beams) oneDNN is much faster (152 ms for 5 rows against
-# 345 ms), so it is switched off only around single-row steps. Other CPUs may differ: measure with
-# benchmarks/bench_decode.py.
+# here (2-core AVX-512 machine, all 1B weights, one row): about 130 ms through oneDNN (80 ms with packed
+# weights, see pack_linear_layers), 75 ms without it. For several rows (a prompt chunk, or beam search's
+# k beams) PyTorch's own code is far slower (320 ms for 5 rows, against 60 ms through oneDNN with packed
+# weights), so oneDNN is switched off only around single-row steps. Other CPUs may differ: measure with
+# benchmarks/bench_kernels.py.
 @contextmanager
 def matrix_vector_kernels(enabled):
     use_onednn = torch.backends.mkldnn.enabled

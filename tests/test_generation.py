@@ -69,6 +69,27 @@ def test_num_return_sequences_prints_best_first_separated_by_a_blank_line(models
     assert result.stdout == "\n\n".join(tokenizer.decode(ids) for _, ids in finished[:2])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_weights_give_the_plain_weights_beams(dtype, models_dir, tokenizer, prompt_ids, distributed, monkeypatch):
+    """On x86 CPUs load_model packs the weights for oneDNN when several sequences run per step; beam search must
+    find exactly what it finds with the plain weights."""
+    if not run_inference.packs_weights(CPU, dtype, 4):
+        pytest.skip(f"this CPU has no oneDNN {dtype} kernels to pack for: beam search uses the plain weights")
+    new_tokens, k = 16, 4
+
+    def beams():
+        model = run_inference.load_model(models_dir / "Tiny", CPU, dtype, len(prompt_ids) + new_tokens, k)
+        finished = run_inference.beam_search(model, prompt_ids, new_tokens, tokenizer.stop_tokens, CPU, k, 1.0)
+        return model.output.weight.is_mkldnn, [ids for _, ids in finished], [score for score, _ in finished]
+
+    packed, packed_ids, packed_scores = beams()
+    monkeypatch.setattr(run_inference, "packs_weights", lambda device, dtype, rows: False)
+    plain, plain_ids, plain_scores = beams()
+    assert packed and not plain
+    assert packed_ids == plain_ids
+    assert packed_scores == pytest.approx(plain_scores, abs=1e-4 if dtype == torch.float32 else 2e-2)
+
+
 def sampled(models_dir, **settings):
     result = run_script("run_inference.py", models_dir, "Tiny", INPUT_STRING=PROMPT, DTYPE="float32",
                         MAX_NEW_TOKENS=16, TOP_P=1.0, **settings)
