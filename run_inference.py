@@ -62,7 +62,7 @@ NUM_RETURN_SEQUENCES = 1  # beam search: print this many of the best finished be
 TEMPERATURE = 0.0  # > 0: sample instead (Meta's own scripts use 0.6); 0: off
 TOP_P = 0.9  # sampling: draw only from the most likely tokens that together hold this much probability
 SEED = 0  # sampling: the same seed gives the same text
-QUANTIZE = ""  # "int8": 8-bit linear weights (half the memory, faster decoding on CPUs); "": as stored
+QUANTIZE = ""  # "int8": 8-bit linear weights (half the memory; speed: see the int8 section); "": as stored
 SHOW_TOKENS = 1  # 1: one line per generated token on stderr (its id, probability and the runners-up); 0: off
 
 # RoPE scaling constants of Llama 3.1+, explained at rope_rotations() below. Meta's published configs
@@ -278,7 +278,13 @@ def linear_forward(layer, product, x):
 # Decoding one token reads every weight once, so on a CPU (and a laptop GPU) the time per token is
 # mostly the time to stream the weights from memory. Storing the linear layers' weights in 8 bits instead
 # of 16 halves both the memory (Llama 3.1 8B: 16 GB -> 8 GB, so it fits a 16 GB laptop) and the bytes
-# read per token.
+# read per token. Whether it also halves the time depends on the int8 kernel keeping pace with memory:
+# it must convert every weight back to a 16-bit number before multiplying. On this project's 2-core
+# AVX-512 test machine it does not: torch._weight_int8pack_mm streams about 18 GB/s of int8 weights,
+# while PyTorch's bfloat16 matrix-vector kernel streams 31 GB/s of bfloat16 ones, so a step is only a
+# little faster in int8 there. The kernel is limited by arithmetic, not memory (it went from 9 to 18 GB/s
+# between 1 and 2 threads), so CPUs with more cores get closer to the 2x. Measure yours with
+# benchmarks/bench_kernels.py.
 #
 # Per-channel symmetric quantisation: each output channel (row) w of a weight matrix gets its own scale
 #   scale = max(|w|) / 127,   w_int8 = round(w / scale)  in [-127, 127],   w is approximately w_int8 * scale
@@ -299,7 +305,10 @@ def linear_forward(layer, product, x):
 # of rows; once done, release_pages tells the operating system that this process no longer needs the
 # weight's pages, so they leave its resident memory (they stay in the file cache, and could be read
 # again if something did). So the full bfloat16 model is never resident: peak memory is the int8 model
-# plus a block.
+# plus a block. One more leak to plug: the conversion's float32 temporaries are freed, but glibc's malloc
+# keeps freed memory for reuse, in a separate pool for each thread that allocated it, and does not always
+# find it again; on the 1B shapes that kept 0 to 0.5 GB in the process, varying from run to run.
+# trim_heap hands such memory back after each layer (the 1B load then peaks at 1.42 GiB, every run).
 # ---------------------------------------------------------------------------------------------------------
 QUANTIZE_BLOCK_ROWS = 4096  # rows converted at a time
 # The int8 kernel is built for a few rows (decoding). For a 256-token prompt chunk, converting the
@@ -314,25 +323,40 @@ def quantize_int8(weight):
     scales = torch.empty(weight.shape[0])
     quantized = torch.empty(weight.shape, dtype=torch.int8)
     for start in range(0, weight.shape[0], QUANTIZE_BLOCK_ROWS):
-        rows = weight[start : start + QUANTIZE_BLOCK_ROWS].float()  # (block, in)
+        block = weight[start : start + QUANTIZE_BLOCK_ROWS]
+        rows = block.to(torch.float32, copy=True)  # (block, in); a copy even if float32: divided in place below
         block_scales = rows.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / INT8_MAX
-        quantized[start : start + QUANTIZE_BLOCK_ROWS] = torch.round(rows / block_scales[:, None]).to(torch.int8)
+        quantized[start : start + QUANTIZE_BLOCK_ROWS] = rows.div_(block_scales[:, None]).round_()  # whole numbers: exact in int8
         scales[start : start + QUANTIZE_BLOCK_ROWS] = block_scales
-        release_pages(weight[start : start + QUANTIZE_BLOCK_ROWS])
+        release_pages(block)
     return quantized, scales
+
+
+def c_library():
+    """The C library's functions (madvise, malloc_trim), or None where it cannot be opened this way (Windows)."""
+    try:
+        return ctypes.CDLL(None)
+    except (OSError, TypeError):
+        return None
 
 
 def release_pages(tensor):
     """madvise(MADV_DONTNEED): the memory-mapped pages wholly inside `tensor` leave this process's memory.
     Reading them again would fetch them from the file; nothing does. No-op where libc is not at hand."""
-    try:
-        libc = ctypes.CDLL(None)
-    except OSError:
+    libc = c_library()
+    if libc is None:
         return
     start = -(-tensor.data_ptr() // mmap.PAGESIZE) * mmap.PAGESIZE  # first whole page
     end = (tensor.data_ptr() + tensor.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
     if end > start:
         libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED)
+
+
+def trim_heap():
+    """glibc's malloc_trim(0): freed memory that malloc kept for reuse goes back to the operating system."""
+    libc = c_library()
+    if libc is not None and hasattr(libc, "malloc_trim"):  # glibc (Linux); elsewhere nothing to do
+        libc.malloc_trim(0)
 
 
 def int8_matmul(x, weight, scales):
@@ -359,6 +383,7 @@ def quantize_linear_layers(model):
         layer.forward = partial(linear_forward, layer, int8_product)
         if layer is model.layers[0].attention.wq:
             show_quantization_error(bf16_weight, int8_weight, scales)
+        trim_heap()  # the float32 temporaries of this layer's conversion: see the memory note above
 
 
 def show_quantization_error(weight, int8_weight, scales):
