@@ -397,18 +397,18 @@ def show_quantization_error(weight, int8_weight, scales):
 
 # ---------------------------------------------------------------------------------------------------------
 # Speed-up (CPU, several sequences per step, i.e. beam search): weights packed for oneDNN.
-# With k beams, every decode step multiplies each weight matrix by k rows at once. On x86 CPUs PyTorch
-# hands bfloat16 products to the oneDNN library, whose kernels read the weight in a blocked layout of
-# their own (in bfloat16: tiles of 64 output channels x 32 inputs, each pair of neighbouring inputs side
-# by side, which is what the CPU's bfloat16 dot-product instruction consumes). Given the plain (out, in)
+# With k beams, every decode step multiplies each weight matrix by k rows at once. On CPUs with
+# AVX-512, PyTorch hands bfloat16 products to the oneDNN library, whose kernels read the weight in a
+# blocked layout of their own (in bfloat16: tiles of 64 output channels x 32 inputs, each pair of
+# neighbouring inputs side by side, which is what the CPU's bfloat16 dot-product instruction consumes). Given the plain (out, in)
 # weight, the kernel rearranges it block by block inside every call, and on a few rows the rearranging
 # takes longer than the multiplying. pack_linear_layers rearranges each weight once, at load time
 # (torch.ops.mkldnn._reorder_linear_weight, the op torch.compile's CPU weight-freezing uses), and each
 # layer then calls oneDNN's linear on the packed weight. The same holds in float32, where PyTorch's
 # default path for a few rows is slower still. Measured on a 2-core AVX-512 CPU, all the 1B model's
 # linear layers, 5 rows: bfloat16 about 130 ms plain against 60 ms packed (8 against 37 GB/s in
-# float32); a whole beam-5 decode step 170 ms against 105 ms. `rows` tells oneDNN how many rows to
-# expect, and so which layout to choose.
+# float32); a whole beam-5 decode step 170 ms against 105 ms (85 ms with the attention below, about a
+# greedy step's time). `rows` tells oneDNN how many rows to expect, and so which layout to choose.
 #
 # Greedy decoding and sampling (one row per step) keep the plain weights: for a single row PyTorch's own
 # matrix-vector kernel reads them faster still (see matrix_vector_kernels), and plain weights stay
