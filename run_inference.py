@@ -280,11 +280,11 @@ def linear_forward(layer, product, x):
 # of 16 halves both the memory (Llama 3.1 8B: 16 GB -> 8 GB, so it fits a 16 GB laptop) and the bytes
 # read per token. Whether it also halves the time depends on the int8 kernel keeping pace with memory:
 # it must convert every weight back to a 16-bit number before multiplying. On this project's 2-core
-# AVX-512 test machine it does not: torch._weight_int8pack_mm streams about 18 GB/s of int8 weights,
-# while PyTorch's bfloat16 matrix-vector kernel streams 31 GB/s of bfloat16 ones, so a step is only a
-# little faster in int8 there. The kernel is limited by arithmetic, not memory (it went from 9 to 18 GB/s
-# between 1 and 2 threads), so CPUs with more cores get closer to the 2x. Measure yours with
-# benchmarks/bench_kernels.py.
+# AVX-512 test machine it does not: torch._weight_int8pack_mm streams 17-18 GB/s of int8 weights,
+# while PyTorch's bfloat16 matrix-vector kernel streams 27-34 GB/s of bfloat16 ones, so a step is only a
+# little faster in int8 there. The kernel is limited by arithmetic, not memory (10 GB/s on one thread,
+# 17-18 on two), so CPUs with more cores get closer to the 2x. Measure yours with
+# benchmarks/bench_kernels.py (--threads 1 for one core).
 #
 # Per-channel symmetric quantisation: each output channel (row) w of a weight matrix gets its own scale
 #   scale = max(|w|) / 127,   w_int8 = round(w / scale)  in [-127, 127],   w is approximately w_int8 * scale
@@ -405,10 +405,11 @@ def show_quantization_error(weight, int8_weight, scales):
 # takes longer than the multiplying. pack_linear_layers rearranges each weight once, at load time
 # (torch.ops.mkldnn._reorder_linear_weight, the op torch.compile's CPU weight-freezing uses), and each
 # layer then calls oneDNN's linear on the packed weight. The same holds in float32, where PyTorch's
-# default path for a few rows is slower still. Measured on a 2-core AVX-512 CPU, all the 1B model's
-# linear layers, 5 rows: bfloat16 about 130 ms plain against 60 ms packed (8 against 37 GB/s in
-# float32); a whole beam-5 decode step 170 ms against 105 ms (85 ms with the attention below, about a
-# greedy step's time). `rows` tells oneDNN how many rows to expect, and so which layout to choose.
+# default path for a few rows is slower still. Measured with benchmarks/bench_kernels.py on a 2-core
+# AVX-512 CPU, all the 1B model's linear layers, 5 rows: bfloat16 136-175 ms plain against 69-86 ms
+# packed; float32 746 against 180 ms. In benchmarks/bench_decode.py, beam-5 decoding went from 2.0x
+# greedy's time to 1.2x (with the attention below). `rows` tells oneDNN how many rows to expect, and so
+# which layout to choose.
 #
 # Greedy decoding and sampling (one row per step) keep the plain weights: for a single row PyTorch's own
 # matrix-vector kernel reads them faster still (see matrix_vector_kernels), and plain weights stay
@@ -545,11 +546,11 @@ def decode_step(model, token_ids, pos, device):
 # Speed-up (CPU, one sequence): a decode step multiplies every weight matrix by a single vector. PyTorch
 # sends bfloat16 matrix products on CPUs with AVX-512 to the oneDNN library, whose kernels are built for
 # many rows at once; for one row, PyTorch's own matrix-vector code streams the weights faster. Measured
-# here (2-core AVX-512 machine, all 1B weights, one row): about 130 ms through oneDNN (80 ms with packed
-# weights, see pack_linear_layers), 75 ms without it. For several rows (a prompt chunk, or beam search's
-# k beams) PyTorch's own code is far slower (320 ms for 5 rows, against 60 ms through oneDNN with packed
-# weights), so oneDNN is switched off only around single-row steps. Other CPUs may differ: measure with
-# benchmarks/bench_kernels.py.
+# with benchmarks/bench_kernels.py (2-core AVX-512 machine, all 1B weights, one row): 138-167 ms through
+# oneDNN (84-104 ms with packed weights, see pack_linear_layers), 73-93 ms without it. For several rows
+# (a prompt chunk, or beam search's k beams) PyTorch's own code is far slower (338-370 ms for 5 rows,
+# against 69-86 ms through oneDNN with packed weights), so oneDNN is switched off only around
+# single-row steps. Other CPUs may differ: measure yours the same way.
 @contextmanager
 def matrix_vector_kernels(enabled):
     use_onednn = torch.backends.mkldnn.enabled

@@ -4,6 +4,8 @@ Run it from the repository root:
 
     python benchmarks/bench_kernels.py                    # 1, 5 and 256 rows; the fastest of 3 passes counts
     python benchmarks/bench_kernels.py --rows 1,2,4,8 --passes 5
+    python benchmarks/bench_kernels.py --dtype float32 --rows 1,5     # float32 weights (5 GB for 1B)
+    python benchmarks/bench_kernels.py --threads 1 --rows 1           # one core
 
 run_inference.py picks a kernel for each case (matrix_vector_kernels for one row, pack_linear_layers for beam
 search's several rows, int8_matmul for 8-bit weights) from measurements on one 2-core AVX-512 CPU; this
@@ -29,22 +31,22 @@ import run_inference  # noqa: E402  (after bench_decode, which makes it importab
 PASSES = 3
 ROWS = "1,5,256"
 PACKED_FOR = 5  # packed weights are laid out for this many rows, as for a beam search with BEAM_WIDTH = 5
-DTYPE = torch.bfloat16
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}  # the model's (and the inputs') dtype
 CPU = torch.device("cpu")
 
 # name: (load_model's max_batch_size, its quantize argument, oneDNN enabled)
 KERNELS = {
-    "bf16, plain weights, oneDNN (PyTorch's default)": (1, "", True),
-    "bf16, plain weights, PyTorch's own kernel": (1, "", False),
-    f"bf16, weights packed for oneDNN ({PACKED_FOR} rows)": (PACKED_FOR, "", True),
+    "plain weights, oneDNN (PyTorch's default)": (1, "", True),
+    "plain weights, PyTorch's own kernel": (1, "", False),
+    f"weights packed for oneDNN ({PACKED_FOR} rows)": (PACKED_FOR, "", True),
     "int8 weights (int8_matmul)": (1, "int8", True),
 }
 
 
-def time_passes(layers, rows, passes):
+def time_passes(layers, rows, passes, dtype):
     """The fastest of `passes` passes, each calling every layer once on `rows` random rows, in seconds.
     The input is (rows, 1, in): `rows` sequences of one token each, the shape of a decode step."""
-    inputs = {layer.weight.shape[1]: torch.randn(rows, 1, layer.weight.shape[1], dtype=DTYPE) for layer in layers}
+    inputs = {layer.weight.shape[1]: torch.randn(rows, 1, layer.weight.shape[1], dtype=dtype) for layer in layers}
     best = float("inf")
     for _ in range(passes + 1):  # the first pass warms up (oneDNN builds its kernels) and is not counted
         start = time.perf_counter()
@@ -54,27 +56,24 @@ def time_passes(layers, rows, passes):
     return best
 
 
-def measure(model_dir, batch, quantize, onednn, rows_list, passes):
-    """{rows: seconds} for one kernel, or None where load_model would not use it on this CPU."""
-    if batch > 1 and not run_inference.packs_weights(CPU, DTYPE, batch):
+def measure(model_dir, dtype, batch, quantize, onednn, rows_list, passes):
+    """(the weights' bytes, {rows: seconds}) for one kernel, or None where load_model would not use it here."""
+    if batch > 1 and not run_inference.packs_weights(CPU, dtype, batch):
         return None
     with redirect_stdout(sys.stderr):
-        model = run_inference.load_model(model_dir, CPU, DTYPE, 8, batch, quantize)
+        model = run_inference.load_model(model_dir, CPU, dtype, 8, batch, quantize)
     layers = run_inference.linear_layers(model)
     weight_bytes = sum(layer.weight.nbytes for layer in layers)
-    use_onednn = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = use_onednn and onednn
-    try:
-        with torch.inference_mode():
-            return weight_bytes, {rows: time_passes(layers, rows, passes) for rows in rows_list}
-    finally:
-        torch.backends.mkldnn.enabled = use_onednn
+    with torch.inference_mode(), run_inference.matrix_vector_kernels(enabled=not onednn):  # switches oneDNN off
+        return weight_bytes, {rows: time_passes(layers, rows, passes, dtype) for rows in rows_list}
 
 
 def main():
     parser = argparse.ArgumentParser(description="Time the 1B model's linear layers per kernel and row count.")
     parser.add_argument("--rows", default=ROWS, help="comma-separated row counts (default %(default)s)")
     parser.add_argument("--passes", type=int, default=PASSES, help="timed passes; the fastest counts (default %(default)s)")
+    parser.add_argument("--dtype", default="bfloat16", choices=list(DTYPES), help="default %(default)s")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     parser.add_argument("--checkpoint-dir", default=CHECKPOINT_DIR, type=Path,
                         help="where the random checkpoint is cached (default %(default)s)")
     args = parser.parse_args()
@@ -82,19 +81,21 @@ def main():
         rows_list = [int(rows) for rows in args.rows.split(",")]
     except ValueError:
         parser.error(f"--rows {args.rows!r}: give whole numbers separated by commas, e.g. 1,5,256")
-    if min(rows_list) < 1 or args.passes < 1:
-        parser.error("--rows and --passes must be at least 1")
+    if min(rows_list) < 1 or args.passes < 1 or args.threads < 0:
+        parser.error("--rows and --passes must be at least 1, --threads at least 0")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model_dir = args.checkpoint_dir / CHECKPOINT_NAME
     ensure_checkpoint(model_dir)
     run_inference.init_distributed(CPU)
 
-    print(f"Linear layers of the 1B model, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+    print(f"Linear layers of the 1B model in {args.dtype}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"CPU capability {torch.backends.cpu.get_cpu_capability()}; ms per pass (GB/s of weights)\n")
     print("| kernel | " + " | ".join(f"{rows} row{'s' * (rows > 1)}" for rows in rows_list) + " |")
     print("|---|" + "---|" * len(rows_list))
     for name, (batch, quantize, onednn) in KERNELS.items():
         print(f"{name} ...", file=sys.stderr)
-        result = measure(model_dir, batch, quantize, onednn, rows_list, args.passes)
+        result = measure(model_dir, DTYPES[args.dtype], batch, quantize, onednn, rows_list, args.passes)
         if result is None:
             cells = ["not used on this CPU"] * len(rows_list)
         else:
