@@ -66,6 +66,11 @@ def init_distributed(device):
         fs_init.initialize_model_parallel(dist.get_world_size())  # model-parallel size = processes
 
 
+def close_distributed():  # stop the groups' threads before Python exits, or now and then one aborts the process
+    fs_init.destroy_model_parallel()  # fairscale's references to its groups
+    dist.destroy_process_group()
+
+
 def rope_scale_factor(args):
     return ROPE_SCALE_FACTOR_3_2_SMALL if (args.dim, args.n_layers) in LLAMA_3_2_SMALL_SHAPES else ROPE_SCALE_FACTOR
 
@@ -162,6 +167,7 @@ def main():
     seconds = time.perf_counter() - start
     print(f"\n{len(prompt_ids)} prompt + {len(token_ids)} new tokens in {seconds:.1f} s ({len(token_ids) / seconds:.2f} tokens/s)", file=sys.stderr)
     print(f"peak memory {support.peak_memory_gib(device):.2f} GiB", file=sys.stderr)
+    close_distributed()
 
 
 if __name__ == "__main__":

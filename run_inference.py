@@ -149,6 +149,19 @@ def init_distributed(device):
         fs_init.initialize_model_parallel(dist.get_world_size())  # model-parallel size = processes
 
 
+# Each process group runs its collectives on background threads (gloo: two workers and a network loop per
+# group; fairscale makes three groups besides the default one), and they must stop before Python shuts
+# down. A worker lets go of a finished all_gather's tensors a moment after the main thread has moved on; if
+# that moment falls inside the interpreter's shutdown, freeing a tensor needs the Python lock, Python ends
+# the thread instead, and C++ aborts the process ("terminate called without an active exception") after
+# everything was printed. One process never gets there (fairscale skips collectives for a group of one);
+# under torchrun, about 1 run in 40 did here. destroy_process_group alone is not enough: fairscale keeps its
+# own references to its groups, and a group's threads are joined only when its last reference goes.
+def close_distributed():
+    fs_init.destroy_model_parallel()  # fairscale's references to its groups
+    dist.destroy_process_group()  # torch's; the groups are freed now, and their threads joined
+
+
 # ---------------------------------------------------------------------------------------------------------
 # RoPE: how the model knows where each token is.
 # Attention compares queries and keys with dot products, which by themselves ignore order. Rotary
@@ -790,6 +803,7 @@ def main():
     seconds = time.perf_counter() - start
     print(f"\n{len(prompt_ids)} prompt + {new_tokens} new tokens in {seconds:.1f} s ({new_tokens / seconds:.2f} tokens/s)", file=sys.stderr)
     print(f"peak memory {support.peak_memory_gib(device):.2f} GiB", file=sys.stderr)
+    close_distributed()
 
 
 if __name__ == "__main__":

@@ -286,6 +286,8 @@ def run_configuration(args):
     model_dir = args.checkpoint_dir / CHECKPOINT_NAME  # written by the parent
     with redirect_stdout(sys.stderr):  # fairscale, llama-models and transformers print
         result = function(args, device, model_dir, **extra)
+    if torch.distributed.is_initialized():  # the project's configurations joined a one-process group
+        run_inference.close_distributed()
     result.update(peak_memory_bytes=peak_memory_bytes(device), peak_rss_bytes=peak_memory_bytes(torch.device("cpu")),
                   threads=torch.get_num_threads())
     print(json.dumps(result), file=sys.__stdout__, flush=True)

@@ -102,6 +102,7 @@ def main():
             weight_bytes, seconds = result
             cells = [f"{1000 * s:.1f} ({weight_bytes / s / 1e9:.1f})" for s in seconds.values()]
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+    run_inference.close_distributed()
 
 
 if __name__ == "__main__":

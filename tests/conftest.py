@@ -62,6 +62,8 @@ def distributed():
     """The one-process torch.distributed group and fairscale model parallelism the model's layers need."""
     if not dist.is_initialized():
         minimal_run_inference.init_distributed(CPU)
+    yield
+    minimal_run_inference.close_distributed()
 
 
 @pytest.fixture(params=[minimal_run_inference, run_inference], ids=["minimal", "tutorial"])
