@@ -293,10 +293,10 @@ def linear_forward(layer, product, x):
 # of 16 halves both the memory (Llama 3.1 8B: 16 GB -> 8 GB, so it fits a 16 GB laptop) and the bytes
 # read per token. Whether it also halves the time depends on the int8 kernel keeping pace with memory:
 # it must convert every weight back to a 16-bit number before multiplying. On this project's 2-core
-# AVX-512 test machine it does not: torch._weight_int8pack_mm streams 17-18 GB/s of int8 weights,
-# while PyTorch's bfloat16 matrix-vector kernel streams 27-34 GB/s of bfloat16 ones, so a step is only a
+# AVX-512 test machine it does not: torch._weight_int8pack_mm streams 17-19 GB/s of int8 weights,
+# while PyTorch's bfloat16 matrix-vector kernel streams 26-34 GB/s of bfloat16 ones, so a step is only a
 # little faster in int8 there. The kernel is limited by arithmetic, not memory (10 GB/s on one thread,
-# 17-18 on two), so CPUs with more cores get closer to the 2x. Measure yours with
+# 17-19 on two), so CPUs with more cores get closer to the 2x. Measure yours with
 # benchmarks/bench_kernels.py (--threads 1 for one core).
 #
 # Per-channel symmetric quantisation: each output channel (row) w of a weight matrix gets its own scale
@@ -324,9 +324,12 @@ def linear_forward(layer, product, x):
 # trim_heap hands such memory back after each layer (the 1B load then peaks at 1.42 GiB, every run).
 # ---------------------------------------------------------------------------------------------------------
 QUANTIZE_BLOCK_ROWS = 4096  # rows converted at a time
-# The int8 kernel is built for a few rows (decoding). For a 256-token prompt chunk, converting the
-# weight back to 16 bits and using the ordinary matrix-matrix product is faster (8192 x 2048 weight on a
-# 2-core CPU: 1 row 0.44 ms int8 against 13 ms converted; 64 rows 14 against 20 ms; 256 rows 62 against 38).
+# The int8 kernel is built for a few rows (decoding): its time grows with every row. Converting a weight to
+# a temporary 16-bit copy costs about the same for any number of rows, and the ordinary matrix product
+# then handles many rows cheaply. All the 1B model's linear layers on the 2-core test CPU
+# (benchmarks/bench_kernels.py --rows 1,32,64,256, its int8 lines, over several runs): 1 row 64-66 ms with
+# the kernel against 0.33-0.96 s through copies (the copies' time varies most); 32 rows 0.62-0.69 s against
+# 0.92-1.10 s; 64 rows about even (1.15-1.32 s against 0.70-1.27 s); 256 rows 4.5-4.8 s against 1.8-2.5 s.
 INT8_KERNEL_MAX_ROWS = 64
 INT8_MAX = 127  # symmetric: -127 .. 127
 
@@ -419,7 +422,7 @@ def show_quantization_error(weight, int8_weight, scales):
 # (torch.ops.mkldnn._reorder_linear_weight, the op torch.compile's CPU weight-freezing uses), and each
 # layer then calls oneDNN's linear on the packed weight. The same holds in float32, where PyTorch's
 # default path for a few rows is slower still. Measured with benchmarks/bench_kernels.py on a 2-core
-# AVX-512 CPU, all the 1B model's linear layers, 5 rows: bfloat16 136-175 ms plain against 69-86 ms
+# AVX-512 CPU, all the 1B model's linear layers, 5 rows: bfloat16 135-175 ms plain against 67-86 ms
 # packed; float32 746 against 180 ms. In benchmarks/bench_decode.py, beam-5 decoding went from 2.0x
 # greedy's time to 1.2x (with the attention below). `rows` tells oneDNN how many rows to expect, and so
 # which layout to choose.
@@ -461,16 +464,18 @@ def onednn_product(layer, x):
 # Llama 3 has fewer key-value heads than query heads: in the 1B model, 32 query heads share 8 key-value
 # heads, 4 each (n_rep = 4). llama-models' Attention.forward first copies the cached keys and values 4
 # times (repeat_kv) so that every query head has its own, then transposes them for the matrix products,
-# more copies, growing with the context. At a 500-token context that costs about 2.9 ms per layer per
-# token on a 2-core CPU, a fifth of a whole decode step. grouped_attention below is Attention.forward with
-# the same projections, RoPE (llama-models' own apply_rotary_emb) and mask, but it groups the query heads
-# by the key-value head they share and multiplies each group by its keys and values where they lie in the
-# cache: 0.3 ms. For that, its cache keeps each head's positions together, (batch, kv_heads, seq, head_dim)
-# (llama-models' is (batch, seq, kv_heads, head_dim)): the keys and values of one head are then one block
-# of memory, which the matrix products read as they are. In llama-models' layout they are scattered, and
-# with beam search's 5 sequences gathering them took 2.5 ms per layer at a 512-token context, against 0.5.
-# (PyTorch's fused scaled_dot_product_attention also avoids the copies, but took 1.5 ms for a single query
-# here.) Written out, it is also the clearest statement of what attention does:
+# more copies, growing with the context. grouped_attention below is Attention.forward with the same
+# projections, RoPE (llama-models' own apply_rotary_emb) and mask, but it groups the query heads by the
+# key-value head they share and multiplies each group by its keys and values where they lie in the cache.
+# For that, its cache keeps each head's positions together, (batch, kv_heads, seq, head_dim) (llama-models'
+# is (batch, seq, kv_heads, head_dim)): the keys and values of one head are then one block of memory, which
+# the matrix products read as they are; in llama-models' layout they are scattered. One layer's attention
+# with 512 tokens cached, projections excluded, on the 2-core test CPU (benchmarks/bench_kernels.py, its
+# attention table, five runs): llama-models' 2.6-3.4 ms, grouped_attention 0.24-0.31 ms; for beam
+# search's 5 sequences, 12.2-12.9 ms against 0.6-1.0 ms. With 16 layers, llama-models' version adds 35-50
+# ms to every 1B decode step, which otherwise takes about 95 ms. Written out, it is also the clearest statement
+# of what attention does (PyTorch's fused scaled_dot_product_attention can skip the copies too, but hides
+# these steps):
 #   scores  = queries @ keys^T / sqrt(head_dim)    how well each query matches each cached position
 #   weights = softmax(scores + mask)               mask: -inf where a position lies in the future
 #   output  = weights @ values                     a weighted mix of the cached values
@@ -559,10 +564,10 @@ def decode_step(model, token_ids, pos, device):
 # Speed-up (CPU, one sequence): a decode step multiplies every weight matrix by a single vector. PyTorch
 # sends bfloat16 matrix products on CPUs with AVX-512 to the oneDNN library, whose kernels are built for
 # many rows at once; for one row, PyTorch's own matrix-vector code streams the weights faster. Measured
-# with benchmarks/bench_kernels.py (2-core AVX-512 machine, all 1B weights, one row): 138-167 ms through
-# oneDNN (84-104 ms with packed weights, see pack_linear_layers), 73-93 ms without it. For several rows
-# (a prompt chunk, or beam search's k beams) PyTorch's own code is far slower (338-370 ms for 5 rows,
-# against 69-86 ms through oneDNN with packed weights), so oneDNN is switched off only around
+# with benchmarks/bench_kernels.py (2-core AVX-512 machine, all 1B weights, one row): 134-167 ms through
+# oneDNN (76-104 ms with packed weights, see pack_linear_layers), 73-96 ms without it. For several rows
+# (a prompt chunk, or beam search's k beams) PyTorch's own code is far slower (336-370 ms for 5 rows,
+# against 67-86 ms through oneDNN with packed weights), so oneDNN is switched off only around
 # single-row steps. Other CPUs may differ: measure yours the same way.
 @contextmanager
 def matrix_vector_kernels(enabled):
