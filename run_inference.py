@@ -155,7 +155,7 @@ def init_distributed(device):
 # that moment falls inside the interpreter's shutdown, freeing a tensor needs the Python lock, Python ends
 # the thread instead, and C++ aborts the process ("terminate called without an active exception") after
 # everything was printed. One process never gets there (fairscale skips collectives for a group of one);
-# under torchrun, about 1 run in 40 did here. destroy_process_group alone is not enough: fairscale keeps its
+# under torchrun, 3 runs in 95 did here. destroy_process_group alone is not enough: fairscale keeps its
 # own references to its groups, and a group's threads are joined only when its last reference goes.
 def close_distributed():
     fs_init.destroy_model_parallel()  # fairscale's references to its groups
@@ -229,9 +229,10 @@ def rope_rotations(args, scale_factor):
 # cache_k and cache_v, one row per sequence in the batch. llama-models allocates them when the model is
 # built (on meta here), so we create them ourselves, sized to this job, and in the layout our attention
 # reads fastest: (max_batch_size, n_kv_heads, max_seq_len, head_dim), each head's positions one after the
-# other (llama-models' own is (max_batch_size, max_seq_len, n_kv_heads, head_dim); see grouped_attention). ModelArgs' defaults (32 sequences x 2048 tokens) would take
-# 16 layers x 2 x 32 x 2048 x 8 x 64 x 4 bytes = 4.3 GB in float32 for the 1B model, more than its
-# weights: the original version of this project did exactly that, which explains its memory use.
+# other (llama-models' own is (max_batch_size, max_seq_len, n_kv_heads, head_dim); see grouped_attention).
+# ModelArgs' defaults (32 sequences x 2048 tokens) would take 16 layers x 2 x 32 x 2048 x 8 x 64 x 4 bytes
+# = 4.3 GB in float32 for the 1B model, more than its weights: the original version of this project did
+# exactly that, which explains its memory use.
 # ---------------------------------------------------------------------------------------------------------
 def load_model(model_dir, device, dtype, max_seq_len, max_batch_size, quantize=""):
     params = support.read_params(model_dir)  # params.json, checked: a text-only Llama 3.x model
@@ -413,12 +414,12 @@ def show_quantization_error(weight, int8_weight, scales):
 
 # ---------------------------------------------------------------------------------------------------------
 # Speed-up (CPU, several sequences per step, i.e. beam search): weights packed for oneDNN.
-# With k beams, every decode step multiplies each weight matrix by k rows at once. On CPUs with
-# AVX-512, PyTorch hands bfloat16 products to the oneDNN library, whose kernels read the weight in a
-# blocked layout of their own (in bfloat16: tiles of 64 output channels x 32 inputs, each pair of
-# neighbouring inputs side by side, which is what the CPU's bfloat16 dot-product instruction consumes). Given the plain (out, in)
-# weight, the kernel rearranges it block by block inside every call, and on a few rows the rearranging
-# takes longer than the multiplying. pack_linear_layers rearranges each weight once, at load time
+# With k beams, every decode step multiplies each weight matrix by k rows at once. On CPUs with AVX-512,
+# PyTorch hands bfloat16 products to the oneDNN library, whose kernels read the weight in a blocked layout
+# of their own (in bfloat16: tiles of 64 output channels x 32 inputs, each pair of neighbouring inputs
+# side by side, which is what the CPU's bfloat16 dot-product instruction consumes). Given the plain
+# (out, in) weight, the kernel rearranges it block by block inside every call, and on a few rows the
+# rearranging takes longer than the multiplying. pack_linear_layers rearranges each weight once, at load time
 # (torch.ops.mkldnn._reorder_linear_weight, the op torch.compile's CPU weight-freezing uses), and each
 # layer then calls oneDNN's linear on the packed weight. The same holds in float32, where PyTorch's
 # default path for a few rows is slower still. Measured with benchmarks/bench_kernels.py on a 2-core
@@ -472,10 +473,10 @@ def onednn_product(layer, x):
 # the matrix products read as they are; in llama-models' layout they are scattered. One layer's attention
 # with 512 tokens cached, projections excluded, on the 2-core test CPU (benchmarks/bench_kernels.py, its
 # attention table, five runs): llama-models' 2.6-3.4 ms, grouped_attention 0.24-0.31 ms; for beam
-# search's 5 sequences, 12.2-12.9 ms against 0.6-1.0 ms. With 16 layers, llama-models' version adds 35-50
-# ms to every 1B decode step, which otherwise takes about 95 ms. Written out, it is also the clearest statement
-# of what attention does (PyTorch's fused scaled_dot_product_attention can skip the copies too, but hides
-# these steps):
+# search's 5 sequences, 12.2-12.9 ms against 0.6-1.0 ms. With 16 layers, llama-models' version adds
+# 35-50 ms to every 1B decode step, which otherwise takes about 95 ms. Written out, it is also the clearest
+# statement of what attention does (PyTorch's fused scaled_dot_product_attention can skip the copies too,
+# but hides these steps):
 #   scores  = queries @ keys^T / sqrt(head_dim)    how well each query matches each cached position
 #   weights = softmax(scores + mask)               mask: -inf where a position lies in the future
 #   output  = weights @ values                     a weighted mix of the cached values

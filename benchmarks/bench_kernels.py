@@ -116,15 +116,12 @@ def time_attention(script, model_dir, dtype, rows, contexts):
     def projections():
         return attention.wo(attention.wq(x)), attention.wk(x), attention.wv(x)
 
-    seconds = {}
     # As each script runs a decode step: run_inference.py switches oneDNN off for one row (decode_step).
     switch = script is run_inference and rows == 1
     with torch.inference_mode(), run_inference.matrix_vector_kernels(enabled=switch):
-        for context in contexts:
-            freqs_cis = model.freqs_cis[context : context + 1]
-            whole = fastest_call(lambda: attention(x, context, freqs_cis, None))
-            seconds[context] = whole - fastest_call(projections)
-    return seconds
+        projections_s = fastest_call(projections)
+        return {context: fastest_call(lambda: attention(x, context, model.freqs_cis[context : context + 1], None))
+                - projections_s for context in contexts}
 
 
 def main():
