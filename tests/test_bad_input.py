@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import CPU, REPO, SCRIPTS, run_script
+from conftest import CPU, REPO, SCRIPTS, clean_environment, load, run_script
 from random_checkpoint import TINY, write_checkpoint
 
 GIB = 2**30
@@ -149,7 +149,7 @@ def test_checkpoint_larger_than_memory_is_refused_before_loading(script_name, br
 def test_unusual_prompts_work_and_print_exactly_the_decoded_ids(script, models_dir, tokenizer, distributed, text):
     """The ids come from the same script's own functions in this process (bfloat16, as the run)."""
     prompt_ids = script.encode_prompt(tokenizer, text, "", instruct=False)
-    model = script.load_model(models_dir / "Tiny", CPU, torch.bfloat16, len(prompt_ids) + 8, 1)
+    model = load(script, models_dir / "Tiny", len(prompt_ids) + 8, torch.bfloat16)
     expected = list(script.generate(model, prompt_ids, 8, tokenizer.stop_tokens, CPU))
     result = run_script(f"{script.__name__}.py", models_dir, "Tiny", INPUT_STRING=text, MAX_NEW_TOKENS=8,
                         SHOW_TOKENS=0)
@@ -168,8 +168,8 @@ def test_same_inputs_give_byte_identical_output_and_the_checkpoint_is_untouched(
 
 
 def test_ctrl_c_stops_cleanly_and_keeps_the_text(script_name, models_dir):
-    env = {**os.environ, "LLAMA_MODELS_DIR": str(models_dir), "MODEL_NAME": "Tiny", "DEVICE": "cpu",
-           "MAX_NEW_TOKENS": "100000", "SHOW_TOKENS": "0"}
+    env = clean_environment(LLAMA_MODELS_DIR=models_dir, MODEL_NAME="Tiny", DEVICE="cpu", MAX_NEW_TOKENS=100000,
+                            SHOW_TOKENS=0)
     process = subprocess.Popen([sys.executable, str(REPO / script_name)], env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     first = process.stdout.read(1)  # generation has started

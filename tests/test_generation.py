@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 import minimal_run_inference
 import run_inference
-from conftest import CPU, greedy_without_cache, run_script
+import speedups
+from conftest import CPU, greedy_without_cache, load as load_script, run_script
 
 PROMPT = "The capital of France is"
 
@@ -16,8 +17,8 @@ def prompt_ids(tokenizer):
     return run_inference.encode_prompt(tokenizer, PROMPT, "", instruct=False)
 
 
-def load(models_dir, prompt_ids, max_new_tokens, batch, module=run_inference):
-    return module.load_model(models_dir / "Tiny", CPU, torch.float32, len(prompt_ids) + max_new_tokens, batch)
+def load(models_dir, prompt_ids, max_new_tokens, batch, module=run_inference, **options):
+    return load_script(module, models_dir / "Tiny", len(prompt_ids) + max_new_tokens, batch=batch, **options)
 
 
 def test_beam_width_1_is_greedy(models_dir, tokenizer, prompt_ids, distributed):
@@ -39,7 +40,7 @@ def test_beam_score_is_the_sum_of_token_log_probs(length_penalty, models_dir, to
                                          tokenizer.stop_tokens, CPU, beam_width=k, length_penalty=length_penalty)
     assert len(finished) == k
     assert [score for score, _ in finished] == sorted((score for score, _ in finished), reverse=True)
-    reference = load(models_dir, prompt_ids, new_tokens, batch=1, module=minimal_run_inference)  # all positions
+    reference = load(models_dir, prompt_ids, new_tokens, 1, minimal_run_inference, use_speedups=False)  # all positions
     for score, token_ids in finished:
         logits = reference(torch.tensor([prompt_ids + token_ids]), start_pos=0)[0]  # (len, vocab)
         log_probs = F.log_softmax(logits[len(prompt_ids) - 1:-1], dim=-1)
@@ -54,7 +55,7 @@ def test_beam_search_finds_a_more_probable_text_than_greedy(models_dir, tokenize
     greedy = list(run_inference.generate(model, prompt_ids, new_tokens, tokenizer.stop_tokens, CPU))
     [(best, _), *_] = run_inference.beam_search(model, prompt_ids, new_tokens, tokenizer.stop_tokens, CPU,
                                                 beam_width=4, length_penalty=0.0)
-    logits = load(models_dir, prompt_ids, new_tokens, 1, minimal_run_inference)(torch.tensor([prompt_ids + greedy]), 0)[0]
+    logits = load(models_dir, prompt_ids, new_tokens, 1, minimal_run_inference, use_speedups=False)(torch.tensor([prompt_ids + greedy]), 0)[0]
     greedy_total = F.log_softmax(logits[len(prompt_ids) - 1:-1], -1).gather(1, torch.tensor(greedy)[:, None]).sum()
     assert best >= greedy_total.item() - 1e-4
 
@@ -73,17 +74,17 @@ def test_num_return_sequences_prints_best_first_separated_by_a_blank_line(models
 def test_packed_weights_give_the_plain_weights_beams(dtype, models_dir, tokenizer, prompt_ids, distributed, monkeypatch):
     """On x86 CPUs load_model packs the weights for oneDNN when several sequences run per step; beam search must
     find exactly what it finds with the plain weights."""
-    if not run_inference.packs_weights(CPU, dtype, 4):
+    if not speedups.packs_weights(CPU, dtype, 4):
         pytest.skip(f"this CPU has no oneDNN {dtype} kernels to pack for: beam search uses the plain weights")
     new_tokens, k = 16, 4
 
     def beams():
-        model = run_inference.load_model(models_dir / "Tiny", CPU, dtype, len(prompt_ids) + new_tokens, k)
+        model = load_script(run_inference, models_dir / "Tiny", len(prompt_ids) + new_tokens, dtype, k)
         finished = run_inference.beam_search(model, prompt_ids, new_tokens, tokenizer.stop_tokens, CPU, k, 1.0)
-        return model.output.weight.is_mkldnn, [ids for _, ids in finished], [score for score, _ in finished]
+        return model.output.layer.weight.is_mkldnn, [ids for _, ids in finished], [score for score, _ in finished]
 
     packed, packed_ids, packed_scores = beams()
-    monkeypatch.setattr(run_inference, "packs_weights", lambda device, dtype, rows: False)
+    monkeypatch.setattr(speedups, "packs_weights", lambda device, dtype, rows: False)
     plain, plain_ids, plain_scores = beams()
     assert packed and not plain
     assert packed_ids == plain_ids

@@ -15,7 +15,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 import minimal_run_inference
 import run_inference
-from conftest import CPU, run_script
+from conftest import CPU, load, run_script
 from hf_reference import llama_config, transformers_llama
 from random_checkpoint import LLAMA_3_2_1B, TINY, write_checkpoint
 
@@ -157,7 +157,7 @@ def stop_prone_hf(stop_prone_dir):
 # ---------------------------------------------------------------------------------------------------------
 def test_prompt_logits_match_transformers(script, distributed, models_dir, tiny_hf, tokenizer):
     ids = random_prompt(tokenizer, 96, seed=1)
-    model = script.load_model(models_dir / "Tiny", CPU, torch.float32, len(ids), max_batch_size=1)
+    model = load(script, models_dir / "Tiny", len(ids))
     positions, ours = logits_by_position(model, ids, cuts=[])
     assert positions[-1] == len(ids) - 1
     assert max_diff(ours, transformers_logits(tiny_hf, ids)[positions]) < FP32_TOLERANCE
@@ -166,7 +166,7 @@ def test_prompt_logits_match_transformers(script, distributed, models_dir, tiny_
 def test_logits_through_the_kv_cache_match_transformers(script, distributed, models_dir, tiny_hf, tokenizer):
     """The prompt in two chunks (the second at start_pos 40), then four single tokens, as decoding feeds them."""
     ids = random_prompt(tokenizer, 96, seed=2)
-    model = script.load_model(models_dir / "Tiny", CPU, torch.float32, len(ids), max_batch_size=1)
+    model = load(script, models_dir / "Tiny", len(ids))
     positions, ours = logits_by_position(model, ids, cuts=[40, 92, 93, 94, 95])
     assert {39, 91, 92, 93, 94, 95} <= set(positions)
     assert max_diff(ours, transformers_logits(tiny_hf, ids)[positions]) < FP32_TOLERANCE
@@ -183,7 +183,7 @@ def test_greedy_matches_transformers_generate(script, stop_prone, distributed, m
     expected, hf_new_ids = transformers_greedy(hf_model, prompt_ids, NEW_TOKENS, tokenizer.stop_tokens)
     if stop_prone:  # the case is only worth its name if transformers did stop early on a stop token
         assert len(hf_new_ids) < NEW_TOKENS and hf_new_ids[-1] in tokenizer.stop_tokens
-    model = script.load_model(model_dir, CPU, torch.float32, len(prompt_ids) + NEW_TOKENS, max_batch_size=1)
+    model = load(script, model_dir, len(prompt_ids) + NEW_TOKENS)
     ours = list(script.generate(model, prompt_ids, NEW_TOKENS, tokenizer.stop_tokens, CPU))
     assert ours == expected
 
@@ -252,7 +252,7 @@ def test_llama_3_1_style_model_matches_factor_8_and_not_32(script, distributed, 
     """The tiny model (not a 3.2 1B / 3B shape) end to end, at positions up to 1023: half the prompt at once,
     the rest but four tokens as a second chunk, then four single tokens."""
     ids = random_prompt(tokenizer, 1024, seed=3)
-    model = script.load_model(models_dir / "Tiny", CPU, torch.float32, len(ids), max_batch_size=1)
+    model = load(script, models_dir / "Tiny", len(ids))
     positions, ours = logits_by_position(model, ids, cuts=[512, 1020, 1021, 1022, 1023])
     right = max_diff(ours, transformers_logits(transformers_llama(models_dir / "Tiny", rope_factor=8), ids)[positions])
     wrong = max_diff(ours, transformers_logits(transformers_llama(models_dir / "Tiny", rope_factor=32), ids)[positions])
@@ -267,7 +267,7 @@ def test_llama_3_2_1b_matches_factor_32_and_not_8(distributed, llama_1b_dir, tok
     float32 rounding grows with the logits' size, so the tolerance is 1e-6 of the largest logit if that is larger."""
     model_dir = llama_1b_dir / "Llama3.2-1B"
     ids = random_prompt(tokenizer, 256, seed=4)
-    model = minimal_run_inference.load_model(model_dir, CPU, torch.float32, len(ids), max_batch_size=1)
+    model = load(minimal_run_inference, model_dir, len(ids), use_speedups=False)
     positions, ours = logits_by_position(model, ids, cuts=[])
     assert positions == list(range(len(ids)))
     del model  # 5 GB in float32; so is each transformers model below: one at a time
@@ -297,7 +297,7 @@ def compare_beam_search(model_dir, hf_model, tokenizer, beam_width, length_penal
     """Run both; assert the same k hypotheses (best first), scores and step count. Returns ours and the steps."""
     stop_tokens = tokenizer.stop_tokens
     prompt_ids = run_inference.encode_prompt(tokenizer, PROMPT_TEXT, "", instruct=False)
-    model = run_inference.load_model(model_dir, CPU, torch.float32, len(prompt_ids) + BEAM_NEW_TOKENS, beam_width)
+    model = load(run_inference, model_dir, len(prompt_ids) + BEAM_NEW_TOKENS, batch=beam_width)
     steps = []
     model.register_forward_pre_hook(lambda *_: steps.append(1))  # one forward call per step
     ours = run_inference.beam_search(model, prompt_ids, BEAM_NEW_TOKENS, stop_tokens, CPU, beam_width, length_penalty)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import minimal_run_inference
-from conftest import CPU, SCRIPTS, greedy_without_cache, run_script
+from conftest import CPU, SCRIPTS, greedy_without_cache, load, run_script
 from random_checkpoint import TINY, write_checkpoint
 
 NEW_TOKENS = 24
@@ -13,8 +13,7 @@ NEW_TOKENS = 24
 def reference_ids(models_dir, model_name, tokenizer, text, max_new_tokens):
     """What greedy decoding must produce: recomputed from scratch at every step, no KV cache, float32."""
     prompt_ids = minimal_run_inference.encode_prompt(tokenizer, text, "", instruct="Instruct" in model_name)
-    model = minimal_run_inference.load_model(models_dir / model_name, CPU, torch.float32,
-                                             len(prompt_ids) + max_new_tokens, max_batch_size=1)
+    model = load(minimal_run_inference, models_dir / model_name, len(prompt_ids) + max_new_tokens, use_speedups=False)
     return greedy_without_cache(model, prompt_ids, max_new_tokens, tokenizer.stop_tokens)
 
 
@@ -35,7 +34,7 @@ def test_bfloat16_default_prints_what_the_same_functions_compute(script, models_
     """In bfloat16 the two scripts may round differently (run_inference.py computes attention in float32),
     so each is compared with its own functions run in this process."""
     prompt_ids = script.encode_prompt(tokenizer, "The capital of France is", "", instruct=False)
-    model = script.load_model(models_dir / "Tiny", CPU, torch.bfloat16, len(prompt_ids) + 16, 1)
+    model = load(script, models_dir / "Tiny", len(prompt_ids) + 16, torch.bfloat16)
     expected = list(script.generate(model, prompt_ids, 16, tokenizer.stop_tokens, CPU))
     result = run_script(f"{script.__name__}.py", models_dir, "Tiny", MAX_NEW_TOKENS=16)
     assert result.returncode == 0, result.stderr
@@ -84,7 +83,7 @@ def test_stream_prints_characters_split_across_tokens_whole(script, tokenizer, c
     token_ids = tokenizer.encode(text, bos=False, eos=False)
     pieces = [tokenizer.model.decode_single_token_bytes(t) for t in token_ids]
     assert any(_not_utf8(piece) for piece in pieces)  # the case under test really occurs
-    assert script.stream(iter(token_ids), tokenizer) == token_ids
+    assert list(script.stream(iter(token_ids), tokenizer)) == token_ids
     assert capsys.readouterr().out == text
 
 

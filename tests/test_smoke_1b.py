@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import minimal_run_inference
-from conftest import CPU, SCRIPTS, run_script
+from conftest import CPU, SCRIPTS, load, run_script
 
 REAL_DIR = Path(os.environ.get("LLAMA_MODELS_DIR", minimal_run_inference.LLAMA_MODELS_DIR)).expanduser()
 GIB = 2**30
@@ -30,8 +30,8 @@ def test_real_llama_3_2_1b_knows_the_capital_of_france(script_name, model_name, 
 def test_random_1b_shaped_checkpoint_runs_in_both_scripts(script, llama_1b_dir, tokenizer, distributed):
     """Each script's stdout is what its own functions compute in this process (bfloat16, as the run)."""
     prompt_ids = script.encode_prompt(tokenizer, "The capital of France is", "", instruct=False)
-    model = script.load_model(llama_1b_dir / "Llama3.2-1B", CPU, torch.bfloat16, len(prompt_ids) + 8, 1)
-    assert model.output.weight.data_ptr() == model.tok_embeddings.weight.data_ptr()  # tied: stored once
+    model = load(script, llama_1b_dir / "Llama3.2-1B", len(prompt_ids) + 8, torch.bfloat16)
+    assert model.output.layer.weight.data_ptr() == model.tok_embeddings.weight.data_ptr()  # tied: stored once
     expected = list(script.generate(model, prompt_ids, 8, tokenizer.stop_tokens, CPU))
     del model
 
