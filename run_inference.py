@@ -242,6 +242,7 @@ def load_model(model_dir, params, device, dtype, max_seq_len, max_batch_size, us
 # speedups.PackedLinear rearranges each weight once, at load time (when the CPU has oneDNN's bfloat16
 # or float32 kernels), and lets the plain weight's file pages go, so the model is resident once.
 # Many rows (a prompt chunk): plenty of arithmetic per weight read; oneDNN's default path does well.
+# `python benchmarks/bench_kernels.py --rows 1,5,256` shows all three cases side by side.
 #
 # 8-bit and 4-bit weights (QUANTIZE). Fewer bytes per weight means less to stream per token, and less
 # memory (Llama 3.1 8B: 16 GB in bfloat16, about 8 in int8 and 5 in int4, so it fits a 16 GB laptop).
@@ -253,7 +254,7 @@ def load_model(model_dir, params, device, dtype, max_seq_len, max_batch_size, us
 #   int4, speedups.Int4Linear: each run of 32 weights in a row gets a scale and an offset,
 #     scale = (max - min) / 15,   q = round((w - min) / scale) in [0, 15],   w ~ q * scale + min,
 #     two weights per byte, multiplied by PyTorch's CPU int4 kernel (torch._weight_int4pack_mm_for_cpu).
-#     Its error per weight is 16 times int8's step, relative to a much smaller range.
+#     16 levels per group instead of 255 per row: a coarser step, over the range of only 32 weights.
 # Only the weights are quantised: activations (the hidden vectors) keep the model's dtype, so attention
 # and the norms compute as before and no calibration data is needed. The weights' relative error,
 # |w - approximation| / |w|, is printed at load (describe_model); it is also each layer's relative output
@@ -267,6 +268,7 @@ def load_model(model_dir, params, device, dtype, max_seq_len, max_batch_size, us
 # pages (Linux; macOS keeps them resident, so there the int8 and int4 memory savings appear only in the
 # GPU's memory), so the full bfloat16 model is never resident. And glibc's malloc keeps freed
 # temporaries in per-thread pools it does not always reuse; trim_heap hands them back after each layer.
+# `python benchmarks/bench_decode.py --only tutorial,tutorial-int8,tutorial-int4` measures the peak memory.
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -290,7 +292,8 @@ def load_model(model_dir, params, device, dtype, max_seq_len, max_batch_size, us
 #     out[h]  = weights @ cache_v[g, 0..pos]              (1, 64)       a weighted mix of the cached values
 #   x = x + wo(out.view(1, 1, 2048))          (1, 1, 2048)   the residual connection
 #   h = ffn_norm(x)                           (1, 1, 2048)
-#   x = x + w2(silu(w1(h)) * w3(h))           (1, 1, 8192) -> (1, 1, 2048)   SwiGLU feed-forward
+#   x = x + w2(silu(w1(h)) * w3(h))           (1, 1, 8192) -> (1, 1, 2048)   SwiGLU: silu(a) = a * sigmoid(a)
+#                                                            gates w3's 8192 features, w2 mixes them back
 #
 # llama-models' Attention writes the scores step for all heads at once: it first copies each key-value
 # head's cached keys and values 4 times (repeat_kv), so that every query head has its own, then
@@ -339,7 +342,8 @@ def describe_model(model, args):
 # Generation only reads the last position's logits. speedups.LastPositionLogits applies the output layer
 # to the last position alone, (batch, 1, vocab): the output layer is the largest matrix (vocab x dim),
 # and a 256-token prompt chunk would otherwise produce a (256, 128256) float32 tensor (131 MB) and spend
-# 256 times its arithmetic on scores nobody reads.
+# 256 times its arithmetic on scores nobody reads. (The peak memory of a long prompt shows it:
+# `python benchmarks/bench_decode.py --only minimal,minimal-speedups-off --depths 0,4096`.)
 #
 # Prefill runs the prompt through the model in chunks of PREFILL_CHUNK tokens: one pass over the weights
 # serves all the tokens of a chunk. (One chunk for the whole prompt would be fastest, but attention
@@ -669,7 +673,7 @@ def main():
     start = time.perf_counter()
     model = load_model(model_dir, params, device, dtype, max_seq_len, BEAM_WIDTH, SPEEDUPS, QUANTIZE)
     describe_model(model, model.params)
-    threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
+    threads = f", {torch.get_num_threads()} thread{'s' * (torch.get_num_threads() > 1)}" if device.type == "cpu" else ""
     print(f"loaded {MODEL_NAME} on {device}{threads} in {dtype} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
 
     start = time.perf_counter()

@@ -32,6 +32,7 @@ INT8_MAX = 127  # symmetric 8-bit: -127 .. 127, one scale per output row
 # The int8 kernel's time grows with every row; above this many rows a temporary 16-bit copy of the weight
 # and the ordinary matrix product are faster. Measure: benchmarks/bench_kernels.py --rows 1,32,64,256
 INT8_KERNEL_MAX_ROWS = 64
+ERROR_SAMPLE = 8  # the quantisation error is measured on every 8th row: enough for two significant digits
 INT4_GROUP = 32  # 4-bit: one scale and one offset per 32 consecutive weights of a row
 INT4_LEVELS = 15  # 0 .. 15
 INT4_MIDPOINT = 8  # PyTorch's int4 kernel computes (q - 8) * scale + zero
@@ -236,19 +237,20 @@ class Int8Linear(FastLinear):
 def quantize_int8(weight):
     """(int8 weight, one float32 scale per row, relative error) such that weight ~= int8 * scale[:, None],
     converted a block of rows at a time, each block's file pages let go once done. The relative error
-    |weight - int8 * scale| / |weight| (Frobenius norms) is also the layer's expected relative output error
-    for inputs with independent entries."""
+    |weight - int8 * scale| / |weight| (Frobenius norms, measured on every ERROR_SAMPLE-th row) is also the
+    layer's expected relative output error for inputs with independent entries."""
     scales = torch.empty(weight.shape[0])
     quantized = torch.empty(weight.shape, dtype=torch.int8)
     error = ErrorSum()
     for start in range(0, weight.shape[0], QUANTIZE_BLOCK_ROWS):
         block = weight[start : start + QUANTIZE_BLOCK_ROWS]
         rows = block.to(torch.float32, copy=True)  # a copy even if float32: changed in place below
-        block_scales = rows.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / INT8_MAX
-        codes = (rows / block_scales[:, None]).round_()  # whole numbers in -127 .. 127: exact in int8
+        low, high = torch.aminmax(rows, dim=1)
+        block_scales = torch.maximum(-low, high).clamp_(min=torch.finfo(torch.float32).tiny) / INT8_MAX
+        codes = rows.div_(block_scales[:, None]).round_()  # whole numbers in -127 .. 127: exact in int8
         quantized[start : start + QUANTIZE_BLOCK_ROWS] = codes
         scales[start : start + QUANTIZE_BLOCK_ROWS] = block_scales
-        error.add(rows, codes.mul_(block_scales[:, None]))
+        error.add(block[::ERROR_SAMPLE], codes[::ERROR_SAMPLE] * block_scales[::ERROR_SAMPLE, None])
         release_pages(block)
     return quantized, scales, error.relative()
 
@@ -260,8 +262,9 @@ class ErrorSum:
         self.error, self.norm = 0.0, 0.0
 
     def add(self, exact, approximation):
-        self.error += (approximation - exact).square().sum().item()
-        self.norm += exact.square().sum().item()
+        exact = exact.float()
+        self.error += torch.linalg.vector_norm(approximation - exact).item() ** 2
+        self.norm += torch.linalg.vector_norm(exact).item() ** 2
 
     def relative(self):
         return (self.error / self.norm) ** 0.5 if self.norm else 0.0
@@ -302,15 +305,16 @@ def quantize_int4(weight):
     error = ErrorSum()
     for start in range(0, out_features, QUANTIZE_BLOCK_ROWS):
         block = weight[start : start + QUANTIZE_BLOCK_ROWS]
-        groups = block.float().view(block.shape[0], -1, INT4_GROUP)  # (rows, groups, 32)
-        low, high = groups.amin(dim=2), groups.amax(dim=2)
-        scale = ((high - low) / INT4_LEVELS).clamp(min=torch.finfo(torch.float32).tiny)
-        codes = ((groups - low[..., None]) / scale[..., None]).round_().clamp_(0, INT4_LEVELS)
+        groups = block.to(torch.float32, copy=True).view(block.shape[0], -1, INT4_GROUP)  # (rows, groups, 32)
+        low, high = torch.aminmax(groups, dim=2)
+        scale = ((high - low) / INT4_LEVELS).clamp_(min=torch.finfo(torch.float32).tiny)
+        codes = groups.sub_(low[..., None]).div_(scale[..., None]).round_().clamp_(0, INT4_LEVELS)
         packed[start : start + QUANTIZE_BLOCK_ROWS] = torch._convert_weight_to_int4pack_for_cpu(
             codes.view(block.shape).to(torch.int32), 1)  # rows are packed independently
         zero = low + INT4_MIDPOINT * scale  # the kernel's offset is the value of the middle code
         scales_and_zeros[start : start + QUANTIZE_BLOCK_ROWS] = torch.stack([scale, zero], dim=2)
-        error.add(groups, codes.mul_(scale[..., None]).add_(low[..., None]))
+        sample = slice(None, None, ERROR_SAMPLE)
+        error.add(block[sample], (codes[sample] * scale[sample, :, None] + low[sample, :, None]).view(-1, in_features))
         release_pages(block)
     return packed, scales_and_zeros.transpose(0, 1).contiguous(), error.relative()  # kernel's layout: (groups, out, 2)
 

@@ -10,6 +10,7 @@ Linux CPU can check what happens on a GPU, a Mac or under torchrun.
 """
 
 import difflib
+import errno
 import json
 import math
 import os
@@ -47,7 +48,7 @@ ERROR_DETAIL_CHARS = 120  # a library's message quoted in ours is cut at a word 
 # The numeric settings of both scripts and their ranges (lowest, highest; None: unbounded), and the
 # settings that take one of a few values. A script checks the ones it has.
 RANGES = {"MAX_NEW_TOKENS": (1, None), "PREFILL_CHUNK": (1, None), "BEAM_WIDTH": (1, None),
-          "TEMPERATURE": (0.0, None), "LENGTH_PENALTY": (None, None), "CHAT_CONTEXT": (2, CONTEXT_LENGTH)}
+          "TEMPERATURE": (0.0, None), "LENGTH_PENALTY": (None, None)}
 CHOICES = {"QUANTIZE": ("", "int8", "int4"), "SPEEDUPS": (0, 1), "SHOW_TOKENS": (0, 1), "CHAT": (0, 1)}
 
 
@@ -60,22 +61,75 @@ def fail(message):
 
 def run(main):
     """Run a script's main: Ctrl-C stops cleanly (status 130), a reader that closes the pipe (| head) ends
-    generation quietly, and an unexpected error is one line."""
-    silence_other_ranks()
+    generation quietly, and an unexpected error is one line. Under torchrun only rank 0 prints; another
+    rank's error is still shown, marked with its rank."""
+    world_size, rank = processes()
     write_utf8()
+    if rank != 0:  # every process computes the same tokens: one prints them
+        sys.stdout = sys.stderr = open(os.devnull, "w")
+    elif world_size > 1:
+        sys.stdout = OutputToClosedPipe(sys.stdout)
     try:
         main()
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         sys.exit(130)
-    except BrokenPipeError:  # stdout's reader is gone: stop, as `yes | head` stops
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's final flush must not fail too
-        sys.exit(0)
+    except SystemExit as stop:  # fail(): one line, which another rank marks with its number
+        if rank != 0 and isinstance(stop.code, str):
+            exit_with(f"[rank {rank}] {stop.code}")
+        raise
     except Exception as error:
+        if isinstance(error, OSError) and closed_pipe(error):  # stdout's reader is gone: stop, as `yes | head` does
+            write_nowhere()
+            sys.exit(0)
         if os.environ.get("DEBUG") == "1":
             raise
         first_line = (str(error).splitlines() or [""])[0]
-        sys.exit(f"error: {type(error).__name__}: {first_line} (set DEBUG=1 to see where)")
+        exit_with(f"{f'[rank {rank}] ' if rank else ''}error: {type(error).__name__}: {first_line} (set DEBUG=1 to see where)")
+
+
+def exit_with(message):
+    """One line on the real stderr (another rank's sys.stderr writes nowhere), exit status 1."""
+    print(message, file=sys.__stderr__, flush=True)
+    sys.exit(1)
+
+
+def closed_pipe(error):
+    """Whether a write failed because the reader closed the pipe (Windows reports EINVAL for it)."""
+    return isinstance(error, BrokenPipeError) or (sys.platform == "win32" and error.errno == errno.EINVAL)
+
+
+def write_nowhere():
+    """Point stdout's file descriptor at the null device, so that Python's final flush does not fail too."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.__stdout__.fileno())
+
+
+class OutputToClosedPipe:
+    """Rank 0's stdout under torchrun: when the reader closes the pipe, generation goes on without output,
+    because the other processes wait for rank 0 in every layer's collectives."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        try:
+            return self.stream.write(text)
+        except OSError as error:
+            if not closed_pipe(error):
+                raise
+            write_nowhere()
+            self.stream = open(os.devnull, "w", encoding="utf-8")
+            return len(text)
+
+    def flush(self):
+        try:
+            self.stream.flush()
+        except OSError as error:
+            if not closed_pipe(error):
+                raise
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
 
 
 def write_utf8():
@@ -145,12 +199,6 @@ def processes():
     return int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
 
 
-def silence_other_ranks():
-    """Under torchrun every process computes the same tokens; only rank 0 prints them (and any error)."""
-    if processes()[1] != 0:
-        sys.stdout = sys.stderr = open(os.devnull, "w")
-
-
 def choose_device(name, cuda_count, has_mps, world_size, local_rank):
     """The device name for DEVICE=`name`, given what this machine has. "auto" prefers cuda, then mps (for
     one process only: torch.distributed has no backend for Apple GPUs), then cpu. Under torchrun "cuda"
@@ -203,19 +251,19 @@ def threads_per_process(omp_num_threads, local_processes, physical_cores):
 
 
 def physical_cores():
-    """Physical cores (hyper-threads share a core's memory bandwidth and arithmetic units)."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():  # Linux: distinct (physical id, core id) pairs
-        cores, physical = set(), "0"
-        for line in cpuinfo.read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "physical id":
-                physical = value.strip()
-            elif key.strip() == "core id":
-                cores.add((physical, value.strip()))
-        if cores:
-            return len(cores)
-    return os.cpu_count() or 1
+    """Physical cores this process may run on: hyper-threads share a core's memory bandwidth and arithmetic
+    units. Linux: the CPUs of this process's affinity (taskset, containers), one per core; elsewhere, the
+    logical CPUs (twice the cores where there are hyper-threads)."""
+    if not hasattr(os, "sched_getaffinity"):
+        return os.cpu_count() or 1
+    cores = set()
+    for cpu in os.sched_getaffinity(0):
+        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add(((topology / "physical_package_id").read_text(), (topology / "core_id").read_text()))
+        except OSError:
+            cores.add(("cpu", cpu))
+    return max(1, len(cores))
 
 
 def set_threads(device):
@@ -230,16 +278,27 @@ def init_distributed(device):
     """Join torchrun's process group, or start a group of one process; then fairscale's model parallelism
     over all of them (run_inference.py explains both). On CPUs under torchrun, each process then gets its
     share of the cores."""
-    backend = "nccl" if device.type == "cuda" else "gloo"  # gloo: CPUs (PyTorch has no backend for Apple GPUs)
+    backend = choose_backend(device.type, dist.is_nccl_available(), processes()[0])
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # this process's GPU
     if "RANK" in os.environ:  # started by torchrun: its environment says where the others are
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
         dist.init_process_group(backend)
     else:  # one process: a store in memory, no launcher, no network port
         dist.init_process_group(backend, store=one_process_store(), rank=0, world_size=1)
     with redirect_stdout(sys.stderr):  # fairscale prints; stdout is for generated text only
         fs_init.initialize_model_parallel(dist.get_world_size())  # model-parallel size = processes
     set_threads(device)
+
+
+def choose_backend(device_type, has_nccl, world_size):
+    """nccl between NVIDIA GPUs, gloo between CPUs. One process runs no collective, so a CUDA build without
+    nccl (Windows) can use gloo there; several processes on GPUs need nccl (gloo cannot all_gather them)."""
+    if device_type == "cuda" and has_nccl:
+        return "nccl"
+    if device_type == "cuda" and world_size > 1:
+        fail("this PyTorch build has no nccl backend (Windows builds have none), which torchrun on GPUs needs: "
+             "run one process per machine, or use Linux")
+    return "gloo"
 
 
 def close_distributed():
@@ -252,10 +311,12 @@ def close_distributed():
 
 def one_process_store():
     """The rendezvous store of a one-process group: a dictionary in memory (HashStore), or on Windows,
-    whose PyTorch builds have none, a temporary file."""
+    whose PyTorch builds have none, a temporary file (which the store deletes when the group is gone)."""
     if hasattr(dist, "HashStore"):
         return dist.HashStore()
-    return dist.FileStore(os.path.join(tempfile.mkdtemp(), "store"), 1)
+    descriptor, path = tempfile.mkstemp(prefix="llama-store-")
+    os.close(descriptor)
+    return dist.FileStore(path, 1)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -327,11 +388,11 @@ def load_tokenizer(model_dir, params):
 
 def check_job(model_dir, params, prompt_length, max_new_tokens, dtype, device, quantize):
     """Before loading anything: the text fits the context, the shards fit the processes, the weights fit memory."""
+    if quantize == "int4" and device.type != "cpu":
+        fail(f"QUANTIZE='int4' runs on CPUs only (PyTorch's 4-bit kernels differ per device); on {device.type} use int8")
     check_length(prompt_length, max_new_tokens, params)
     check_shards(model_dir, params)
     check_memory(model_dir, dtype, device, quantize)
-    if quantize == "int4" and device.type != "cpu":
-        fail(f"QUANTIZE='int4' runs on CPUs only (PyTorch's 4-bit kernels differ per device); on {device.type} use int8")
 
 
 def check_length(prompt_length, max_new_tokens, params):
@@ -392,7 +453,7 @@ def check_memory(model_dir, dtype, device, quantize=""):
 
 
 def host_memory_available():
-    """Memory the operating system can hand out without swapping (Linux), or the total (macOS, Windows)."""
+    """Memory the operating system can hand out without swapping (Linux, Windows), or the total (macOS)."""
     meminfo = Path("/proc/meminfo")
     if meminfo.exists():
         return int(meminfo.read_text().split("MemAvailable:")[1].split()[0]) * 1024
@@ -522,15 +583,16 @@ def memory_line(device):
 
 
 class Progress:
-    """One updating line on stderr for long work (loading, converting weights), shown only when stderr is a
-    terminal; it is cleared when the work is done."""
+    """One updating line on stderr for long work (converting weights), shown only when stderr is a
+    terminal; it is erased when the work is done."""
 
     def __init__(self, label):
-        self.label, self.start = label, time.perf_counter()
+        self.label, self.start, self.width = label, time.perf_counter(), 0
         self.shown = sys.stderr.isatty()
 
     def __call__(self, done, total):
         if not self.shown:
             return
         line = f"{self.label} {done}/{total} ({time.perf_counter() - self.start:.0f} s)" if done < total else ""
-        print(f"\r{line}\x1b[K", end="", file=sys.stderr, flush=True)  # ESC [K: erase to the end of the line
+        print(f"\r{line.ljust(self.width)}\r{line}", end="", file=sys.stderr, flush=True)  # spaces erase the last
+        self.width = len(line)

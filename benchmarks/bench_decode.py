@@ -1,27 +1,24 @@
-"""Benchmark the project's decoding against transformers, the original approach and the memory roofline.
+"""Measure decoding: both scripts (fast path on and off), beam search, 8- and 4-bit weights, transformers, the
+original approach, and llama.cpp when you have it, on a random checkpoint with Llama 3.2 1B's exact shapes.
 
-Run it from the repository root:
+    python benchmarks/bench_decode.py                                   # the default set: about 30 minutes on 2 cores
+    python benchmarks/bench_decode.py --only minimal,tutorial --depths 0 --rounds 1 --new-tokens 32
+    python benchmarks/bench_decode.py --llama-bench ~/llama.cpp/build/bin/llama-bench \\
+        --gguf /tmp/llama_cpp_peer/Llama3.2-1B-random-bf16.gguf,/tmp/llama_cpp_peer/Llama3.2-1B-random-q8_0.gguf
+    python benchmarks/bench_decode.py --depths 0,1024,2048,3072,4096 --plot benchmarks/results/decode.png
 
-    python benchmarks/bench_decode.py                                  # everything: CPU, 256 new tokens, 2 runs each
-    python benchmarks/bench_decode.py --only project-greedy,bandwidth --new-tokens 32 --repeats 1
-
-The model is a random-weight checkpoint with the exact shapes of Llama 3.2 1B in Meta's layout (bf16, tied
-output layer, the real tokenizer), written once by tests/random_checkpoint.py into --checkpoint-dir and
-reused afterwards (2.5 GB). Random weights cost exactly what real ones cost to read; they only talk nonsense.
-
-Every configuration runs in its own process (this script started again with --run NAME, printing one JSON
-line), so its peak memory is its own; each is run --repeats times and the report gives the median. The
-project's configurations call run_inference.py's own functions: what is timed is the scripts' code path.
-The report (a markdown table, targets with pass/FAIL) goes to stdout and everything measured to --json.
-A full run takes a long while on a small CPU (the original approach alone recomputes the whole text at
-every step, in float32); --only picks configurations.
+The checkpoint (bf16, tied output layer, the real tokenizer; 2.5 GB) is written once into --checkpoint-dir.
+Random weights cost exactly what real ones cost to read; they only talk nonsense. Every (configuration,
+depth) runs in a fresh process, so its peak memory is its own; the configurations take turns, round after
+round, because this machine's speed drifts, and the report gives the median of the rounds. Compare ratios
+within one run, never a number with one from another day. Depth: tokens of context before decoding
+starts (0: a 16-token prompt). Decode tokens/s: new tokens 2..N over their time, one decode step each.
 """
 
 import argparse
+import importlib
 import json
-import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -32,186 +29,76 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO), str(REPO / "tests")]  # the scripts and the tests' helpers, imported below
+sys.path[:0] = [str(REPO), str(REPO / "tests")]  # the scripts and the tests' helpers
 
-import run_inference  # noqa: E402  (needs the path above)
-from llama_models.llama3.args import ModelArgs  # noqa: E402
-from llama_models.llama3.model import Transformer  # noqa: E402
+import run_inference  # noqa: E402
+import support  # noqa: E402
 from llama_models.llama3.tokenizer import Tokenizer  # noqa: E402
 from random_checkpoint import LLAMA_3_2_1B, random_weights, write_checkpoint  # noqa: E402
 
-# ---------------------------------------------------------------------------------------------------------
-# Settings: the defaults of the command-line options (python benchmarks/bench_decode.py --help).
-# ---------------------------------------------------------------------------------------------------------
-CHECKPOINT_DIR = REPO / "benchmarks" / "checkpoints"  # git-ignored; the checkpoint goes in a subfolder
-CHECKPOINT_NAME = "Llama3.2-1B-random"  # a base model: the prompt is plain text, not the chat format
+CHECKPOINT_DIR = REPO / "benchmarks" / "checkpoints"  # git-ignored
+CHECKPOINT_NAME = "Llama3.2-1B-random"  # a base model: the prompt is plain text
 RESULTS_FILE = REPO / "benchmarks" / "results" / "latest.json"  # git-ignored
-NEW_TOKENS = 256  # new tokens per generation (exactly this many: no stop tokens)
-PROMPT_TOKENS = 256  # prompt length for every generation
-LONG_PROMPT_TOKENS = 1000  # the prefill-only configuration's prompt
-ORIGINAL_NEW_TOKENS = 8  # the original approach recomputes everything per token: keep its run short
-REPEATS = 2  # runs per configuration; the report gives the median of each number
-BEAM_WIDTH = 5
-LENGTH_PENALTY = 1.0  # run_inference.py's default
-WINDOW = 16  # per-token latency: the first and the last WINDOW decode steps are compared
-BANDWIDTH_GIB = 1.5  # size of the array read to measure memory bandwidth
-BANDWIDTH_TRIES = 5  # the best (fastest) read counts
-DTYPE = torch.bfloat16  # the checkpoint's format, for the project and transformers alike
-PROMPT_TEXT = (  # repeated and cut to the prompt length; any English text does
-    "The history of the city begins with a small fishing village on the banks of a wide river. Over the "
-    "centuries, merchants built warehouses, bridges and markets, and the village grew into a busy port that "
-    "traded grain, wool and timber with distant kingdoms. "
-)
-
-# Targets from the project's issue, checked in the report: (what, comparison, goal).
-DECODE_VS_TRANSFORMERS = 1.25  # project greedy decode tokens/s >= this x transformers greedy
-SHARE_OF_ROOFLINE = 0.80  # project greedy decode tokens/s >= this x the memory-bandwidth limit
-LAST_OVER_FIRST = 1.15  # last-16 / first-16 per-token latency <= this (the step cost stays flat)
-BEAM_OVER_GREEDY = 1.6  # beam-5 decode wall time / greedy decode wall time <= this
-MEMORY_HEADROOM_GIB = 0.6  # peak memory <= checkpoint bytes + this
-LOAD_SECONDS = 3.0  # load time with the file in the page cache <= this
-INT8_OVER_BF16 = 1.6  # int8 greedy decode tokens/s >= this x the bf16 greedy decode
-INT8_MEMORY_SHARE = 0.55  # int8 peak memory <= this x checkpoint bytes + MEMORY_HEADROOM_GIB
-
-BUSY_WARNING = 0.05  # other programs' CPU share during a run above which the report warns
-
+SHORT_PROMPT = 16  # tokens of the prompt at depth 0
+DTYPE = torch.bfloat16
+PROMPT_TEXT = ("The history of the city begins with a small fishing village on the banks of a wide river. Over "
+               "the centuries, merchants built warehouses, bridges and markets, and the village grew into a port. ")
+ACCURACY_TOKENS = 64  # the accuracy check's prompt: logits at each of its positions
+BANDWIDTH_BYTES = 2**30  # the array read by each bandwidth method
 GIB = 2**30
+# name: (what runs, its options, whether it is measured at every depth)
+CONFIGURATIONS = {
+    "minimal": ("script", dict(script="minimal_run_inference"), True),
+    "tutorial": ("script", dict(script="run_inference"), True),
+    "minimal-speedups-off": ("script", dict(script="minimal_run_inference", use_speedups=False), True),
+    "tutorial-beam5": ("script", dict(script="run_inference", beams=5), False),
+    "tutorial-int8": ("script", dict(script="run_inference", quantize="int8"), False),
+    "tutorial-int4": ("script", dict(script="run_inference", quantize="int4"), False),
+    "transformers": ("transformers", dict(beams=1), True),
+    "transformers-beam5": ("transformers", dict(beams=5), False),
+    "original-fp32-recompute": ("original", {}, False),
+    "accuracy": ("accuracy", {}, False),
+    "bandwidth": ("bandwidth", {}, False),
+}
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The checkpoint: written once, then reused.
-# ---------------------------------------------------------------------------------------------------------
-def ensure_checkpoint(model_dir):
-    """Write the random 1B checkpoint into model_dir unless a complete one is there already."""
-    params_file = model_dir / "params.json"
-    complete = (model_dir / "checklist.chk").exists()  # write_checkpoint writes it last
-    if complete and json.loads(params_file.read_text()) == LLAMA_3_2_1B:
-        return
-    print(f"writing a random Llama 3.2 1B checkpoint to {model_dir} (2.5 GB, once) ...", file=sys.stderr)
-    (model_dir / "checklist.chk").unlink(missing_ok=True)
-    write_checkpoint(model_dir, LLAMA_3_2_1B, random_weights(LLAMA_3_2_1B, tie_embeddings=True))
-
-
-def weight_files(model_dir):
-    return sorted(model_dir.glob("consolidated.*.pth"))
-
-
-def describe_checkpoint(model_dir):
-    """Its size on disk, and the bytes a decode step reads (the roofline's denominator; see the formula)."""
-    weights = {}
-    for path in weight_files(model_dir):
-        weights.update(torch.load(path, mmap=True, weights_only=True))
-    storages = {tensor.untyped_storage().data_ptr(): tensor.untyped_storage().nbytes() for tensor in weights.values()}
-    embeddings, output = weights["tok_embeddings.weight"], weights["output.weight"]
-    tied = embeddings.untyped_storage().data_ptr() == output.untyped_storage().data_ptr()
-    row_bytes = embeddings.shape[1] * embeddings.element_size()
-    unread_rows = 0 if tied else embeddings.shape[0] - 1  # a step looks up one row; tied: the output layer reads all
-    return {
-        "path": str(model_dir),
-        "file_bytes": sum(path.stat().st_size for path in weight_files(model_dir)),
-        "unique_tensor_bytes": sum(storages.values()),
-        "tied_embeddings": tied,
-        "vocab_size": embeddings.shape[0],
-        "bytes_per_token": sum(storages.values()) - unread_rows * row_bytes,
-        "bytes_per_token_formula": "unique tensor bytes in the checkpoint (every linear layer, the norms, the output "
-                                   "layer) - unread embedding rows ((vocab - 1) x dim x 2 B if untied, 0 if tied: "
-                                   "the output layer then reads the whole table); KV-cache reads not counted",
-    }
-
-
-def warm_page_cache(model_dir):
-    """Read the weight files once so that loading measures the code, not the disk. Returns seconds."""
-    start = time.perf_counter()
-    buffer = bytearray(64 * 2**20)
-    for path in weight_files(model_dir):
-        with open(path, "rb", buffering=0) as file:
-            while file.readinto(buffer):
-                pass
-    return time.perf_counter() - start
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Helpers shared by the configurations (these run in the child process).
+# What a child process runs: one configuration at one depth; it prints one JSON line.
 # ---------------------------------------------------------------------------------------------------------
 def clock(device):
-    """Seconds, after the device has finished its queued work."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
 
 
-def benchmark_prompt(model_dir, n_tokens):
-    """Exactly n_tokens prompt ids: <|begin_of_text|> and English text, built by the scripts' encode_prompt."""
+def prompt_ids(model_dir, depth):
     tokenizer = Tokenizer(model_dir / "tokenizer.model")
-    copies = n_tokens // len(tokenizer.encode(PROMPT_TEXT, bos=False, eos=False)) + 1
-    prompt_ids = run_inference.encode_prompt(tokenizer, PROMPT_TEXT * copies, "", instruct=False)
-    return prompt_ids[:n_tokens]
+    length = max(depth, SHORT_PROMPT)
+    text = PROMPT_TEXT * (length // len(tokenizer.encode(PROMPT_TEXT, bos=False, eos=False)) + 1)
+    return run_inference.encode_prompt(tokenizer, text, "", instruct=False)[:length]
 
 
-def timed(device, load):
+def run_script(args, device, model_dir, depth, script, beams=1, use_speedups=True, quantize=""):
+    """The script's own load_model and generate (or beam_search), timed token by token."""
+    module = importlib.import_module(script)
+    support.init_distributed(device)
+    ids = prompt_ids(model_dir, depth)
     start = clock(device)
-    model = load()
-    return model, clock(device) - start
-
-
-def peak_memory_bytes(device):
-    """The device's peak: CUDA's max_memory_allocated, or this process's peak resident set size.
-
-    On Linux ru_maxrss would do, but after fork + exec it keeps the parent's peak when that was higher
-    (the kernel carries the old image's high-water mark over), so /proc/self/status's VmHWM, the peak of
-    this program image alone, is read instead."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    status = Path("/proc/self/status")
-    if status.exists():
-        high_water = next(line for line in status.read_text().splitlines() if line.startswith("VmHWM:"))
-        return int(high_water.split()[1]) * 1024  # kB
-    max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return max_rss if sys.platform == "darwin" else max_rss * 1024  # bytes on macOS, KiB elsewhere
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The configurations. Each returns load_s, prompt_tokens, token_ids and marks: seconds since generation
-# started at which each new token was ready (marks[0] = 0, marks[1] = after the prefill's token, ...).
-# ---------------------------------------------------------------------------------------------------------
-def project_model(device, model_dir, prompt_tokens, new_tokens, batch_size, quantize=""):
-    """The prompt, and the model loaded by the scripts' own load_model, sized for the job, with its load time."""
-    run_inference.init_distributed(device)
-    prompt_ids = benchmark_prompt(model_dir, prompt_tokens)
-    model, load_s = timed(device, lambda: run_inference.load_model(
-        model_dir, device, DTYPE, len(prompt_ids) + new_tokens, batch_size, quantize))
-    return prompt_ids, model, load_s
-
-
-def project_greedy(args, device, model_dir, quantize=""):
-    prompt_ids, model, load_s = project_model(device, model_dir, args.prompt_tokens, args.new_tokens, 1, quantize)
-    marks = [clock(device)]
-    on_token = lambda step, token_id, logits: marks.append(clock(device))
-    token_ids = list(run_inference.generate(model, prompt_ids, args.new_tokens, set(), device, on_token=on_token))
-    return dict(load_s=load_s, prompt_tokens=len(prompt_ids), token_ids=token_ids, marks=marks)
-
-
-def project_beam(args, device, model_dir):
-    prompt_ids, model, load_s = project_model(device, model_dir, args.prompt_tokens, args.new_tokens, BEAM_WIDTH)
-    marks = [clock(device)]
-    on_step = lambda step, beams, beam_scores, finished: marks.append(clock(device))
-    finished = run_inference.beam_search(model, prompt_ids, args.new_tokens, set(), device,
-                                         BEAM_WIDTH, LENGTH_PENALTY, on_step=on_step)
-    if len(marks) == args.new_tokens:  # on_step is not called after the last step
+    model = module.load_model(model_dir, support.read_params(model_dir), device, DTYPE, len(ids) + args.new_tokens,
+                              beams, use_speedups, quantize)
+    load_s, marks = clock(device) - start, [clock(device)]
+    if beams > 1:
+        on_step = lambda *_: marks.append(clock(device))  # after each step but the last
+        run_inference.beam_search(model, ids, args.new_tokens, set(), device, beams, 1.0, on_step)
         marks.append(clock(device))
-    return dict(load_s=load_s, prompt_tokens=len(prompt_ids), token_ids=finished[0][1], marks=marks)
+    else:
+        for _ in module.generate(model, ids, args.new_tokens, set(), device):
+            marks.append(clock(device))
+    support.close_distributed()
+    return dict(load_s=load_s, prompt_tokens=len(ids), marks=marks)
 
 
-def project_prefill_long(args, device, model_dir):
-    """Prefill only, of a long prompt: its peak memory shows whether all-position logits were materialised."""
-    prompt_ids, model, load_s = project_model(device, model_dir, args.long_prompt_tokens, 0, 1)
-    marks = [clock(device)]
-    token_id = run_inference.pick_greedy(run_inference.prefill(model, prompt_ids, device))
-    marks.append(clock(device))
-    return dict(load_s=load_s, prompt_tokens=len(prompt_ids), token_ids=[token_id], marks=marks)
-
-
-def transformers_generate(args, device, model_dir, num_beams):
+def run_transformers(args, device, model_dir, depth, beams):
     """transformers' LlamaForCausalLM.generate on the same weights, dtype, prompt and number of new tokens."""
     from hf_reference import transformers_llama  # tests/hf_reference.py: Meta's layout to transformers'
     from transformers import StoppingCriteria, StoppingCriteriaList
@@ -221,393 +108,289 @@ def transformers_generate(args, device, model_dir, num_beams):
             marks.append(clock(device))
             return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
-    prompt_ids = benchmark_prompt(model_dir, args.prompt_tokens)
-    model, load_s = timed(device, lambda: transformers_llama(model_dir, dtype=DTYPE).to(device).eval())
-    input_ids = torch.tensor([prompt_ids], device=device)
-    marks = [clock(device)]
-    output = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
-                            num_beams=num_beams, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                            pad_token_id=Tokenizer(model_dir / "tokenizer.model").eos_id,
-                            stopping_criteria=StoppingCriteriaList([StepClock()]))
-    return dict(load_s=load_s, prompt_tokens=len(prompt_ids), token_ids=output[0, len(prompt_ids):].tolist(),
-                marks=marks)
+    ids = torch.tensor([prompt_ids(model_dir, depth)], device=device)
+    start = clock(device)
+    model = transformers_llama(model_dir, dtype=DTYPE).to(device)
+    load_s, marks = clock(device) - start, [clock(device)]
+    model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, num_beams=beams, pad_token_id=0,
+                   max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                   stopping_criteria=StoppingCriteriaList([StepClock()]))
+    return dict(load_s=load_s, prompt_tokens=ids.shape[1], marks=marks)
 
 
-def original_approach(args, device, model_dir):
+def run_original(args, device, model_dir, depth):
     """How the project first ran: float32, ModelArgs' default sizes (a 4.3 GB KV cache for 32 x 2048 tokens),
     a normally built model filled by a plain torch.load, and the whole text recomputed for every token."""
-    run_inference.init_distributed(device)
-    prompt_ids = benchmark_prompt(model_dir, args.prompt_tokens)
+    from llama_models.llama3.args import ModelArgs
+    from llama_models.llama3.model import Transformer
 
-    def load():
-        torch.set_default_dtype(torch.float32)
-        model = Transformer(ModelArgs(**json.loads((model_dir / "params.json").read_text())))
-        model.load_state_dict(torch.load(weight_files(model_dir)[0], map_location="cpu"))  # no mmap
-        return model.to(device)
-
-    model, load_s = timed(device, load)
-    token_ids, marks = [], [clock(device)]
+    support.init_distributed(device)
+    ids = prompt_ids(model_dir, depth)
+    start = clock(device)
+    torch.set_default_dtype(torch.float32)
+    model = Transformer(ModelArgs(**support.read_params(model_dir)))
+    model.load_state_dict(torch.load(support.weight_files(model_dir)[0], map_location="cpu"))  # no mmap
+    model = model.to(device)
+    load_s, marks = clock(device) - start, [clock(device)]
     for _ in range(args.original_new_tokens):
-        logits = model(torch.tensor([prompt_ids + token_ids], device=device), 0)  # every position, every step
-        token_ids.append(int(logits[0, -1].argmax()))
+        ids.append(int(model(torch.tensor([ids], device=device), 0)[0, -1].argmax()))  # every position, every step
         marks.append(clock(device))
-    return dict(load_s=load_s, prompt_tokens=len(prompt_ids), token_ids=token_ids, marks=marks)
+    return dict(load_s=load_s, prompt_tokens=SHORT_PROMPT, marks=marks)
 
 
-def memory_bandwidth(args, device, model_dir):
-    """Bytes per second of the best of several sums over a large float32 array (a read-only stream)."""
-    data = torch.ones(int(args.bandwidth_gib * GIB) // 4, dtype=torch.float32, device=device)
-    best = float("inf")
-    for _ in range(BANDWIDTH_TRIES):
-        start = clock(device)
-        data.sum().item()
-        best = min(best, clock(device) - start)
-    return dict(array_bytes=data.nbytes, best_s=best, bandwidth_bytes_per_s=data.nbytes / best)
+def run_accuracy(args, device, model_dir, depth):
+    """Each format's logits against bfloat16's at every position of a 64-token prompt, fed one token at a time:
+    the mean of |logits - bf16 logits| / |bf16 logits| (vector norms) over the positions."""
+    support.init_distributed(device)
+    params, ids = support.read_params(model_dir), prompt_ids(model_dir, ACCURACY_TOKENS)[:ACCURACY_TOKENS]
+    formats = {"bfloat16": (torch.bfloat16, ""), "float16": (torch.float16, ""), "int8": (DTYPE, "int8")}
+    if device.type == "cpu":
+        formats["int4"] = (DTYPE, "int4")
+    logits = {}
+    for name, (dtype, quantize) in formats.items():
+        model = run_inference.load_model(model_dir, params, device, dtype, len(ids), 1, True, quantize)
+        logits[name] = torch.stack([run_inference.decode_step(model, [token], pos, device)[0].float().cpu()
+                                    for pos, token in enumerate(ids)])
+        del model
+    exact = logits["bfloat16"]
+    return {"relative_error": {name: ((value - exact).norm(dim=1) / exact.norm(dim=1)).mean().item()
+                               for name, value in logits.items() if name != "bfloat16"}}
 
 
-CONFIGURATIONS = {  # name: (function, extra arguments); run in this order
-    "bandwidth": (memory_bandwidth, {}),
-    "project-greedy": (project_greedy, {}),
-    "project-beam5": (project_beam, {}),
-    "project-greedy-int8": (project_greedy, {"quantize": "int8"}),
-    "transformers-greedy": (transformers_generate, {"num_beams": 1}),
-    "transformers-beam5": (transformers_generate, {"num_beams": BEAM_WIDTH}),
-    "project-prefill-long": (project_prefill_long, {}),
-    "original-fp32-recompute": (original_approach, {}),
-}
+def run_bandwidth(args, device, model_dir, depth):
+    """Read bandwidth the ways fast kernels read, with 1 .. N threads: GB/s of the best of 5 reads of each."""
+    results = {}
+    for threads in sorted({1, torch.get_num_threads()}):
+        torch.set_num_threads(threads)
+        for dtype in (torch.bfloat16, torch.float32):
+            data = torch.ones(BANDWIDTH_BYTES // dtype.itemsize, dtype=dtype, device=device)
+            vector = torch.ones(4096, dtype=dtype, device=device)
+            reads = {"sum": lambda: data.sum(), "matrix-vector product": lambda: data.view(-1, 4096) @ vector}
+            for method, read in reads.items():
+                seconds = []
+                for _ in range(5):
+                    start = clock(device)
+                    read()
+                    seconds.append(clock(device) - start)
+                results[f"{str(dtype)[6:]} {method}, {threads} thread{'s' * (threads > 1)}"] = data.nbytes / min(seconds)
+    return {"bandwidth": results}
 
 
-def run_configuration(args):
-    """In the child: run one configuration and print its measurements as one JSON line on stdout."""
+def child(args):
+    kind, options, _ = CONFIGURATIONS[args.run]
+    run = {"script": run_script, "transformers": run_transformers, "original": run_original,
+           "accuracy": run_accuracy, "bandwidth": run_bandwidth}[kind]
     device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    function, extra = CONFIGURATIONS[args.run]
-    model_dir = args.checkpoint_dir / CHECKPOINT_NAME  # written by the parent
     with redirect_stdout(sys.stderr):  # fairscale, llama-models and transformers print
-        result = function(args, device, model_dir, **extra)
-    if torch.distributed.is_initialized():  # the project's configurations joined a one-process group
-        run_inference.close_distributed()
-    result.update(peak_memory_bytes=peak_memory_bytes(device), peak_rss_bytes=peak_memory_bytes(torch.device("cpu")),
-                  threads=torch.get_num_threads())
-    print(json.dumps(result), file=sys.__stdout__, flush=True)
+        result = run(args, device, args.checkpoint_dir / CHECKPOINT_NAME, args.depth, **options)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else \
+        int(Path("/proc/self/status").read_text().split("VmHWM:")[1].split()[0]) * 1024
+    print(json.dumps({**result, "peak_bytes": peak}), flush=True)
 
 
-def busy_cpu_seconds():
-    """CPU seconds spent by every process on the machine since boot (Linux), or None elsewhere."""
-    stat = Path("/proc/stat")
-    if not stat.exists():
-        return None
-    user, nice, system, idle, iowait, irq, softirq = map(int, stat.read_text().split()[1:8])
-    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+# ---------------------------------------------------------------------------------------------------------
+# The parent: the checkpoint, the rounds, llama.cpp, the report.
+# ---------------------------------------------------------------------------------------------------------
+def ensure_checkpoint(model_dir):
+    """Write the random 1B checkpoint into model_dir unless a complete one is there already."""
+    complete = (model_dir / "checklist.chk").exists()  # write_checkpoint writes it last
+    if complete and json.loads((model_dir / "params.json").read_text()) == LLAMA_3_2_1B:
+        return
+    print(f"writing a random Llama 3.2 1B checkpoint to {model_dir} (2.5 GB, once) ...", file=sys.stderr)
+    (model_dir / "checklist.chk").unlink(missing_ok=True)
+    write_checkpoint(model_dir, LLAMA_3_2_1B, random_weights(LLAMA_3_2_1B, tie_embeddings=True))
 
 
-def run_child(name, args):
-    """In the parent: one configuration in a fresh process. Returns its measurements, or {"error": ...}.
+def bytes_per_token(model_dir):
+    """Bytes a decode step must read at a short context, per weight format: every linear weight (the tied
+    output layer reads the whole embedding table), its scales, the norms, one embedding row."""
+    weights = torch.load(support.weight_files(model_dir)[0], mmap=True, weights_only=True)
+    linear = [t for name, t in weights.items() if t.dim() == 2 and name != "tok_embeddings.weight"]
+    rest = sum(t.numel() for t in weights.values() if t.dim() == 1) + weights["tok_embeddings.weight"].shape[1]
+    weights_n, rows = sum(t.numel() for t in linear), sum(t.shape[0] for t in linear)
+    return {"bf16": 2 * (weights_n + rest), "int8": weights_n + 2 * rows + 2 * rest,  # + a bf16 scale per row
+            "int4": weights_n / 2 + 4 * weights_n / 32 + 2 * rest}  # + a bf16 scale and offset per 32
 
-    Also measures how busy the CPUs were with other work meanwhile: the machine's CPU time minus the child's,
-    as a share of all cores. Timings taken while other programs compete for the cores are not trustworthy."""
-    command = [sys.executable, str(Path(__file__).resolve()), *sys.argv[1:], "--run", name]
-    start, busy_before = time.perf_counter(), busy_cpu_seconds()
-    children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+
+def cpu_name():
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+             if line.startswith("model name")] if cpuinfo.exists() else []
+    return names[0] if names else platform.processor() or platform.machine()
+
+
+def run_child(args, name, depth):
+    command = [sys.executable, __file__, *sys.argv[1:], "--run", name, "--depth", str(depth)]
     done = subprocess.run(command, capture_output=True, text=True)
     lines = done.stdout.strip().splitlines()
     if done.returncode != 0 or not lines:
-        tail = done.stderr.strip().splitlines()[-1:] or [f"exit status {done.returncode}"]
-        return {"error": tail[0]}
-    result = json.loads(lines[-1])
-    if busy_before is not None:
-        children = resource.getrusage(resource.RUSAGE_CHILDREN)
-        child_cpu = (children.ru_utime - children_before.ru_utime) + (children.ru_stime - children_before.ru_stime)
-        others = busy_cpu_seconds() - busy_before - child_cpu
-        result["others_cpu_share"] = max(0.0, others) / ((time.perf_counter() - start) * os.cpu_count())
-    return result
+        return {"error": (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]}
+    return json.loads(lines[-1])
 
 
-# ---------------------------------------------------------------------------------------------------------
-# From raw measurements to the numbers in the report.
-# ---------------------------------------------------------------------------------------------------------
-def derive(raw):
-    """The reported numbers of one generation run, from its token marks."""
-    marks = raw["marks"]
-    steps = [later - earlier for earlier, later in zip(marks[1:], marks[2:])]  # decode step latencies, s
-    numbers = {
-        "load_s": raw["load_s"],
-        "prompt_tokens": raw["prompt_tokens"],
-        "new_tokens": len(marks) - 1,
-        "prefill_s": marks[1] - marks[0],  # the prompt's pass and the first new token
-        "prefill_tokens_per_s": raw["prompt_tokens"] / (marks[1] - marks[0]),
-        "peak_memory_bytes": raw["peak_memory_bytes"],
-        "others_cpu_share": raw.get("others_cpu_share"),
-    }
-    if steps:
-        window = min(WINDOW, max(1, len(steps) // 2))  # half the steps each when a run is short
-        numbers.update(
-            decode_s=marks[-1] - marks[1],  # tokens 2 .. N, one decode step each
-            decode_tokens_per_s=len(steps) / (marks[-1] - marks[1]),
-            window=window,
-            first_ms=1000 * statistics.mean(steps[:window]),
-            last_ms=1000 * statistics.mean(steps[-window:]),
-        )
-        numbers["last_over_first"] = numbers["last_ms"] / numbers["first_ms"]
-    return numbers
+def run_llama_bench(args, gguf, depths):
+    """llama.cpp's llama-bench on one GGUF file: {depth: decode tokens/s}, as many threads as PyTorch uses."""
+    command = [args.llama_bench, "-m", gguf, "-p", "0", "-n", str(args.new_tokens), "-d", ",".join(map(str, depths)),
+               "-t", str(torch.get_num_threads()), "-r", "1", "-o", "json"]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        return {"error": (done.stderr.strip().splitlines() or ["llama-bench failed"])[-1]}
+    return {"decode": {str(entry["n_depth"]): entry["avg_ts"] for entry in json.loads(done.stdout)}}
+
+
+def decode_rate(marks):
+    """Decode tokens/s from a run's marks: marks[0] before the prompt, marks[i] when token i was ready."""
+    return (len(marks) - 2) / (marks[-1] - marks[1]) if len(marks) > 2 else None
 
 
 def summarise(runs):
-    """The median over the runs of each number (None when every run failed)."""
-    good = [derive(run) if "marks" in run else run for run in runs if "error" not in run]
-    if not good:
-        return None
-    keys = [key for key, value in good[0].items() if isinstance(value, (int, float)) and not isinstance(value, bool)]
-    return {key: statistics.median(run[key] for run in good) for key in keys}
+    """{name: {depth: median numbers}} from {name: {depth: [run, ...]}}."""
+    summary = {}
+    for name, by_depth in runs.items():
+        for depth, results in by_depth.items():
+            good = [r for r in results if "error" not in r]
+            numbers = {"errors": [r["error"] for r in results if "error" in r]}
+            if good and "marks" in good[0]:
+                numbers.update(decode=statistics.median(decode_rate(r["marks"]) for r in good),
+                               prefill=statistics.median(r["prompt_tokens"] / (r["marks"][1] - r["marks"][0]) for r in good),
+                               decode_s=statistics.median(r["marks"][-1] - r["marks"][1] for r in good),
+                               load_s=statistics.median(r["load_s"] for r in good),
+                               peak_gib=statistics.median(r["peak_bytes"] for r in good) / GIB)
+            elif good and "decode" in good[0]:  # llama.cpp
+                numbers.update(decode=statistics.median(r["decode"][depth] for r in good))
+            elif good:
+                numbers.update(good[0])
+            summary.setdefault(name, {})[depth] = numbers
+    return summary
 
 
-def divide(a, b):
-    return None if a is None or not b else a / b
+def ratio(a, b):
+    return f"{a / b:.2f}" if a and b else "—"
 
 
-def target_rows(summary, checkpoint, roofline_tokens_per_s):
-    """(check, measured, target, status) for every target of the issue, plus a few ratios for information."""
-    def get(name, key):
-        return (summary.get(name) or {}).get(key)
+def report(summary, depths, args, per_token):
+    def get(name, depth, key="decode"):
+        return summary.get(name, {}).get(str(depth), {}).get(key)
 
-    def speed(name):
-        return get(name, "decode_tokens_per_s")
-
-    rows = [
-        ("decode tokens/s, project / transformers (greedy)",
-         divide(speed("project-greedy"), speed("transformers-greedy")), ">=", DECODE_VS_TRANSFORMERS, "x"),
-        ("decode tokens/s, project greedy / roofline",
-         divide(speed("project-greedy"), roofline_tokens_per_s), ">=", SHARE_OF_ROOFLINE, "x"),
-        ("per-token latency, last / first window (project greedy)",
-         get("project-greedy", "last_over_first"), "<=", LAST_OVER_FIRST, "x"),
-        ("decode wall time, beam-5 / greedy (project)",
-         divide(get("project-beam5", "decode_s"), get("project-greedy", "decode_s")), "<=", BEAM_OVER_GREEDY, "x"),
-    ]
-    rows.append(("decode tokens/s, project int8 / bf16 (greedy)",
-                 divide(speed("project-greedy-int8"), speed("project-greedy")), ">=", INT8_OVER_BF16, "x"))
-    int8_limit = INT8_MEMORY_SHARE * checkpoint["file_bytes"] + MEMORY_HEADROOM_GIB * GIB
-    rows.append(("peak memory, project-greedy-int8", divide(get("project-greedy-int8", "peak_memory_bytes"), GIB),
-                 "<=", int8_limit / GIB, " GiB"))
-    memory_limit = checkpoint["file_bytes"] + MEMORY_HEADROOM_GIB * GIB
-    for name in ("project-greedy", "project-beam5", "project-prefill-long"):
-        peak_gib = divide(get(name, "peak_memory_bytes"), GIB)
-        rows.append((f"peak memory, {name}", peak_gib, "<=", memory_limit / GIB, " GiB"))
-    for name in ("project-greedy", "project-beam5"):
-        rows.append((f"load time, {name} (file in page cache)", get(name, "load_s"), "<=", LOAD_SECONDS, " s"))
-    info = [
-        ("decode wall time, beam-5 / greedy (transformers)",
-         divide(get("transformers-beam5", "decode_s"), get("transformers-greedy", "decode_s"))),
-        ("decode wall time, project / transformers (beam-5)",
-         divide(get("project-beam5", "decode_s"), get("transformers-beam5", "decode_s"))),
-        ("per-token latency, last / first window (transformers greedy)", get("transformers-greedy", "last_over_first")),
-        ("peak memory / checkpoint bytes (project greedy)",
-         divide(get("project-greedy", "peak_memory_bytes"), checkpoint["file_bytes"])),
-        ("decode tokens/s, project greedy / original approach",
-         divide(speed("project-greedy"), speed("original-fp32-recompute"))),
-        ("peak memory, original approach / project greedy",
-         divide(get("original-fp32-recompute", "peak_memory_bytes"), get("project-greedy", "peak_memory_bytes"))),
-    ]
-    return [check(*row) for row in rows] + [(label, fmt(value, "x"), "(information)", "") for label, value in info]
-
-
-def check(label, value, comparison, goal, unit):
-    if value is None:
-        return label, "not measured", f"{comparison} {goal:.2f}{unit}", "NOT MEASURED"
-    passed = value >= goal if comparison == ">=" else value <= goal
-    return label, fmt(value, unit), f"{comparison} {goal:.2f}{unit}", "pass" if passed else "FAIL"
-
-
-def fmt(value, unit=""):
-    return "—" if value is None else f"{value:.2f}{unit}"
-
-
-def agreement(a, b):
-    """How many leading token ids two runs share."""
-    same = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        same += 1
-    return same
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The report.
-# ---------------------------------------------------------------------------------------------------------
-def machine(args, runs):
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")]
-        name = names[0] if names else platform.processor() or platform.machine()
-    threads = next((run["threads"] for name_runs in runs.values() for run in name_runs if "threads" in run), None)
-    return {"device": str(device), "name": name, "cpu_cores": os.cpu_count(), "torch": torch.__version__,
-            "threads": threads, "python": platform.python_version()}
-
-
-def table_row(name, numbers, runs, checkpoint):
-    """One configuration's line of the markdown table."""
-    if numbers is None:
-        return f"| {name} | 0 | error: {runs[-1]['error']} |"
-    get = numbers.get
-    window = f" ({get('window'):.0f})" if get("window") else ""
-    cells = [
-        name, str(sum("error" not in run for run in runs)), fmt(get("load_s")), f"{get('prompt_tokens'):.0f}",
-        f"{get('prefill_tokens_per_s'):.1f}", f"{get('new_tokens'):.0f}", fmt(get("decode_tokens_per_s")),
-        fmt(get("first_ms"), window), fmt(get("last_ms")), fmt(get("last_over_first")),
-        fmt(get("peak_memory_bytes") / GIB), fmt(get("peak_memory_bytes") / checkpoint["file_bytes"]),
-        "—" if get("others_cpu_share") is None else f"{100 * get('others_cpu_share'):.0f}%",
-    ]
-    return "| " + " | ".join(cells) + " |"
-
-
-def report(result):
-    m, checkpoint, roofline, settings = result["machine"], result["checkpoint"], result["roofline"], result["settings"]
-    header = ("| configuration | runs | load s | prompt | prefill tok/s | new | decode tok/s | first ms/tok "
-              "| last ms/tok | last/first | peak GiB | peak/ckpt | others' CPU |")
-    bandwidth_gb_per_s = divide(roofline["bandwidth_bytes_per_s"], 1e9)
-    lines = [
-        f"## Decode benchmark: {m['name']} ({m['device']}, {m['cpu_cores']} cores, {m['threads']} torch threads), "
-        f"torch {m['torch']}",
-        "",
-        f"Checkpoint: {checkpoint['path']}, random weights with Llama 3.2 1B's shapes, bf16, "
-        f"{checkpoint['file_bytes'] / GIB:.2f} GiB on disk ({checkpoint['file_bytes']:,} bytes). Each number is "
-        f"the median of {settings['repeats']} runs, each run "
-        "in its own process.",
-        "",
-        header,
-        "|" + "---|" * (header.count("|") - 1),
-        *(table_row(name, numbers, result["runs"][name], checkpoint)
-          for name, numbers in result["summary"].items() if name != "bandwidth"),
-        "",
-        "load s: model ready from the checkpoint (file in the page cache). prefill tok/s: prompt tokens / time to "
-        "the first new token. decode tok/s: tokens 2..N / their time (one step each; a beam-5 step makes 5 "
-        "candidates but counts as one token). first/last ms/tok: mean step latency over the first and last window "
-        "of decode steps (window size in brackets). peak GiB: the process's peak resident set size, VmHWM "
-        "(max_memory_allocated on CUDA). others' CPU: the share of all cores that other programs used during the "
-        f"run; above {BUSY_WARNING:.0%} the timings are not trustworthy.",
-        "",
-        f"Roofline: memory bandwidth {fmt(bandwidth_gb_per_s)} GB/s (best of {BANDWIDTH_TRIES} sums of a "
-        f"{settings['bandwidth_gib']} GiB float32 array) / {checkpoint['bytes_per_token'] / 1e9:.3f} GB read per "
-        f"decoded token = {fmt(roofline['tokens_per_s'])} tokens/s. Bytes per token = "
-        f"{checkpoint['bytes_per_token_formula']}.",
-        "",
-        "| check | measured | target | status |",
-        "|---|---|---|---|",
-        *(f"| {' | '.join(row)} |" for row in result["targets"]),
-    ]
-    lines += [f"\n{note}" for note in result["notes"]]
+    timed = [name for name in summary if name not in ("accuracy", "bandwidth")]
+    lines = [f"Decode benchmark: {args.machine}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+             f"device {args.device}, bf16 unless named, {args.new_tokens} new tokens, median of {args.rounds} rounds.", "",
+             "| configuration | load s | decode tok/s, " + " | decode tok/s, ".join(
+                 "short prompt" if d == 0 else f"{d} tokens of context" for d in depths) + " | peak GiB | errors |",
+             "|---" * (4 + len(depths)) + "|"]
+    for name in timed:
+        cells = [f"{get(name, d):.2f}" if get(name, d) else "—" for d in depths]
+        load, peak = get(name, 0, "load_s"), get(name, 0, "peak_gib")
+        errors = "; ".join(get(name, 0, "errors") or []) or ""
+        lines.append(f"| {name} | {f'{load:.2f}' if load else '—'} | " + " | ".join(cells) +
+                     f" | {f'{peak:.2f}' if peak else '—'} | {errors} |")
+    bandwidth = get("bandwidth", 0, "bandwidth") or {}
+    best = max(bandwidth.items(), key=lambda item: item[1], default=(None, None))
+    lines += ["", "| ratio (decode tokens/s unless named) | value |", "|---|---|"]
+    pairs = [("minimal / tutorial", "minimal", "tutorial"), ("tutorial / transformers", "tutorial", "transformers"),
+             ("minimal / transformers", "minimal", "transformers"),
+             ("minimal / minimal-speedups-off", "minimal", "minimal-speedups-off")]
+    pairs += [(f"{ours} / {peer}", ours, peer) for peer in summary if peer.startswith("llama.cpp")
+              for ours in ("tutorial", "tutorial-int8", "tutorial-int4")]
+    for label, a, b in pairs:
+        lines += [f"| {label}{'' if d == 0 else f', at {d} tokens'} | {ratio(get(a, d), get(b, d))} |" for d in depths
+                  if get(a, d) or get(b, d)]
+    for name in [n for n in timed if CONFIGURATIONS.get(n, (0, 0, False))[2] or n.startswith("llama.cpp")]:
+        lines += [f"| {name}: at {d} tokens / short prompt | {ratio(get(name, d), get(name, 0))} |" for d in depths[1:]]
+    lines += [f"| decode wall time, tutorial-beam5 / tutorial | {ratio(get('tutorial-beam5', 0, 'decode_s'), get('tutorial', 0, 'decode_s'))} |",
+              f"| decode wall time, transformers-beam5 / transformers | {ratio(get('transformers-beam5', 0, 'decode_s'), get('transformers', 0, 'decode_s'))} |"]
+    for name, fmt in (("tutorial", "bf16"), ("tutorial-int8", "int8"), ("tutorial-int4", "int4")):
+        if best[1] and get(name, 0):
+            lines.append(f"| {name} / roofline ({best[1] / 1e9:.1f} GB/s / {per_token[fmt] / 1e9:.3f} GB per token = "
+                         f"{best[1] / per_token[fmt]:.1f} tok/s) | {ratio(get(name, 0), best[1] / per_token[fmt])} |")
+    if bandwidth:
+        lines += ["", "Read bandwidth (GB/s, best of 5): " + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in bandwidth.items()),
+                  f"Roofline: the best of them ({best[0]}) / the bytes a decode step reads: " +
+                  ", ".join(f"{fmt} {n / 1e9:.3f} GB" for fmt, n in per_token.items()) + "."]
+    accuracy = get("accuracy", 0, "relative_error")
+    if accuracy:
+        lines += ["", f"Logits against bfloat16 over a {ACCURACY_TOKENS}-token prompt, mean relative error: " +
+                  ", ".join(f"{name} {value:.2%}" for name, value in accuracy.items()) + "."]
     return "\n".join(lines)
 
 
-def notes(runs, summary, checkpoint):
-    """Warnings and sanity lines: was the machine busy, how the long prefill's peak compares with the logits it
-    must not materialise, do the implementations pick the same tokens (random weights, bf16: they may drift)."""
-    lines = []
-    busy = [name for name, name_runs in runs.items()
-            if any(run.get("others_cpu_share", 0) > BUSY_WARNING for run in name_runs)]
-    if busy:
-        lines.append(f"WARNING: other programs used more than {BUSY_WARNING:.0%} of the CPUs during runs of "
-                     f"{', '.join(busy)}: their timings are unreliable; rerun on an idle machine.")
-    long, greedy = summary.get("project-prefill-long"), summary.get("project-greedy")
-    if long:
-        logits_bytes = long["prompt_tokens"] * checkpoint["vocab_size"] * 4
-        above = ""
-        if greedy:
-            extra = long["peak_memory_bytes"] - greedy["peak_memory_bytes"]
-            above = f", {extra / GIB:.2f} GiB above project-greedy's"
-        lines.append(f"project-prefill-long: float32 logits for all {long['prompt_tokens']:.0f} positions would take "
-                     f"{logits_bytes / GIB:.2f} GiB; its peak is {long['peak_memory_bytes'] / GIB:.2f} GiB{above}.")
-    for ours, theirs in (("project-greedy", "transformers-greedy"), ("project-beam5", "transformers-beam5")):
-        a = next((run["token_ids"] for run in runs.get(ours, []) if "token_ids" in run), None)
-        b = next((run["token_ids"] for run in runs.get(theirs, []) if "token_ids" in run), None)
-        if a and b:
-            lines.append(f"{theirs} picks the same tokens as {ours} for the first {agreement(a, b)} of {len(a)} "
-                         "(bf16 rounding differs between implementations; information only).")
-    return lines
+def plot(summary, depths, path):
+    import matplotlib  # benchmarks/requirements.txt
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for name, by_depth in summary.items():
+        points = [(d, by_depth.get(str(d), {}).get("decode")) for d in depths]
+        points = [(d, v) for d, v in points if v]
+        if len(points) > 1:
+            axes.plot(*zip(*points), marker="o", label=name)
+    axes.set(xlabel="tokens of context", ylabel="decode tokens/s", ylim=(0, None),
+             title="Decode speed against context, Llama 3.2 1B shapes, bf16 unless named")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# The driver.
-# ---------------------------------------------------------------------------------------------------------
 def parse_args():
-    parser = argparse.ArgumentParser(description="Benchmark decoding of a random Llama 3.2 1B checkpoint: the "
-                                     "project's scripts, transformers, the original approach and the roofline.")
-    parser.add_argument("--only", default=",".join(CONFIGURATIONS),
-                        help=f"comma-separated configurations to run (default: all): {', '.join(CONFIGURATIONS)}")
-    parser.add_argument("--new-tokens", type=int, default=NEW_TOKENS,
-                        help="new tokens per generation (default %(default)s)")
-    parser.add_argument("--prompt-tokens", type=int, default=PROMPT_TOKENS, help="prompt length (default %(default)s)")
-    parser.add_argument("--long-prompt-tokens", type=int, default=LONG_PROMPT_TOKENS,
-                        help="prompt of project-prefill-long (default %(default)s)")
-    parser.add_argument("--original-new-tokens", type=int, default=ORIGINAL_NEW_TOKENS,
-                        help="new tokens of original-fp32-recompute (default %(default)s)")
-    parser.add_argument("--repeats", type=int, default=REPEATS,
-                        help="runs per configuration; the median is reported (default %(default)s)")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="default %(default)s")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads in each run (default: torch's choice)")
-    parser.add_argument("--bandwidth-gib", type=float, default=BANDWIDTH_GIB,
-                        help="array size for the bandwidth read (default %(default)s)")
-    parser.add_argument("--checkpoint-dir", type=Path, default=CHECKPOINT_DIR,
-                        help="where the checkpoint is cached (default %(default)s)")
-    parser.add_argument("--json", type=Path, default=RESULTS_FILE, help="results file (default %(default)s)")
-    parser.add_argument("--run", choices=list(CONFIGURATIONS), help=argparse.SUPPRESS)  # internal: one child run
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--only", default=",".join(CONFIGURATIONS), help="comma-separated configurations (default: all)")
+    parser.add_argument("--depths", default="0,4096", help="tokens of context before decoding (default %(default)s)")
+    parser.add_argument("--new-tokens", type=int, default=128, help="new tokens per run (default %(default)s)")
+    parser.add_argument("--original-new-tokens", type=int, default=8, help="the original approach's (default %(default)s)")
+    parser.add_argument("--rounds", type=int, default=2, help="runs of each configuration (default %(default)s)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--llama-bench", help="llama.cpp's llama-bench binary, to measure llama.cpp in the same run")
+    parser.add_argument("--gguf", default="", help="comma-separated GGUF files of the checkpoint, for --llama-bench")
+    parser.add_argument("--plot", help="draw decode tokens/s against --depths into this PNG (needs matplotlib)")
+    parser.add_argument("--checkpoint-dir", type=Path, default=CHECKPOINT_DIR, help="default %(default)s")
+    parser.add_argument("--json", type=Path, default=RESULTS_FILE, help="everything measured (default %(default)s)")
+    parser.add_argument("--run", help=argparse.SUPPRESS)  # internal: one child run
+    parser.add_argument("--depth", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     unknown = set(args.only.split(",")) - set(CONFIGURATIONS)
     if unknown:
         parser.error(f"unknown configuration {', '.join(sorted(unknown))}; choose from {', '.join(CONFIGURATIONS)}")
-    if min(args.new_tokens, args.original_new_tokens) < 2 or args.prompt_tokens < 1 or args.repeats < 1:
-        parser.error("--new-tokens and --original-new-tokens must be at least 2, "
-                     "--prompt-tokens and --repeats at least 1")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available here")
+    if args.new_tokens < 3 or args.rounds < 1 or (args.gguf and not args.llama_bench):
+        parser.error("--new-tokens must be at least 3, --rounds at least 1, and --gguf needs --llama-bench")
     return args
-
-
-def progress_line(result):
-    if "error" in result:
-        return f"error: {result['error']}"
-    numbers = summarise([result])
-    return ", ".join(f"{key} {value:.3g}" for key, value in numbers.items() if key.endswith(("_s", "_per_s")))
-
-
-def run_all(args, model_dir):
-    """Every chosen configuration, --repeats times, round-robin, each in a fresh process."""
-    chosen = [name for name in CONFIGURATIONS if name in args.only.split(",")]
-    runs = {name: [] for name in chosen}
-    for repeat in range(args.repeats):
-        for name in chosen:
-            warm = f" (page cache warmed in {warm_page_cache(model_dir):.1f} s)" if name != "bandwidth" else ""
-            print(f"[{repeat + 1}/{args.repeats}] {name}{warm} ...", file=sys.stderr)
-            runs[name].append(run_child(name, args))
-            print(f"    {progress_line(runs[name][-1])}", file=sys.stderr)
-    return runs
 
 
 def main():
     args = parse_args()
     if args.run:
-        return run_configuration(args)
+        return child(args)
+    depths = sorted({int(d) for d in args.depths.split(",")} | {0})
     model_dir = args.checkpoint_dir / CHECKPOINT_NAME
     ensure_checkpoint(model_dir)
-    checkpoint = describe_checkpoint(model_dir)
-    runs = run_all(args, model_dir)
-    summary = {name: summarise(name_runs) for name, name_runs in runs.items()}
-    bandwidth = (summary.get("bandwidth") or {}).get("bandwidth_bytes_per_s")
-    roofline = {"bandwidth_bytes_per_s": bandwidth, "bytes_per_token": checkpoint["bytes_per_token"],
-                "tokens_per_s": bandwidth and bandwidth / checkpoint["bytes_per_token"]}
-    settings = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
-    result = {"machine": machine(args, runs), "settings": settings, "checkpoint": checkpoint, "roofline": roofline,
-              "summary": summary, "runs": runs,
-              "targets": target_rows(summary, checkpoint, roofline["tokens_per_s"]),
-              "notes": notes(runs, summary, checkpoint)}
-    print(report(result))
+    args.machine = cpu_name() if args.device == "cpu" else torch.cuda.get_device_name()
+    chosen = [name for name in CONFIGURATIONS if name in args.only.split(",")]
+    gguf_files = [path for path in args.gguf.split(",") if path]
+    runs = {}
+    for round_ in range(args.rounds):
+        for name in chosen:
+            kind, _, at_every_depth = CONFIGURATIONS[name]
+            if kind in ("accuracy", "bandwidth") and round_ > 0:  # the same every time: once is enough
+                continue
+            for depth in depths if at_every_depth else [0]:
+                print(f"[{round_ + 1}/{args.rounds}] {name} at depth {depth} ...", file=sys.stderr, flush=True)
+                runs.setdefault(name, {}).setdefault(str(depth), []).append(run_child(args, name, depth))
+        for gguf in gguf_files:
+            name = "llama.cpp " + Path(gguf).stem.rsplit("-", 1)[-1].upper()
+            print(f"[{round_ + 1}/{args.rounds}] {name} ...", file=sys.stderr, flush=True)
+            result = run_llama_bench(args, gguf, depths)
+            for depth in depths:
+                runs.setdefault(name, {}).setdefault(str(depth), []).append(result)
+    summary = summarise(runs)
+    print(report(summary, depths, args, bytes_per_token(model_dir)))
+    if args.plot:
+        plot(summary, depths, args.plot)
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=1))
-    print(f"\nwritten to {args.json}", file=sys.stderr)
+    args.json.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()}, "runs": runs,
+                                     "summary": summary}, indent=1))
+    print(f"\nwritten to {args.json}" + (f" and {args.plot}" if args.plot else ""), file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from llama_models.llama3.tokenizer import Tokenizer
 import minimal_run_inference
 import run_inference
 import support
-from random_checkpoint import LLAMA_3_2_1B, TINY, TOKENIZER, random_weights, write_checkpoint
+from random_checkpoint import LLAMA_3_2_1B, TINY, TOKENIZER, fixed_distribution_weights, random_weights, write_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = ["minimal_run_inference.py", "run_inference.py"]
@@ -44,9 +44,9 @@ def run_script(script, models_dir, model_name, stdin=None, **settings):
     return result
 
 
-def load(script, model_dir, max_seq_len, dtype=torch.float32, batch=1, **options):
-    """A script's own load_model on the CPU, params.json read as the script reads it."""
-    return script.load_model(model_dir, support.read_params(model_dir), CPU, dtype, max_seq_len, batch, **options)
+def load(script, model_dir, max_seq_len, dtype=torch.float32, batch=1, device=CPU, **options):
+    """A script's own load_model (on the CPU unless told), params.json read as the script reads it."""
+    return script.load_model(model_dir, support.read_params(model_dir), device, dtype, max_seq_len, batch, **options)
 
 
 @pytest.fixture(scope="session")
@@ -100,3 +100,57 @@ def greedy_without_cache(model, prompt_ids, max_new_tokens, stop_tokens):
             break
         ids.append(token_id)
     return ids[len(prompt_ids):]
+
+
+def reference_model(model_dir, max_seq_len, dtype=torch.float32):
+    """llama-models' Transformer as written (SPEEDUPS=0), float32: logits for every position of its input."""
+    return load(minimal_run_inference, model_dir, max_seq_len, dtype, use_speedups=False)
+
+
+@pytest.fixture(scope="session")
+def successor():
+    """A random successor for every token of the vocabulary."""
+    return torch.randperm(TINY["vocab_size"], generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="session")
+def confident_dir(tmp_path_factory, tiny_weights, successor):
+    """The tiny model made confident, as a trained model is: large embeddings dominate the hidden state,
+    and the output row of each token's successor is that token's embedding, so the model predicts the
+    successor of the last token by a wide margin (folder "Tiny")."""
+    embeddings = 3 * torch.randn(TINY["vocab_size"], TINY["dim"], generator=torch.Generator().manual_seed(2))
+    output = torch.empty_like(embeddings)
+    output[successor] = embeddings
+    weights = {**tiny_weights, "tok_embeddings.weight": embeddings.to(torch.bfloat16),
+               "output.weight": output.to(torch.bfloat16)}
+    folder = tmp_path_factory.mktemp("confident")
+    write_checkpoint(folder / "Tiny", TINY, weights)
+    return folder
+
+
+# The dice model: at every position, whatever the text, the next token is one of four with these logits
+# (0 for every other token; exact in bfloat16): probabilities about 0.5, 0.3, 0.14 and 0.05.
+DICE_LOGITS = {264: 24.0, 293: 23.5, 272: 22.75, 294: 21.75}  # " a", " b", " c", " d"
+
+
+def dice_probabilities():
+    logits = torch.tensor(list(DICE_LOGITS.values()))
+    return dict(zip(DICE_LOGITS, torch.softmax(logits, 0).tolist()))
+
+
+@pytest.fixture(scope="session")
+def dice_dir(tmp_path_factory):
+    """A LLAMA_MODELS_DIR with the dice model as "Dice" (see DICE_LOGITS)."""
+    folder = tmp_path_factory.mktemp("dice")
+    write_checkpoint(folder / "Dice", TINY, fixed_distribution_weights(TINY, DICE_LOGITS))
+    return folder
+
+
+def shown_token_ids(stderr):
+    """The token ids of run_inference.py's per-token lines (SHOW_TOKENS=1): 'step id text probability ...'."""
+    ids = []
+    for line in stderr.splitlines():
+        fields = line.split()
+        if len(fields) > 2 and fields[0].isdigit() and fields[1].isdigit():
+            ids.append(int(fields[1]))
+    return ids

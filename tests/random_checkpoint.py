@@ -97,5 +97,20 @@ def write_checkpoint(folder, params, weights, shards=1):
     return folder
 
 
-def write_random_checkpoint(folder, params, seed=0, tie_embeddings=False):
-    return write_checkpoint(folder, params, random_weights(params, seed, tie_embeddings))
+def fixed_distribution_weights(params, logits, seed=0):
+    """Weights whose next-token logits are `logits` ({token id: logit}, 0 for every other token) at every
+    position, whatever the text: the blocks add nothing (wo and w2 are zero), every token's embedding is the
+    same vector along the first axis, which the final RMSNorm turns into sqrt(dim) along it, and a token's
+    output row holds its logit / sqrt(dim) there. A model that rolls the same dice at every step."""
+    weights = random_weights(params, seed)
+    dim = params["dim"]
+    for name in weights:
+        if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+            weights[name] = torch.zeros_like(weights[name])
+    embeddings = torch.zeros(params["vocab_size"], dim)
+    embeddings[:, 0] = dim**0.5
+    output = torch.zeros(params["vocab_size"], dim)
+    for token_id, logit in logits.items():
+        output[token_id, 0] = logit / dim**0.5
+    weights["tok_embeddings.weight"], weights["output.weight"] = embeddings.to(torch.bfloat16), output.to(torch.bfloat16)
+    return weights

@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+import minimal_run_inference
 from conftest import CPU, REPO, SCRIPTS, clean_environment, load, run_script
 from random_checkpoint import TINY, write_checkpoint
 
@@ -157,11 +158,13 @@ def test_unusual_prompts_work_and_print_exactly_the_decoded_ids(script, models_d
     assert result.stdout == tokenizer.decode(expected)
 
 
-@pytest.mark.parametrize("settings", [{}, {"BEAM_WIDTH": 3}, {"TEMPERATURE": 0.8, "SEED": 7}])
-def test_same_inputs_give_byte_identical_output_and_the_checkpoint_is_untouched(models_dir, settings):
+def test_same_inputs_give_byte_identical_output_and_the_checkpoint_is_untouched(models_dir):
+    """With sampling, whose draws come from a seeded generator (greedy and beam search are deterministic by
+    construction, and the exact-text tests would fail if they were not)."""
     folder = models_dir / "Tiny"
     before = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir())
-    runs = [run_script("run_inference.py", models_dir, "Tiny", MAX_NEW_TOKENS=12, **settings) for _ in range(2)]
+    runs = [run_script("run_inference.py", models_dir, "Tiny", MAX_NEW_TOKENS=12, TEMPERATURE=0.8, SEED=7)
+            for _ in range(2)]
     assert runs[0].returncode == 0 and runs[0].stdout != ""
     assert runs[0].stdout == runs[1].stdout
     assert sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir()) == before
@@ -172,9 +175,50 @@ def test_ctrl_c_stops_cleanly_and_keeps_the_text(script_name, models_dir):
                             SHOW_TOKENS=0)
     process = subprocess.Popen([sys.executable, str(REPO / script_name)], env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    first = process.stdout.read(1)  # generation has started
-    process.send_signal(signal.SIGINT)
-    rest, stderr = process.communicate(timeout=60)
+    try:
+        first = process.stdout.read(1)  # generation has started
+        process.send_signal(signal.SIGINT)
+        rest, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()  # a no-op once it has ended; otherwise it must not outlive the test
     assert process.returncode == 130
     assert first and "Traceback" not in stderr.decode()
     assert "interrupted" in stderr.decode()
+
+
+def test_a_missing_input_file_is_one_line(script_name, models_dir, tmp_path):
+    fails_with(run_script(script_name, models_dir, "Tiny", INPUT_FILE=tmp_path / "nowhere.txt"),
+               f"INPUT_FILE='{tmp_path / 'nowhere.txt'}' cannot be read (No such file or directory)")
+
+
+def test_an_input_file_that_is_not_text_is_one_line(script_name, models_dir, tmp_path):
+    (tmp_path / "image.png").write_bytes(bytes(range(256)))
+    fails_with(run_script(script_name, models_dir, "Tiny", INPUT_FILE=tmp_path / "image.png"), "not UTF-8 text")
+
+
+@pytest.mark.parametrize("setting, value", [("MAX_NEW_TOKENS", "nan"), ("PREFILL_CHUNK", "inf")])
+def test_numeric_settings_must_be_numbers(script_name, setting, value, models_dir):
+    fails_with(run_script(script_name, models_dir, "Tiny", **{setting: value}), f"{setting}={value!r} is not a valid int")
+
+
+def test_float16_overflow_says_to_use_bfloat16(script_name, tmp_path, tiny_weights, distributed):
+    """Activations above 65,504 are infinite in float16 but fine in bfloat16: the hint names the fix."""
+    weights = dict(tiny_weights)
+    weights["layers.0.feed_forward.w2.weight"] = weights["layers.0.feed_forward.w2.weight"] * 3e5
+    write_checkpoint(tmp_path / "Loud", TINY, weights)
+    model = load(minimal_run_inference, tmp_path / "Loud", 8, torch.bfloat16)
+    assert torch.isfinite(minimal_run_inference.prefill(model, [128000, 791], CPU)).all()  # bfloat16 copes
+    fails_with(run_script(script_name, tmp_path, "Loud", DTYPE="float16", MAX_NEW_TOKENS=4),
+               "NaN or infinite scores in float16 on cpu", "float16 overflows on Llama: use DTYPE=bfloat16 or float32")
+
+
+def test_an_unexpected_error_is_one_line_and_debug_shows_where(script_name, broken):
+    """A params.json value of the wrong type gets past the checks and fails deep inside llama-models."""
+    params = json.loads((broken / "params.json").read_text())
+    (broken / "params.json").write_text(json.dumps({**params, "rope_theta": "fast"}))
+    fails_with(run_script(script_name, broken.parent, "Broken"), "error: TypeError:", "(set DEBUG=1 to see where)")
+    if script_name != "run_inference.py":  # support.run handles both scripts' errors: one run with DEBUG=1 is enough
+        return
+    debug = run_script(script_name, broken.parent, "Broken", DEBUG=1)
+    assert debug.returncode != 0 and "Traceback (most recent call last)" in debug.stderr
+    assert "in load_model" in debug.stderr  # where it happened

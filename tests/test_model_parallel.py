@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+import support
 from conftest import REPO, clean_environment, run_script
 from random_checkpoint import TINY, write_checkpoint
 
@@ -21,7 +22,8 @@ def sharded_dir(tmp_path_factory, models_dir, tiny_weights):
 
 
 def torchrun(processes, script_name, models_dir, **settings):
-    """`torchrun --nproc-per-node N SCRIPT` on this machine, settings in environment variables."""
+    """`torchrun --nproc-per-node N SCRIPT` on this machine, settings in environment variables (torchrun sets
+    OMP_NUM_THREADS=1 for each process, as for a user who did not set it)."""
     env = clean_environment(**{"LLAMA_MODELS_DIR": models_dir, "MODEL_NAME": "Tiny", "DEVICE": "cpu", **settings})
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
                str(REPO / script_name)]
@@ -38,10 +40,30 @@ def torchrun(processes, script_name, models_dir, **settings):
 def test_two_processes_decode_the_single_process_tokens(script_name, strategy, models_dir, sharded_dir):
     single = run_script(script_name, models_dir, "Tiny", **SETTINGS, **strategy)
     assert single.returncode == 0 and single.stdout, single.stderr
-    for folder in (models_dir, sharded_dir):  # 1 shard split onto 2 processes; 2 shards, one each
+    folders = (models_dir, sharded_dir) if not strategy else (sharded_dir,)  # 1 shard split onto 2; 2 shards, one each
+    for folder in folders:
         result = torchrun(2, script_name, folder, **SETTINGS, **strategy)
         assert result.returncode == 0, result.stderr
         assert result.stdout == single.stdout  # printed once: only rank 0 prints
+        if script_name == "run_inference.py":  # torchrun's OMP_NUM_THREADS=1 is replaced by a share of the cores
+            threads = max(1, support.physical_cores() // 2)
+            assert f", {threads} thread{'s' * (threads > 1)} in" in result.stderr
+
+
+@pytest.mark.parametrize("folder, settings", [
+    ("dice_dir", {"MODEL_NAME": "Dice", "TEMPERATURE": 1.0, "SEED": 5, "MAX_NEW_TOKENS": 24}),
+    ("confident_dir", {"QUANTIZE": "int8", "DTYPE": "bfloat16"}),
+], ids=["sampling", "int8"])
+def test_two_processes_sample_and_quantise_as_one(folder, settings, request):
+    """Every process draws with the same seed, so all pick the same tokens; each quantises its own slice."""
+    folder = request.getfixturevalue(folder)
+    settings = {**SETTINGS, **settings}
+    model_name = settings.pop("MODEL_NAME", "Tiny")
+    single = run_script("run_inference.py", folder, model_name, **settings)
+    assert single.returncode == 0 and single.stdout, single.stderr
+    result = torchrun(2, "run_inference.py", folder, MODEL_NAME=model_name, **settings)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == single.stdout
 
 
 def test_two_shards_merge_in_one_process(models_dir, sharded_dir):

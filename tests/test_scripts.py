@@ -1,10 +1,17 @@
 """The two scripts, run as a user runs them: settings in environment variables, text on stdout."""
 
+import os
+import pty
+import shutil
+import subprocess
+import sys
+
 import pytest
 import torch
 
 import minimal_run_inference
-from conftest import CPU, SCRIPTS, greedy_without_cache, load, run_script
+import run_inference
+from conftest import CPU, REPO, SCRIPTS, clean_environment, greedy_without_cache, load, run_script
 from random_checkpoint import TINY, write_checkpoint
 
 NEW_TOKENS = 24
@@ -42,24 +49,32 @@ def test_bfloat16_default_prints_what_the_same_functions_compute(script, models_
     assert "torch.bfloat16" in result.stderr
 
 
-def test_stop_token_ends_generation(tmp_path, models_dir, tiny_weights, tokenizer, distributed):
-    """Make <|eot_id|> the model's favourite at some step (its output row becomes 3x the row of a token
-    greedy decoding picks); generation must end there, with the stop token not printed."""
-    eot = tokenizer.special_tokens["<|eot_id|>"]
+@pytest.mark.parametrize("stop", ["<|eot_id|>", "<|eom_id|>", "<|end_of_text|>"])
+def test_each_stop_token_ends_generation(stop, tmp_path, models_dir, tiny_weights, tokenizer, distributed):
+    """Make a stop token the model's favourite at some step (its output row becomes 3x the row of a token
+    greedy decoding picks); generation must end there, the stop token not printed: through both scripts as
+    a user runs them for <|eot_id|>, through their generate for the other two."""
+    stop_id = tokenizer.special_tokens[stop]
+    assert stop_id in tokenizer.stop_tokens
     free_run = reference_ids(models_dir, "Tiny", tokenizer, "Once upon a time", NEW_TOKENS)
     weights = dict(tiny_weights)
     weights["output.weight"] = weights["output.weight"].clone()
-    weights["output.weight"][eot] = 3 * weights["output.weight"][free_run[5]]
+    weights["output.weight"][stop_id] = 3 * weights["output.weight"][free_run[5]]
     write_checkpoint(tmp_path / "Stopping", TINY, weights)
 
     expected = reference_ids(tmp_path, "Stopping", tokenizer, "Once upon a time", NEW_TOKENS)
     assert 0 < len(expected) < NEW_TOKENS
-    for script_name in SCRIPTS:
-        result = run_script(script_name, tmp_path, "Stopping", INPUT_STRING="Once upon a time",
-                            DTYPE="float32", MAX_NEW_TOKENS=NEW_TOKENS)
-        assert result.returncode == 0, result.stderr
-        assert result.stdout == tokenizer.decode(expected)
-        assert f"+ {len(expected)} new tokens" in result.stderr
+    prompt_ids = tokenizer.encode("Once upon a time", bos=True, eos=False)
+    for script in (minimal_run_inference, run_inference):
+        if stop == "<|eot_id|>":
+            result = run_script(f"{script.__name__}.py", tmp_path, "Stopping", INPUT_STRING="Once upon a time",
+                                DTYPE="float32", MAX_NEW_TOKENS=NEW_TOKENS)
+            assert result.returncode == 0, result.stderr
+            assert result.stdout == tokenizer.decode(expected)
+            assert f"+ {len(expected)} new tokens" in result.stderr
+        else:
+            model = load(script, tmp_path / "Stopping", len(prompt_ids) + NEW_TOKENS)
+            assert list(script.generate(model, prompt_ids, NEW_TOKENS, tokenizer.stop_tokens, CPU)) == expected
 
 
 def test_prompt_formats(script, tokenizer):
@@ -138,3 +153,87 @@ def test_bad_settings_are_one_clear_line(script_name, setting, value, message, m
     assert result.returncode != 0
     assert result.stdout == ""
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def own_greedy_text(script, model_dir, tokenizer, text, instruct, max_new_tokens):
+    """What the script's own functions print for this prompt, in this process (bfloat16, as a run)."""
+    prompt_ids = script.encode_prompt(tokenizer, text, "", instruct)
+    model = load(script, model_dir, len(prompt_ids) + max_new_tokens, torch.bfloat16)
+    return tokenizer.decode(list(script.generate(model, prompt_ids, max_new_tokens, tokenizer.stop_tokens, CPU)))
+
+
+def test_input_file_gives_the_same_text_as_the_same_input_string(script, models_dir, tmp_path, tokenizer, distributed):
+    text = "Three rivers of Europe:\n\n1. The Danube\n2. The Rhine\n3."
+    (tmp_path / "prompt.txt").write_text(text, encoding="utf-8")
+    result = run_script(f"{script.__name__}.py", models_dir, "Tiny-Instruct", INPUT_STRING="ignored",
+                        INPUT_FILE=tmp_path / "prompt.txt", MAX_NEW_TOKENS=12, SHOW_TOKENS=0)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == own_greedy_text(script, models_dir / "Tiny-Instruct", tokenizer, text, True, 12) != ""
+
+
+def test_a_model_folder_in_the_hubs_layout_runs(script, models_dir, tmp_path, tokenizer, distributed):
+    """The Hugging Face Hub's Llama repositories keep Meta's files in original/ (huggingface-cli download
+    ... --include "original/*" --local-dir FOLDER)."""
+    shutil.copytree(models_dir / "Tiny-Instruct", tmp_path / "Tiny-Instruct" / "original")
+    result = run_script(f"{script.__name__}.py", tmp_path, "Tiny-Instruct", MAX_NEW_TOKENS=12, SHOW_TOKENS=0)
+    assert result.returncode == 0, result.stderr
+    expected = own_greedy_text(script, models_dir / "Tiny-Instruct", tokenizer, script.INPUT_STRING, True, 12)
+    assert result.stdout == expected != ""
+
+
+def test_output_is_utf8_whatever_the_locale(models_dir, tokenizer, distributed):
+    """Redirected output in a code page that cannot encode the text (Windows' cp1252 here) is written in UTF-8."""
+    expected = tokenizer.decode(reference_ids(models_dir, "Tiny", tokenizer, "The capital of France is", NEW_TOKENS))
+    assert any(ord(character) > 255 for character in expected)  # the case under test really occurs
+    result = run_script("minimal_run_inference.py", models_dir, "Tiny", DTYPE="float32", MAX_NEW_TOKENS=NEW_TOKENS,
+                        PYTHONIOENCODING="cp1252")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected
+
+
+@pytest.mark.parametrize("script_name", SCRIPTS)
+def test_a_closed_pipe_ends_generation_quietly(script_name, models_dir):
+    """`python SCRIPT | head -c 20`: the reader goes away; the script stops with status 0 and no error."""
+    env = clean_environment(LLAMA_MODELS_DIR=models_dir, MODEL_NAME="Tiny", DEVICE="cpu", MAX_NEW_TOKENS=100000,
+                            SHOW_TOKENS=0)
+    process = subprocess.Popen([sys.executable, str(REPO / script_name)], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    try:
+        assert len(process.stdout.read(20)) == 20
+        process.stdout.close()
+        stderr = process.communicate(timeout=120)[1].decode()
+    finally:
+        process.kill()
+    assert process.returncode == 0, stderr
+    assert "error" not in stderr.lower() and "Traceback" not in stderr and "Exception ignored" not in stderr
+
+
+def test_converting_weights_shows_progress_on_a_terminal_only(models_dir):
+    """With stderr a terminal, QUANTIZE=int8's conversion shows one updating line (carriage returns), erased
+    at the end; with stderr a pipe, nothing of it."""
+    import os
+    import pty
+    controller, terminal = pty.openpty()
+    env = clean_environment(LLAMA_MODELS_DIR=models_dir, MODEL_NAME="Tiny", DEVICE="cpu", QUANTIZE="int8",
+                            MAX_NEW_TOKENS=4)
+    process = subprocess.Popen([sys.executable, str(REPO / "minimal_run_inference.py")], env=env,
+                               stdout=subprocess.PIPE, stderr=terminal)
+    os.close(terminal)
+    shown = b""
+    try:
+        while True:
+            try:
+                chunk = os.read(controller, 4096)
+            except OSError:  # the terminal closed: the script has ended
+                break
+            if not chunk:
+                break
+            shown += chunk
+        process.wait(timeout=120)
+    finally:
+        process.kill()
+        os.close(controller)
+    assert process.returncode == 0, shown.decode(errors="replace")
+    assert b"\rpreparing weights 1/15" in shown and b"\rpreparing weights 14/15" in shown
+    piped = run_script("minimal_run_inference.py", models_dir, "Tiny", QUANTIZE="int8", MAX_NEW_TOKENS=4)
+    assert piped.returncode == 0 and "preparing weights" not in piped.stderr

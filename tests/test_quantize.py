@@ -1,0 +1,133 @@
+"""8- and 4-bit weights (QUANTIZE=int8 / int4, speedups.Int8Linear / Int4Linear): the quantisation arithmetic
+by hand, logits within a stated error of bfloat16's on both sides of the int8 kernel's row limit, the same
+greedy text and beams on a model with confident predictions, and the scripts run as a user runs them."""
+
+import pytest
+import torch
+
+import minimal_run_inference
+import run_inference
+import speedups
+from conftest import CPU, load, run_script
+from test_independent import random_prompt
+
+# Mean relative error of the logits against bfloat16's (|q - bf16| / |bf16| per position), on the
+# confident tiny model. int8 with one scale per row: about 1% per layer (its weight error); int4 with a
+# scale and an offset per 32 weights: about 8% per layer. The bounds leave room for the rounding of a
+# different model, and are far below what a broken kernel gives (a dropped scale: 100% and more).
+LOGIT_ERROR_BOUND = {"int8": 0.03, "int4": 0.25}
+
+
+def test_quantize_int8_by_hand():
+    weight = torch.tensor([[1.0, -0.5, 0.25], [2.0, 4.0, -8.0]])
+    int8, scales, relative_error = speedups.quantize_int8(weight)
+    assert scales.tolist() == pytest.approx([1 / 127, 8 / 127])
+    # row 0: 1, -0.5, 0.25 times 127 = 127, -63.5, 31.75; row 1 times 127 / 8 = 31.75, 63.5, -127
+    # (torch.round rounds halves to even: -63.5 -> -64, 63.5 -> 64)
+    assert int8.dtype == torch.int8
+    assert int8.tolist() == [[127, -64, 32], [32, 64, -127]]
+    approximation = int8.float() * scales[:, None]
+    assert ((approximation - weight).abs() <= scales[:, None] / 2 + 1e-7).all()  # at most half a step per weight
+    # the error is measured on every ERROR_SAMPLE-th row: here row 0 alone
+    assert relative_error == pytest.approx(((approximation - weight)[0].norm() / weight[0].norm()).item())
+
+
+def test_quantize_int4_by_hand():
+    """One row of 32 weights 0, 1, ..., 31 (minimum 0, scale 31 / 15): codes round(w * 15 / 31); the kernel
+    multiplies by (code - 8) * scale + zero, zero = minimum + 8 * scale."""
+    weight = torch.arange(32.0).repeat(16, 1)  # the kernel packs 16 rows at a time
+    packed, scales_and_zeros, _ = speedups.quantize_int4(weight)
+    scale = 31 / 15
+    assert scales_and_zeros.shape == (1, 16, 2)
+    assert scales_and_zeros[0, 0].tolist() == pytest.approx([scale, 8 * scale])
+    codes = (weight[0] / scale).round()
+    x = torch.eye(32)  # the kernel on the identity: every weight, dequantised
+    dequantised = torch._weight_int4pack_mm_for_cpu(x, packed, speedups.INT4_GROUP, scales_and_zeros)[:, 0]
+    assert dequantised.tolist() == pytest.approx((codes * scale).tolist(), abs=1e-5)
+    assert (dequantised - weight[0]).abs().max() <= scale / 2 + 1e-5
+
+
+@pytest.mark.parametrize("rows", [speedups.INT8_KERNEL_MAX_ROWS, speedups.INT8_KERNEL_MAX_ROWS + 1])
+def test_int8_product_on_both_sides_of_the_row_limit(rows):
+    """Up to the limit the int8 kernel, above it a 16-bit copy of the weight: the same product either way."""
+    generator = torch.Generator().manual_seed(0)
+    weight, x = torch.randn(96, 64, generator=generator), torch.randn(rows, 64, generator=generator)
+    int8, scales, _ = speedups.quantize_int8(weight)
+    out = speedups.int8_matmul(x.to(torch.bfloat16), int8, scales.to(torch.bfloat16)).float()
+    expected = x @ (int8.float() * scales[:, None]).T
+    assert ((out - expected).norm() / expected.norm()).item() < 0.01  # bfloat16 inputs and outputs
+
+
+def logits_along(model, script, ids, chunk):
+    """Logits after each chunk of `ids` (the last position of each), fed through the cache as prefill feeds them."""
+    return torch.stack([script.prefill(model, ids[start : start + chunk], CPU, start).float()
+                        for start in range(0, len(ids), chunk)])
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_quantized_logits_are_close_to_bfloat16(quantize, confident_dir, tokenizer, distributed):
+    """A 130-token prompt fed in chunks of 65 tokens (above the int8 kernel's row limit: the 16-bit copy),
+    then one token at a time (the kernel), both compared with bfloat16 at the same positions."""
+    ids = random_prompt(tokenizer, 2 * (speedups.INT8_KERNEL_MAX_ROWS + 1), seed=7)
+    models = {q: load(run_inference, confident_dir / "Tiny", len(ids), torch.bfloat16, quantize=q) for q in ("", quantize)}
+    assert type(models[quantize].layers[0].feed_forward.w1) is {"int8": speedups.Int8Linear, "int4": speedups.Int4Linear}[quantize]
+    for chunk in (speedups.INT8_KERNEL_MAX_ROWS + 1, 1):  # each pass writes the cache from position 0 again
+        exact, approx = (logits_along(models[q], run_inference, ids, chunk) for q in ("", quantize))
+        relative_error = ((approx - exact).norm(dim=1) / exact.norm(dim=1)).mean().item()
+        assert 0 < relative_error < LOGIT_ERROR_BOUND[quantize], f"chunks of {chunk}: {relative_error:.2%}"
+
+
+def successor_chain(successor, first, length):
+    chain = [successor[first].item()]
+    while len(chain) < length:
+        chain.append(successor[chain[-1]].item())
+    return chain
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_quantized_greedy_text_and_beams_equal_bfloat16s(quantize, confident_dir, successor, tokenizer, distributed):
+    prompt_ids = tokenizer.encode("the quick brown fox " * 20, bos=True, eos=False)[:64]
+    greedy, beams = {}, {}
+    for q in ("", quantize):
+        model = load(run_inference, confident_dir / "Tiny", 64 + 24, torch.bfloat16, quantize=q)
+        greedy[q] = list(run_inference.generate(model, prompt_ids, 24, tokenizer.stop_tokens, CPU))
+        model = load(run_inference, confident_dir / "Tiny", 64 + 12, torch.bfloat16, batch=3, quantize=q)
+        beams[q] = run_inference.beam_search(model, prompt_ids, 12, tokenizer.stop_tokens, CPU, 3, 1.0)
+    assert greedy[""] == successor_chain(successor, prompt_ids[-1], 24)  # the model is as confident as intended
+    assert greedy[quantize] == greedy[""]
+    # The best beam follows the confident predictions; the others are runners-up with small margins, which
+    # int8's 1% error keeps in order here and int4's 8% need not.
+    compared = len(beams[""]) if quantize == "int8" else 1
+    assert [ids for _, ids in beams[quantize]][:compared] == [ids for _, ids in beams[""]][:compared]
+    assert [score for score, _ in beams[quantize]][:compared] == \
+        pytest.approx([score for score, _ in beams[""]][:compared], rel=0.1, abs=0.05)
+
+
+@pytest.mark.parametrize("script, quantize", [(minimal_run_inference, "int4"), (run_inference, "int8")],
+                         ids=["minimal-int4", "tutorial-int8"])
+def test_a_quantized_run_prints_the_bfloat16_text(script, quantize, confident_dir, tokenizer, distributed):
+    prompt_ids = script.encode_prompt(tokenizer, script.INPUT_STRING, "", instruct=False)
+    model = load(script, confident_dir / "Tiny", len(prompt_ids) + 16, torch.bfloat16)
+    expected = tokenizer.decode(list(script.generate(model, prompt_ids, 16, tokenizer.stop_tokens, CPU)))
+    result = run_script(f"{script.__name__}.py", confident_dir, "Tiny", MAX_NEW_TOKENS=16, QUANTIZE=quantize)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected != ""
+    if script is run_inference:
+        assert "Int8Linear" in result.stderr and "quantised weights' relative error" in result.stderr
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"QUANTIZE": "int3"}, "QUANTIZE='int3' is not supported; choose one of: '', 'int8', 'int4'"),
+    ({"QUANTIZE": "int8", "SPEEDUPS": 0}, "QUANTIZE='int8' needs SPEEDUPS=1"),
+])
+def test_bad_quantize_settings(settings, message, models_dir):
+    result = run_script("run_inference.py", models_dir, "Tiny", **settings)
+    assert result.returncode != 0 and result.stdout == ""
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_int4_is_refused_on_other_devices(models_dir):
+    import support
+    with pytest.raises(SystemExit, match="QUANTIZE='int4' runs on CPUs only"):
+        support.check_job(models_dir / "Tiny", support.read_params(models_dir / "Tiny"), 8, 8, torch.bfloat16,
+                          torch.device("cuda"), "int4")

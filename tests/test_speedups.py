@@ -1,0 +1,134 @@
+"""speedups.py, the fast path both scripts apply: what it swaps in, what SPEEDUPS=0 leaves alone, and that the
+text and the logits do not change (float32, against llama-models as written and a cache-free recomputation)."""
+
+import fairscale.nn.model_parallel.layers as fairscale_layers
+import pytest
+import torch
+from llama_models.llama3 import model as llama_model
+
+import minimal_run_inference
+import run_inference
+import speedups
+from conftest import CPU, SCRIPTS, greedy_without_cache, load, reference_model, run_script
+from test_independent import random_prompt
+
+FAIRSCALE_LINEAR = (fairscale_layers.ColumnParallelLinear, fairscale_layers.RowParallelLinear)
+
+
+def no_patched_forwards(model):
+    """No module's forward is replaced on the instance, and no hooks run around any module."""
+    return all("forward" not in vars(module) and not module._forward_pre_hooks and not module._forward_hooks
+               for module in model.modules())
+
+
+def test_speedups_off_runs_llama_models_as_written(script, models_dir, distributed):
+    model = load(script, models_dir / "Tiny", 20, batch=3, use_speedups=False)
+    assert type(model) is llama_model.Transformer
+    for layer in model.layers:
+        assert type(layer.attention) is llama_model.Attention
+        assert type(layer.feed_forward) is llama_model.FeedForward
+        assert layer.attention.cache_k.shape == (3, 20, 2, 16)  # llama-models' layout, sized to this job
+    linears = [m for m in model.modules() if isinstance(m, FAIRSCALE_LINEAR)]
+    assert len(linears) == 7 * 2 + 1 and type(model.output) is fairscale_layers.ColumnParallelLinear
+    assert not any(isinstance(m, (speedups.FastLinear, speedups.GroupedQueryAttention)) for m in model.modules())
+    assert no_patched_forwards(model)
+
+
+@pytest.mark.parametrize("batch, linear", [(1, speedups.MatVecLinear), (4, speedups.PackedLinear)])
+def test_speedups_swap_named_modules(script, batch, linear, models_dir, distributed):
+    if linear is speedups.PackedLinear and not speedups.packs_weights(CPU, torch.float32, batch):
+        linear = speedups.MatVecLinear  # no oneDNN kernels to pack for on this CPU
+    model = load(script, models_dir / "Tiny", 20, batch=batch)
+    for layer in model.layers:
+        assert type(layer.attention) is speedups.GroupedQueryAttention
+        assert layer.attention.cache_k.shape == (batch, 2, 20, 16)  # (batch, kv_heads, seq, head_dim): this job's
+        assert layer.attention.cache_v.dtype == torch.float32 and not layer.attention.cache_v.is_meta
+    assert type(model.output) is speedups.LastPositionLogits and type(model.output.layer) is linear
+    assert sum(type(m) is linear for m in model.modules()) == 7 * 2 + 1
+    assert not any(isinstance(m, FAIRSCALE_LINEAR) for m in model.modules())
+    assert no_patched_forwards(model)
+    assert f"{linear.__name__}(in=64, out=64)" in repr(model) and "GroupedQueryAttention(" in repr(model)
+
+
+@pytest.mark.parametrize("script_name", SCRIPTS)
+def test_speedups_on_and_off_print_the_cache_free_greedy_text(script_name, models_dir, tokenizer, distributed):
+    prompt = "Once upon a time"
+    prompt_ids = tokenizer.encode(prompt, bos=True, eos=False)
+    expected = greedy_without_cache(reference_model(models_dir / "Tiny", len(prompt_ids) + 20), prompt_ids, 20,
+                                    tokenizer.stop_tokens)
+    for speedups_on in (0, 1):
+        result = run_script(script_name, models_dir, "Tiny", INPUT_STRING=prompt, DTYPE="float32", MAX_NEW_TOKENS=20,
+                            SPEEDUPS=speedups_on)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == tokenizer.decode(expected)
+
+
+@pytest.mark.parametrize("chunk", [7, 256])
+@pytest.mark.parametrize("use_speedups", [False, True], ids=["speedups-off", "speedups-on"])
+def test_prefill_in_chunks_gives_the_cache_free_logits_and_tokens(script, use_speedups, chunk, models_dir, tokenizer,
+                                                                  distributed, monkeypatch):
+    """A prompt longer than the chunk (300 tokens) is fed chunk by chunk, each at its own position: the last
+    position's logits are those of one pass over the whole prompt, and so is every greedy token after it."""
+    monkeypatch.setattr(script, "PREFILL_CHUNK", chunk)
+    ids = random_prompt(tokenizer, 300, seed=5)
+    reference = reference_model(models_dir / "Tiny", len(ids) + 12)
+    model = load(script, models_dir / "Tiny", len(ids) + 12, use_speedups=use_speedups)
+    expected = reference(torch.tensor([ids]), start_pos=0)[0, -1]
+    assert (script.prefill(model, ids, CPU) - expected).abs().max() < 1e-4
+    model = load(script, models_dir / "Tiny", len(ids) + 12, use_speedups=use_speedups)  # an empty cache again
+    assert list(script.generate(model, ids, 12, tokenizer.stop_tokens, CPU)) == \
+        greedy_without_cache(reference, ids, 12, tokenizer.stop_tokens)
+
+
+def test_prefill_continues_after_what_the_cache_holds(script, models_dir, tokenizer, distributed):
+    """prefill(start_pos=n) feeds a text after the n tokens already cached (a chat's next turn)."""
+    ids = random_prompt(tokenizer, 50, seed=6)
+    model = load(script, models_dir / "Tiny", len(ids))
+    script.prefill(model, ids[:20], CPU)
+    expected = reference_model(models_dir / "Tiny", len(ids))(torch.tensor([ids]), start_pos=0)[0, -1]
+    assert (script.prefill(model, ids[20:], CPU, start_pos=20) - expected).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("use_speedups", [False, True], ids=["speedups-off", "speedups-on"])
+def test_tied_weights_stay_one_tensor_when_the_model_is_converted(use_speedups, tmp_path, distributed):
+    """Llama 3.2 stores its output layer and embedding table once; a float32 load copies every weight, and
+    must copy that one once, for both scripts (support.tie_weights)."""
+    from random_checkpoint import TINY, random_weights, write_checkpoint
+    folder = write_checkpoint(tmp_path / "Tied", TINY, random_weights(TINY, tie_embeddings=True))
+    for script in (minimal_run_inference, run_inference):
+        model = load(script, folder, 8, torch.float32, use_speedups=use_speedups)
+        output = model.output.layer if use_speedups else model.output
+        assert output.weight.dtype == torch.float32
+        assert output.weight.data_ptr() == model.tok_embeddings.weight.data_ptr()
+
+
+def test_a_float32_load_of_tied_1b_weights_holds_the_table_once(llama_1b_dir):
+    """The peak memory of a float32 run of the 1B shapes: the float32 weights (tied table once) plus the
+    memory-mapped bfloat16 file they are converted from; a second float32 copy of the 128,256 x 2,048
+    table would add 0.98 GiB."""
+    result = run_script("minimal_run_inference.py", llama_1b_dir, "Llama3.2-1B", DTYPE="float32", MAX_NEW_TOKENS=2)
+    assert result.returncode == 0, result.stderr
+    peak_gib = float(result.stderr.split("peak memory ")[1].split()[0])
+    file_gib = (llama_1b_dir / "Llama3.2-1B" / "consolidated.00.pth").stat().st_size / 2**30
+    assert peak_gib < 3 * file_gib + 0.5  # float32 weights (twice the file) + the file
+
+
+def test_one_row_uses_pytorchs_own_kernel_and_restores_onednn(models_dir, distributed):
+    """MatVecLinear switches oneDNN off for single-row products only, and back on afterwards."""
+    layer = load(run_inference, models_dir / "Tiny", 8, torch.bfloat16).layers[0].feed_forward.w1
+    x = torch.randn(5, 1, 64, dtype=torch.bfloat16)
+    seen = []
+    original = torch.nn.functional.linear
+
+    def spy(*args):
+        seen.append(torch.backends.mkldnn.enabled)
+        return original(*args)
+
+    torch.nn.functional.linear = spy
+    try:
+        one_row, five_rows = layer(x[:1]), layer(x)
+    finally:
+        torch.nn.functional.linear = original
+    assert seen == [False, True] and torch.backends.mkldnn.enabled
+    expected = x.float() @ layer.weight.float().T
+    assert (five_rows.float() - expected).abs().max() < 0.05 and (one_row.float() - expected[:1]).abs().max() < 0.05
