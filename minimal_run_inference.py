@@ -99,7 +99,8 @@ def generate(model, prompt_ids, max_new_tokens, stop_tokens, device, start_pos=0
         if token_id in stop_tokens:
             return
         yield token_id
-        logits = decode_step(model, [token_id], start_pos + len(prompt_ids) + step, device)[0]
+        if step + 1 < max_new_tokens:  # no forward pass for a token that would not be used
+            logits = decode_step(model, [token_id], start_pos + len(prompt_ids) + step, device)[0]
 
 
 def stream(token_ids, tokenizer):
@@ -117,17 +118,16 @@ def main():
     model_dir = support.find_checkpoint(LLAMA_MODELS_DIR, MODEL_NAME)
     params = support.read_params(model_dir)
     tokenizer = support.load_tokenizer(model_dir, params)
-    prompt = support.read_prompt(INPUT_STRING, INPUT_FILE)
-    prompt_ids = encode_prompt(tokenizer, prompt, SYSTEM_PROMPT, instruct="instruct" in MODEL_NAME.lower())
+    prompt_ids = encode_prompt(tokenizer, support.read_prompt(INPUT_STRING, INPUT_FILE), SYSTEM_PROMPT, "instruct" in MODEL_NAME.lower())
     support.check_job(model_dir, params, len(prompt_ids), MAX_NEW_TOKENS, dtype, device, QUANTIZE)
 
     support.init_distributed(device)
     start = time.perf_counter()
     model = load_model(model_dir, params, device, dtype, len(prompt_ids) + MAX_NEW_TOKENS, 1, SPEEDUPS, QUANTIZE)
     print(f"loaded {MODEL_NAME} on {device} in {dtype} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
-    start = time.perf_counter()
-    token_ids = list(stream(generate(model, prompt_ids, MAX_NEW_TOKENS, tokenizer.stop_tokens, device), tokenizer))
-    support.report(len(prompt_ids), len(token_ids), time.perf_counter() - start, device)
+    timer = support.Timer()
+    token_ids = list(stream(timer.tokens(generate(model, prompt_ids, MAX_NEW_TOKENS, tokenizer.stop_tokens, device)), tokenizer))
+    timer.report(len(prompt_ids), len(token_ids), device)
     support.close_distributed()
 
 

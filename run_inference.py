@@ -6,7 +6,8 @@ top-p sampling) and a chat mode that keeps the conversation in the KV cache. Rea
 follows the data: text, tokens, weights and cache, one layer, logits, the next token, text again.
 
 What makes it fast lives in speedups.py, applied by one call in load_model; each idea is explained here,
-where the story reaches it. SPEEDUPS=0 runs llama-models' own code exactly as written instead.
+where the story reaches it. SPEEDUPS=0 runs llama-models' own modules as written instead (in both modes
+the RoPE table is ours, with the right factor for Llama 3.2: see rope_rotations).
 
 Run it like its twin: edit the settings below, or override any of them with an environment variable of the
 same name, e.g.
@@ -42,14 +43,14 @@ import support  # settings from the environment, device and dtype, input checks:
 # ---------------------------------------------------------------------------------------------------------
 MODEL_NAME = "Llama3.2-1B-Instruct"  # a folder in LLAMA_MODELS_DIR: Llama3.2-1B, Llama3.2-3B, Llama3.1-8B, Llama3.3-70B, ... ("-Instruct" in the name: chat format)
 LLAMA_MODELS_DIR = "~/.llama/checkpoints"  # where `llama-model download --source meta` puts checkpoints
-INPUT_STRING = "The capital of France is"  # the user's message (Instruct models) or the text to continue (base models)
+INPUT_STRING = "The capital of France is"  # the user's message (Instruct models) or the text to continue (base models); not used by CHAT
 INPUT_FILE = ""  # a UTF-8 text file to use instead of INPUT_STRING, for long prompts; "" for none
 SYSTEM_PROMPT = ""  # Instruct models only: a system message before the user's; "" for none
 DEVICE = "auto"  # "auto" (cuda, then mps, then cpu), "cpu", "mps", "cuda", "cuda:1"
 DTYPE = "auto"  # "auto" (bfloat16; float16 on GPUs without bfloat16), "bfloat16", "float16", "float32"
 MAX_NEW_TOKENS = 64  # generation stops here unless a stop token comes first (in chat: per reply)
 PREFILL_CHUNK = 256  # prompt tokens per forward call: bounds the memory of a long prompt's attention
-QUANTIZE = ""  # "int8" or "int4": smaller linear weights, faster decoding on CPUs (see "8-bit and 4-bit weights"); "": as stored
+QUANTIZE = ""  # "int8" or "int4": smaller linear weights; faster decoding where the CPU's kernels keep up (see "8-bit and 4-bit weights"); "": as stored
 SPEEDUPS = 1  # 1: the fast path of speedups.py; 0: llama-models' Transformer exactly as written
 
 # How the next token is chosen. The default is greedy: always the most likely token.
@@ -92,77 +93,11 @@ def encode_prompt(tokenizer, text, system_prompt, instruct):
 
 def describe_tokenizer(path, tokenizer, prompt_ids):
     """Show a few lines of tokenizer.model decoded, and the prompt as the model sees it."""
-    for line in path.read_text().splitlines()[12366:12368]:  # " Paris" and its neighbour
+    [paris] = tokenizer.encode(" Paris", bos=False, eos=False)  # its id is its line number in the file
+    for line in path.read_text().splitlines()[paris : paris + 2]:  # " Paris" and its neighbour
         token_b64, rank = line.split()
         print(f"tokenizer.model line {line!r}: bytes {base64.b64decode(token_b64)!r}, id {rank}", file=sys.stderr)
     print(f"prompt: {len(prompt_ids)} tokens {tokenizer.decode(prompt_ids)!r}", file=sys.stderr)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# One process, or many: torch.distributed and fairscale.
-# llama-models builds the model from fairscale's model-parallel layers, written so that a model too big
-# for one device is split across N processes (one per GPU, on one or several machines), each holding a
-# 1/N slice of every large matrix:
-#   ColumnParallelLinear (wq, wk, wv, w1, w3, output): each process holds some output rows and computes
-#     those outputs; the attention heads and the feed-forward units are divided among the processes, so
-#     each one also keeps only its own key-value heads in its KV cache (n_kv_heads / N of them). The
-#     output layer then gathers the pieces (all_gather), so every process sees all the logits.
-#   RowParallelLinear (wo, w2): each process holds some input columns, multiplies its slice of the
-#     hidden vector, and the partial results are summed across processes (all_reduce).
-#   VocabParallelEmbedding: each process holds the embeddings of a range of token ids; a process looks up
-#     the ids in its range, zeros for the others, and an all_reduce completes every row.
-# So each layer costs two all_reduces and the output one all_gather; everything else is local. Every
-# process runs this same script, computes the same logits and so picks the same tokens (greedy, beam
-# search, and sampling, whose generators share the seed); only rank 0 prints.
-#
-# Even with one process those layers ask fairscale for the "model-parallel group", so one must exist:
-# support.init_distributed starts it, before the model is built. A one-process group needs no launcher
-# and no network: its rendezvous store is a dictionary in memory. Launched by torchrun, PyTorch's
-# distributed launcher, the processes find each other through the RANK, WORLD_SIZE and
-# MASTER_ADDR/MASTER_PORT variables it sets, and the model-parallel size is the number of processes:
-#   torchrun --nproc-per-node 8 run_inference.py                  one machine, 8 GPUs (Llama 3.3 70B)
-#   torchrun --nnodes 2 --nproc-per-node 8 --node-rank R --master-addr HOST --master-port 29500 run_inference.py
-#                                                                 two machines (405B), R = 0 and 1
-#   DEVICE=cpu torchrun --nproc-per-node 2 run_inference.py       two CPU processes, to try it at home
-# The backend is nccl for NVIDIA GPUs (one GPU per local rank) and gloo on CPUs; Apple GPUs have none, so
-# mps runs one process. At the end, support.close_distributed stops the groups' threads while Python is
-# still whole (left to the interpreter's shutdown, one of them now and then aborted a finished run).
-# ---------------------------------------------------------------------------------------------------------
-
-
-# ---------------------------------------------------------------------------------------------------------
-# RoPE: how the model knows where each token is.
-# Attention compares queries and keys with dot products, which by themselves ignore order. Rotary
-# position embedding (RoPE) rotates each pair of numbers (0,1), (2,3), ... of every query and key by an
-# angle proportional to the token's position, pair i turning at frequency theta**(-2i/head_dim) radians
-# per token. The dot product of two rotated vectors then depends on how far apart the tokens are.
-#
-# Llama 3.1 and later stretch the slow pairs so that a model trained on 8,192 tokens works up to 131,072.
-# Count how many full turns a pair makes over the original context (support.ROPE_ORIGINAL_CONTEXT):
-# pairs that turn fewer than ROPE_LOW_FREQ_FACTOR times turn FACTOR times slower, pairs that turn more than
-# ROPE_HIGH_FREQ_FACTOR times are unchanged, and those in between are blended linearly.
-# llama-models 0.3.0 hard-codes FACTOR = 8 (apply_scaling in llama_models/llama3/model.py), right for 3.1
-# and 3.3, but Llama 3.2 1B and 3B were trained with 32. With the wrong factor, short prompts look fine
-# and long ones slowly degrade. Rather than edit the installed package, we compute the rotation table
-# ourselves with the right factor and hand it to the model (model.freqs_cis in load_model). Folder names
-# can change, so the 3.2 models are recognised by their shapes (support.ROPE_SCALE_FACTORS), which no
-# other Llama 3.x model has.
-# ---------------------------------------------------------------------------------------------------------
-def rope_scale_factor(args):
-    return support.ROPE_SCALE_FACTORS.get((args.dim, args.n_layers), support.ROPE_SCALE_FACTOR)
-
-
-def rope_rotations(args, scale_factor):
-    head_dim = args.dim // args.n_heads
-    freqs = 1.0 / (args.rope_theta ** (torch.arange(0, head_dim, 2).float() / head_dim))  # (head_dim // 2,) radians/token
-    if args.use_scaled_rope:
-        turns = support.ROPE_ORIGINAL_CONTEXT * freqs / (2 * torch.pi)  # turns over the original context
-        # the share kept unscaled: 0 at or below ROPE_LOW_FREQ_FACTOR turns, 1 at or above ROPE_HIGH_FREQ_FACTOR
-        band = (turns - support.ROPE_LOW_FREQ_FACTOR) / (support.ROPE_HIGH_FREQ_FACTOR - support.ROPE_LOW_FREQ_FACTOR)
-        keep = band.clamp(0, 1)
-        freqs = (1 - keep) * freqs / scale_factor + keep * freqs
-    angles = torch.outer(torch.arange(args.max_seq_len).float(), freqs)  # (max_seq_len, head_dim // 2)
-    return torch.polar(torch.ones_like(angles), angles)  # cos + i sin: llama-models rotates with complex numbers
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -172,7 +107,7 @@ def rope_rotations(args, scale_factor):
 # blocks), n_heads (query heads; head_dim = dim / n_heads = 64), n_kv_heads (key/value heads, shared by
 # groups of query heads: grouped-query attention), vocab_size (128,256 tokens), ffn_dim_multiplier and
 # multiple_of (the feed-forward width, 8192 for 1B), norm_eps (RMSNorm's epsilon), rope_theta and
-# use_scaled_rope (see RoPE above). ModelArgs takes them, plus two sizes for the job at hand:
+# use_scaled_rope (see RoPE below). ModelArgs takes them, plus two sizes for the job at hand:
 # max_seq_len (prompt + new tokens) and max_batch_size (1, or the beam width).
 #
 # Three tricks keep memory at the size of the file:
@@ -223,6 +158,26 @@ def load_model(model_dir, params, device, dtype, max_seq_len, max_batch_size, us
     return model
 
 
+def describe_model(model, args):
+    """Print what is in memory: the weights per dtype, the KV cache, the RoPE factor, and the fast path."""
+    # Tied weights are one tensor: count it once. (Packed weights have no data pointer; none is shared.)
+    tensors = {id(p) if p.is_mkldnn else p.data_ptr(): p for p in model.parameters()}
+    gib = {}  # per dtype: 8- or 4-bit weights and the 16-bit rest, when quantised
+    for tensor in tensors.values():
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        gib[dtype] = gib.get(dtype, 0) + tensor.nbytes / support.GIB
+    attention = model.layers[0].attention
+    cache_bytes = 2 * len(model.layers) * attention.cache_k.numel() * attention.cache_k.element_size()
+    print(
+        f"{args.n_layers} layers, dim {args.dim}, {args.n_heads} query / {args.n_kv_heads} key-value heads, "
+        f"vocab {args.vocab_size}, RoPE scale factor {rope_scale_factor(args) if args.use_scaled_rope else 'none'}; "
+        f"weights {' + '.join(f'{size:.2f} GiB {dtype}' for dtype, size in gib.items())}, "
+        f"KV cache {cache_bytes / 2**20:.1f} MiB ({args.max_batch_size} x {args.max_seq_len} tokens)",
+        file=sys.stderr,
+    )
+    print(f"fast path: {speedups.describe(model) or 'off (SPEEDUPS=0): llama-models as written'}", file=sys.stderr)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The linear layers: most of the time, and most of the bytes.
 # Decoding one token multiplies every weight matrix by one vector: every weight is read from memory once
@@ -264,10 +219,10 @@ def load_model(model_dir, params, device, dtype, max_seq_len, max_batch_size, us
 # the table's values; it is converted like any other linear layer, into its own copy, because every
 # token reads all of it.)
 # Memory while converting: each weight is read from the mapped file and converted a block of rows at a
-# time; release_pages then tells the operating system that this process no longer needs the block's
+# time; speedups.release_pages then tells the operating system that this process no longer needs the block's
 # pages (Linux; macOS keeps them resident, so there the int8 and int4 memory savings appear only in the
 # GPU's memory), so the full bfloat16 model is never resident. And glibc's malloc keeps freed
-# temporaries in per-thread pools it does not always reuse; trim_heap hands them back after each layer.
+# temporaries in per-thread pools it does not always reuse; speedups.trim_heap hands them back after each layer.
 # `python benchmarks/bench_decode.py --only tutorial,tutorial-int8,tutorial-int4` measures the peak memory.
 # ---------------------------------------------------------------------------------------------------------
 
@@ -310,24 +265,72 @@ def load_model(model_dir, params, device, dtype, max_seq_len, max_batch_size, us
 # If you edit Attention.forward in an editable llama-models (README: "Hacking the architecture"), run with
 # SPEEDUPS=0: with SPEEDUPS=1 your edit is replaced by speedups' attention.
 # ---------------------------------------------------------------------------------------------------------
-def describe_model(model, args):
-    """Print what is in memory: the weights per dtype, the KV cache, the RoPE factor, and the fast path."""
-    # Tied weights are one tensor: count it once. (Packed weights have no data pointer; none is shared.)
-    tensors = {id(p) if p.is_mkldnn else p.data_ptr(): p for p in model.parameters()}
-    gib = {}  # per dtype: 8- or 4-bit weights and the 16-bit rest, when quantised
-    for tensor in tensors.values():
-        dtype = str(tensor.dtype).removeprefix("torch.")
-        gib[dtype] = gib.get(dtype, 0) + tensor.nbytes / 2**30
-    attention = model.layers[0].attention
-    cache_bytes = 2 * len(model.layers) * attention.cache_k.numel() * attention.cache_k.element_size()
-    print(
-        f"{args.n_layers} layers, dim {args.dim}, {args.n_heads} query / {args.n_kv_heads} key-value heads, "
-        f"vocab {args.vocab_size}, RoPE scale factor {rope_scale_factor(args) if args.use_scaled_rope else 'none'}; "
-        f"weights {' + '.join(f'{size:.2f} GiB {dtype}' for dtype, size in gib.items())}, "
-        f"KV cache {cache_bytes / 2**20:.1f} MiB ({args.max_batch_size} x {args.max_seq_len} tokens)",
-        file=sys.stderr,
-    )
-    print(f"fast path: {speedups.describe(model) or 'off (SPEEDUPS=0): llama-models as written'}", file=sys.stderr)
+
+# ---------------------------------------------------------------------------------------------------------
+# RoPE: how the model knows where each token is.
+# Attention compares queries and keys with dot products, which by themselves ignore order. Rotary
+# position embedding (RoPE) rotates each pair of numbers (0,1), (2,3), ... of every query and key by an
+# angle proportional to the token's position, pair i turning at frequency theta**(-2i/head_dim) radians
+# per token. The dot product of two rotated vectors then depends on how far apart the tokens are.
+#
+# Llama 3.1 and later stretch the slow pairs so that a model trained on 8,192 tokens works up to 131,072.
+# Count how many full turns a pair makes over the original context (support.ROPE_ORIGINAL_CONTEXT):
+# pairs that turn fewer than ROPE_LOW_FREQ_FACTOR times turn FACTOR times slower, pairs that turn more than
+# ROPE_HIGH_FREQ_FACTOR times are unchanged, and those in between are blended linearly.
+# llama-models 0.3.0 hard-codes FACTOR = 8 (apply_scaling in llama_models/llama3/model.py), right for 3.1
+# and 3.3, but Llama 3.2 1B and 3B were trained with 32. With the wrong factor, short prompts look fine
+# and long ones slowly degrade. Rather than edit the installed package, we compute the rotation table
+# ourselves with the right factor and hand it to the model (model.freqs_cis in load_model). Folder names
+# can change, so the 3.2 models are recognised by their shapes (support.ROPE_SCALE_FACTORS), which no
+# other Llama 3.x model has.
+# ---------------------------------------------------------------------------------------------------------
+def rope_scale_factor(args):
+    return support.ROPE_SCALE_FACTORS.get((args.dim, args.n_layers), support.ROPE_SCALE_FACTOR)
+
+
+def rope_rotations(args, scale_factor):
+    head_dim = args.dim // args.n_heads
+    freqs = 1.0 / (args.rope_theta ** (torch.arange(0, head_dim, 2).float() / head_dim))  # (head_dim // 2,) radians/token
+    if args.use_scaled_rope:
+        turns = support.ROPE_ORIGINAL_CONTEXT * freqs / (2 * torch.pi)  # turns over the original context
+        # the share kept unscaled: 0 at or below ROPE_LOW_FREQ_FACTOR turns, 1 at or above ROPE_HIGH_FREQ_FACTOR
+        band = (turns - support.ROPE_LOW_FREQ_FACTOR) / (support.ROPE_HIGH_FREQ_FACTOR - support.ROPE_LOW_FREQ_FACTOR)
+        keep = band.clamp(0, 1)
+        freqs = (1 - keep) * freqs / scale_factor + keep * freqs
+    angles = torch.outer(torch.arange(args.max_seq_len).float(), freqs)  # (max_seq_len, head_dim // 2)
+    return torch.polar(torch.ones_like(angles), angles)  # cos + i sin: llama-models rotates with complex numbers
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One process, or many: torch.distributed and fairscale.
+# llama-models builds the model from fairscale's model-parallel layers, written so that a model too big
+# for one device is split across N processes (one per GPU, on one or several machines), each holding a
+# 1/N slice of every large matrix:
+#   ColumnParallelLinear (wq, wk, wv, w1, w3, output): each process holds some output rows and computes
+#     those outputs; the attention heads and the feed-forward units are divided among the processes, so
+#     each one also keeps only its own key-value heads in its KV cache (n_kv_heads / N of them). The
+#     output layer then gathers the pieces (all_gather), so every process sees all the logits.
+#   RowParallelLinear (wo, w2): each process holds some input columns, multiplies its slice of the
+#     hidden vector, and the partial results are summed across processes (all_reduce).
+#   VocabParallelEmbedding: each process holds the embeddings of a range of token ids; a process looks up
+#     the ids in its range, zeros for the others, and an all_reduce completes every row.
+# So each layer costs two all_reduces and the output one all_gather; everything else is local. Every
+# process runs this same script, computes the same logits and so picks the same tokens (greedy, beam
+# search, and sampling, whose generators share the seed); only rank 0 prints.
+#
+# Even with one process those layers ask fairscale for the "model-parallel group", so one must exist:
+# support.init_distributed starts it, before the model is built. A one-process group needs no launcher
+# and no network: its rendezvous store is a dictionary in memory. Launched by torchrun, PyTorch's
+# distributed launcher, the processes find each other through the RANK, WORLD_SIZE and
+# MASTER_ADDR/MASTER_PORT variables it sets, and the model-parallel size is the number of processes:
+#   torchrun --nproc-per-node 8 run_inference.py                  one machine, 8 GPUs (Llama 3.3 70B)
+#   torchrun --nnodes 2 --nproc-per-node 8 --node-rank R --master-addr HOST --master-port 29500 run_inference.py
+#                                                                 two machines (405B), R = 0 and 1
+#   DEVICE=cpu torchrun --nproc-per-node 2 run_inference.py       two CPU processes, to try it at home
+# The backend is nccl for NVIDIA GPUs (one GPU per local rank) and gloo on CPUs; Apple GPUs have none, so
+# mps runs one process. At the end, support.close_distributed stops the groups' threads while Python is
+# still whole (left to the interpreter's shutdown, one of them now and then aborted a finished run).
+# ---------------------------------------------------------------------------------------------------------
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -374,8 +377,9 @@ def decode_step(model, token_ids, pos, device):
 #    the probability, after dividing the logits by TEMPERATURE (< 1 sharpens, > 1 flattens). Varied text,
 #    without the long tail of nonsense tokens. The same SEED gives the same draws.
 # 3. Beam search (further below): looks ahead over several candidate continuations at once.
-# Every token generate yields is fed back to the model before the next is chosen, so when generation
-# ends the cache holds the prompt and every yielded token: a chat continues from there.
+# Every token generate yields is fed back to the model before the next is chosen, except the last of
+# MAX_NEW_TOKENS, which no forward pass needs: when generation ends on a stop token, the cache holds the
+# prompt and every yielded token (the stop token itself is chosen, never fed); a chat continues from there.
 # ---------------------------------------------------------------------------------------------------------
 def pick_greedy(logits):
     return int(logits.argmax())
@@ -399,8 +403,9 @@ def show_token(step, token_id, logits, tokenizer):
     print(f"{step:>5} {token_id:>7} {text:<20} {probs[token_id]:<9.3g} {' | '.join(others[:SHOWN_ALTERNATIVES])}", file=sys.stderr)
 
 
-def generate(model, prompt_ids, max_new_tokens, stop_tokens, device, start_pos=0, pick=pick_greedy, on_token=None):
-    """Greedy (or sampled, with another `pick`) decoding with the KV cache; yields the id of each new token."""
+def generate(model, prompt_ids, max_new_tokens, stop_tokens, device, start_pos=0, *, pick=pick_greedy, on_token=None):
+    """Greedy (or sampled, with another `pick`) decoding with the KV cache; yields the id of each new token.
+    (The minimal script's generate, plus two options: how to pick a token, and a look at each pick.)"""
     logits = prefill(model, prompt_ids, device, start_pos)
     for step in range(max_new_tokens):
         support.check_finite(logits, model.norm.weight.dtype)  # NaN or inf: stop, never print garbage
@@ -410,7 +415,8 @@ def generate(model, prompt_ids, max_new_tokens, stop_tokens, device, start_pos=0
         if token_id in stop_tokens:
             return
         yield token_id
-        logits = decode_step(model, [token_id], start_pos + len(prompt_ids) + step, device)[0]  # it sits at this position
+        if step + 1 < max_new_tokens:  # no forward pass for a token that would not be used
+            logits = decode_step(model, [token_id], start_pos + len(prompt_ids) + step, device)[0]  # it sits at this position
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -437,7 +443,8 @@ def generate(model, prompt_ids, max_new_tokens, stop_tokens, device, start_pos=0
 #   parent beam = flat // vocab, new token = flat % vocab
 # Then each layer's KV cache rows must follow the parents: row i of the cache holds the keys and values of
 # beam i's past tokens, and the new beam i may descend from old beam 3. reorder_cache copies row 3 into
-# row i (for all layers) before the next step reads it.
+# row i (for all layers) before the next step reads it: the generated positions only, since every beam
+# shares the prompt (copied from row 0 to every row once, after the first step).
 #
 # Finishing: an extension ending in a stop token is a finished hypothesis, not a live beam. Its score is
 # its total log-probability divided by length**LENGTH_PENALTY (length = its new tokens, the stop token
@@ -452,13 +459,15 @@ def generate(model, prompt_ids, max_new_tokens, stop_tokens, device, start_pos=0
 # token is among each beam's best; finished hypotheses are taken only from the first k candidates.
 # These are the rules of transformers' generate(num_beams=k, do_sample=False), which the tests check.
 # ---------------------------------------------------------------------------------------------------------
-def reorder_cache(model, parents):
-    """Row i of every layer's KV cache becomes a copy of row parents[i]. (Dimension 0 is the sequence in
-    both cache layouts, llama-models' and speedups'.)"""
+def reorder_cache(model, parents, start, end):
+    """Row i of every layer's KV cache becomes a copy of row parents[i], for positions start .. end - 1."""
     rows = torch.tensor(parents, device=model.layers[0].attention.cache_k.device)
     for layer in model.layers:
-        for cache in (layer.attention.cache_k, layer.attention.cache_v):  # (max_batch, ...)
-            cache[: len(parents)] = cache[rows]  # gathers first, then writes: safe when rows overlap
+        # the positions' dimension: speedups' cache is (batch, kv_heads, seq, head_dim), llama-models' (batch, seq, ...)
+        positions = 2 if isinstance(layer.attention, speedups.GroupedQueryAttention) else 1
+        for cache in (layer.attention.cache_k, layer.attention.cache_v):
+            span = cache.narrow(positions, start, end - start)
+            span[: len(parents)] = span[rows]  # gathers first, then writes: safe when rows overlap
 
 
 def beam_search(model, prompt_ids, max_new_tokens, stop_tokens, device, beam_width, length_penalty, on_step=None):
@@ -487,7 +496,9 @@ def beam_search(model, prompt_ids, max_new_tokens, stop_tokens, device, beam_wid
             break
         beams = [beams[parent] + [token] for _, parent, token in survivors]
         beam_scores = torch.tensor([score for score, _, _ in survivors])
-        reorder_cache(model, [parent for _, parent, _ in survivors])
+        # after the prompt's pass only row 0 holds the prompt; from then on every row holds it
+        reorder_cache(model, [parent for _, parent, _ in survivors], 0 if step == 0 else len(prompt_ids),
+                      len(prompt_ids) + step)
         if on_step:
             on_step(step, beams, beam_scores, finished)
         best_live = beam_scores[0].item() / length**length_penalty
@@ -522,8 +533,8 @@ def show_beams(step, beams, beam_scores, finished, tokenizer):
 # ---------------------------------------------------------------------------------------------------------
 def user_messages(first_message):
     """The user's messages: `first_message` if any (INPUT_FILE), then stdin's lines, with a prompt on stderr
-    when stdin is a terminal. Empty lines are skipped; end of input ends the conversation."""
-    if first_message:
+    when stdin is a terminal. Blank messages are skipped; end of input ends the conversation."""
+    if first_message.strip():
         yield first_message
     while True:
         if sys.stdin.isatty():
@@ -532,7 +543,7 @@ def user_messages(first_message):
         if not line:
             return
         if line.strip():
-            yield line.rstrip("\n")
+            yield line.rstrip("\r\n")
 
 
 def encode_turn(tokenizer, message, system_prompt, first):
@@ -544,40 +555,52 @@ def encode_turn(tokenizer, message, system_prompt, first):
 
 def chat(model, tokenizer, device, pick, first_message=""):
     """The conversation loop; returns the number of turns."""
-    end_of_turn = tokenizer.special_tokens["<|eot_id|>"]
+    context = model.params.max_seq_len  # CHAT_CONTEXT
     dialog, cached = [], 0  # every token of the conversation so far; the cache holds dialog[:cached]
     turns = 0
     for message in user_messages(first_message):
         turn = encode_turn(tokenizer, message, SYSTEM_PROMPT, first=not dialog)
-        if len(dialog) + len(turn) + MAX_NEW_TOKENS > model.params.max_seq_len:
-            print(f"(the conversation would exceed CHAT_CONTEXT={model.params.max_seq_len} tokens: "
-                  "starting over from the system prompt and this message)", file=sys.stderr)
-            dialog, cached = [], 0
+        if len(dialog) + len(turn) + MAX_NEW_TOKENS > context:  # does not fit after the conversation so far
             turn = encode_turn(tokenizer, message, SYSTEM_PROMPT, first=True)
-            if len(turn) + MAX_NEW_TOKENS > model.params.max_seq_len:
+            if len(turn) + MAX_NEW_TOKENS > context:
                 print(f"(this message is {len(turn)} tokens: with MAX_NEW_TOKENS={MAX_NEW_TOKENS} it does not fit "
-                      f"CHAT_CONTEXT={model.params.max_seq_len}; skipped)", file=sys.stderr)
+                      f"CHAT_CONTEXT={context}; skipped)", file=sys.stderr)
                 continue
+            print(f"(the conversation would exceed CHAT_CONTEXT={context} tokens: starting over from the system "
+                  "prompt and this message)", file=sys.stderr)
+            dialog, cached = [], 0
         dialog += turn
-        fed, reply, interrupted = len(dialog) - cached, [], False
+        fed, chosen, interrupted = len(dialog) - cached, [], False
         start = time.perf_counter()
         try:
-            for token_id in stream(generate(model, dialog[cached:], MAX_NEW_TOKENS, tokenizer.stop_tokens, device,
-                                            cached, pick), tokenizer):
-                reply.append(token_id)
+            on_token = lambda step, token_id, logits: chosen.append(token_id)  # as soon as it is chosen
+            for _ in stream(generate(model, dialog[cached:], MAX_NEW_TOKENS, tokenizer.stop_tokens, device, cached,
+                                     pick=pick, on_token=on_token), tokenizer):
+                pass
         except KeyboardInterrupt:
             interrupted = True
         print(flush=True)  # the reply's line ends
-        if not interrupted:
-            cached = len(dialog) + len(reply)  # generate feeds every token it yields
-        elif reply:
-            cached = len(dialog) + len(reply) - 1  # Ctrl-C may have come before the last token was fed
-        dialog += reply + [end_of_turn]  # the reply's turn is closed; <|eot_id|> is fed with the next turn
+        reply = [token_id for token_id in chosen if token_id not in tokenizer.stop_tokens]
+        # generate feeds each token it yields before choosing the next: the whole reply is in the cache,
+        # except its last token when no stop token ended it (MAX_NEW_TOKENS, or Ctrl-C, which may also have
+        # come before any token: then nothing new is known to be there)
+        if reply and (interrupted or len(reply) == MAX_NEW_TOKENS):
+            cached = len(dialog) + len(reply) - 1
+        elif not interrupted:
+            cached = len(dialog) + len(reply)
+        dialog += reply + [closing_token(tokenizer, chosen)]  # fed with the next turn
         turns += 1
         print(f"turn {turns}: {fed} prompt tokens fed (without the cache: {len(dialog) - len(reply) - 1}), "
               f"{len(reply)} new tokens in {time.perf_counter() - start:.1f} s{' (stopped)' * interrupted}",
               file=sys.stderr)
     return turns
+
+
+def closing_token(tokenizer, chosen):
+    """What closes the reply in the conversation: the model's own <|eom_id|> if it ended with one (a tool
+    call: ChatFormat writes it so), else <|eot_id|> (also after a reply cut short)."""
+    eom = tokenizer.special_tokens["<|eom_id|>"]
+    return eom if chosen and chosen[-1] == eom else tokenizer.special_tokens["<|eot_id|>"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -604,15 +627,15 @@ def token_picker(device):
     return lambda logits: sample_top_p(logits, TEMPERATURE, TOP_P, generator)
 
 
-def run_generate(model, tokenizer, prompt_ids, device):
+def run_generate(model, tokenizer, prompt_ids, device, timer):
     """Greedy decoding or sampling, streamed to stdout; returns the number of new tokens."""
     on_token = partial(show_token, tokenizer=tokenizer) if SHOW_TOKENS else None
     token_ids = generate(model, prompt_ids, MAX_NEW_TOKENS, tokenizer.stop_tokens, device, pick=token_picker(device),
                          on_token=on_token)
-    return len(list(stream(token_ids, tokenizer)))
+    return len(list(stream(timer.tokens(token_ids), tokenizer)))
 
 
-def run_beam_search(model, tokenizer, prompt_ids, device):
+def run_beam_search(model, tokenizer, prompt_ids, device, timer):
     """Beam search, then the best NUM_RETURN_SEQUENCES texts on stdout, best first, a blank line between."""
     finished = beam_search(model, prompt_ids, MAX_NEW_TOKENS, tokenizer.stop_tokens, device, BEAM_WIDTH,
                            LENGTH_PENALTY, partial(show_beams, tokenizer=tokenizer) if SHOW_TOKENS else None)
@@ -623,8 +646,11 @@ def run_beam_search(model, tokenizer, prompt_ids, device):
     return max(len(token_ids) for _, token_ids in finished)
 
 
-def check_settings(instruct, params):
-    """The rules that tie settings together (each setting's own range is checked by support.apply_settings)."""
+def check_settings(tokenizer, params, instruct):
+    """The rules that tie settings together or to the model (each setting's own range is checked by
+    support.apply_settings)."""
+    # beam search's candidates, (1 + stop tokens) x BEAM_WIDTH, come from the first step's vocabulary
+    support.check_range("BEAM_WIDTH", BEAM_WIDTH, 1, params["vocab_size"] // (1 + len(tokenizer.stop_tokens)))
     support.check_range("NUM_RETURN_SEQUENCES", NUM_RETURN_SEQUENCES, 1, BEAM_WIDTH)
     if not 0 < TOP_P <= 1:
         support.fail(f"TOP_P={TOP_P} is out of range: it must be in (0, 1]")
@@ -637,6 +663,8 @@ def check_settings(instruct, params):
                      "has no \"Instruct\" in its name")
     if CHAT:
         support.check_range("CHAT_CONTEXT", CHAT_CONTEXT, MAX_NEW_TOKENS + 1, support.context_length(params))
+    if CHAT and support.processes()[0] > 1:
+        support.fail("CHAT=1 runs in one process: under torchrun every process would read stdin on its own")
 
 
 def main():
@@ -661,13 +689,14 @@ def main():
     params = support.read_params(model_dir)
     tokenizer = support.load_tokenizer(model_dir, params)
     instruct = "instruct" in MODEL_NAME.lower()
-    check_settings(instruct, params)
+    check_settings(tokenizer, params, instruct)
     prompt = support.read_prompt(INPUT_STRING, INPUT_FILE)
     prompt_ids = encode_prompt(tokenizer, prompt, SYSTEM_PROMPT, instruct)
     if not CHAT:
         describe_tokenizer(model_dir / "tokenizer.model", tokenizer, prompt_ids)
     max_seq_len = CHAT_CONTEXT if CHAT else len(prompt_ids) + MAX_NEW_TOKENS
-    support.check_job(model_dir, params, max_seq_len - MAX_NEW_TOKENS, MAX_NEW_TOKENS, dtype, device, QUANTIZE)
+    support.check_job(model_dir, params, max_seq_len - MAX_NEW_TOKENS, MAX_NEW_TOKENS, dtype, device, QUANTIZE,
+                      BEAM_WIDTH)
 
     support.init_distributed(device)
     start = time.perf_counter()
@@ -676,13 +705,12 @@ def main():
     threads = f", {torch.get_num_threads()} thread{'s' * (torch.get_num_threads() > 1)}" if device.type == "cpu" else ""
     print(f"loaded {MODEL_NAME} on {device}{threads} in {dtype} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
 
-    start = time.perf_counter()
+    timer = support.Timer()
     if CHAT:
         chat(model, tokenizer, device, token_picker(device), prompt if INPUT_FILE else "")
     else:
         run = run_beam_search if BEAM_WIDTH > 1 else run_generate
-        new_tokens = run(model, tokenizer, prompt_ids, device)
-        support.report(len(prompt_ids), new_tokens, time.perf_counter() - start, device)
+        timer.report(len(prompt_ids), run(model, tokenizer, prompt_ids, device, timer), device)
     support.close_distributed()
 
 

@@ -26,8 +26,9 @@ from fairscale.nn.model_parallel.mappings import gather_from_model_parallel_regi
 from llama_models.llama3.model import apply_rotary_emb
 from torch import nn
 
-QUANTIZE_CHOICES = ("", "int8", "int4")
 QUANTIZE_BLOCK_ROWS = 4096  # rows of a weight converted at a time: bounds the conversion's temporary memory
+INT4_PACK_ROWS = 64  # PyTorch's CPU int4 packing interleaves blocks of up to 64 rows: ours must hold whole ones
+assert QUANTIZE_BLOCK_ROWS % INT4_PACK_ROWS == 0
 INT8_MAX = 127  # symmetric 8-bit: -127 .. 127, one scale per output row
 # The int8 kernel's time grows with every row; above this many rows a temporary 16-bit copy of the weight
 # and the ordinary matrix product are faster. Measure: benchmarks/bench_kernels.py --rows 1,32,64,256
@@ -158,8 +159,8 @@ class FastLinear(nn.Module):
         self.reduce = isinstance(layer, RowParallelLinear)
         self.gather = isinstance(layer, ColumnParallelLinear) and layer.gather_output
 
-    def forward(self, x):
-        out = self.product(x)
+    def forward(self, x):  # x: (..., in), as many rows as its leading dimensions hold
+        out = self.product(x.reshape(-1, self.in_features)).view(*x.shape[:-1], -1)  # (rows, in) -> (..., out)
         if self.reduce:
             return reduce_from_model_parallel_region(out)
         return gather_from_model_parallel_region(out) if self.gather else out
@@ -177,7 +178,7 @@ class MatVecLinear(FastLinear):
         self.weight = layer.weight  # the same Parameter: a tied weight stays tied
 
     def product(self, x):
-        if x.device.type == "cpu" and x.numel() == x.shape[-1]:  # one row
+        if x.device.type == "cpu" and x.shape[0] == 1:  # one row
             with onednn_disabled():
                 return F.linear(x, self.weight)
         return F.linear(x, self.weight)
@@ -271,13 +272,10 @@ class ErrorSum:
 
 
 def int8_matmul(x, weight, scales):
-    """x @ (weight * scales[:, None]).T for an int8 weight (out, in) and x (..., in)."""
-    rows = x.reshape(-1, x.shape[-1])  # the kernel takes 2-D input: (tokens, in)
-    if x.device.type in ("cpu", "mps") and rows.shape[0] <= INT8_KERNEL_MAX_ROWS:
-        out = torch._weight_int8pack_mm(rows, weight, scales)  # reads 1 byte per weight
-    else:  # a prompt chunk, or a device without the kernel
-        out = F.linear(rows, weight.to(x.dtype)) * scales
-    return out.view(*x.shape[:-1], -1)  # (..., out)
+    """x @ (weight * scales[:, None]).T for an int8 weight (out, in) and x (rows, in)."""
+    if x.device.type in ("cpu", "mps") and x.shape[0] <= INT8_KERNEL_MAX_ROWS:
+        return torch._weight_int8pack_mm(x, weight, scales)  # reads 1 byte per weight
+    return F.linear(x, weight.to(x.dtype)) * scales  # a prompt chunk, or a device without the kernel
 
 
 class Int4Linear(FastLinear):
@@ -291,9 +289,7 @@ class Int4Linear(FastLinear):
         self.register_buffer("scales_and_zeros", scales_and_zeros)  # converted to the model's dtype by .to()
 
     def product(self, x):
-        rows = x.reshape(-1, x.shape[-1])
-        out = torch._weight_int4pack_mm_for_cpu(rows, self.weight, INT4_GROUP, self.scales_and_zeros)
-        return out.view(*x.shape[:-1], -1)
+        return torch._weight_int4pack_mm_for_cpu(x, self.weight, INT4_GROUP, self.scales_and_zeros)
 
 
 def quantize_int4(weight):
@@ -310,7 +306,7 @@ def quantize_int4(weight):
         scale = ((high - low) / INT4_LEVELS).clamp_(min=torch.finfo(torch.float32).tiny)
         codes = groups.sub_(low[..., None]).div_(scale[..., None]).round_().clamp_(0, INT4_LEVELS)
         packed[start : start + QUANTIZE_BLOCK_ROWS] = torch._convert_weight_to_int4pack_for_cpu(
-            codes.view(block.shape).to(torch.int32), 1)  # rows are packed independently
+            codes.view(block.shape).to(torch.int32), 1)  # whole packing blocks: see INT4_PACK_ROWS
         zero = low + INT4_MIDPOINT * scale  # the kernel's offset is the value of the middle code
         scales_and_zeros[start : start + QUANTIZE_BLOCK_ROWS] = torch.stack([scale, zero], dim=2)
         sample = slice(None, None, ERROR_SAMPLE)
@@ -332,7 +328,8 @@ def c_library():
 
 def release_pages(tensor):
     """madvise(MADV_DONTNEED): the memory-mapped pages wholly inside `tensor` leave this process's resident
-    memory (Linux; macOS keeps them resident). Reading them again would fetch them from the file; nothing does."""
+    memory (Linux; macOS keeps them resident). Reading them again fetches them from the file (only a tied
+    embedding table is read again, a row per token)."""
     libc = c_library()
     if libc is None or not hasattr(libc, "madvise") or tensor.device.type != "cpu":
         return

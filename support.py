@@ -48,7 +48,7 @@ ERROR_DETAIL_CHARS = 120  # a library's message quoted in ours is cut at a word 
 # The numeric settings of both scripts and their ranges (lowest, highest; None: unbounded), and the
 # settings that take one of a few values. A script checks the ones it has.
 RANGES = {"MAX_NEW_TOKENS": (1, None), "PREFILL_CHUNK": (1, None), "BEAM_WIDTH": (1, None),
-          "TEMPERATURE": (0.0, None), "LENGTH_PENALTY": (None, None)}
+          "TEMPERATURE": (0.0, None), "LENGTH_PENALTY": (None, None), "SHOWN_ALTERNATIVES": (0, LLAMA_3_VOCAB_SIZE - 1)}
 CHOICES = {"QUANTIZE": ("", "int8", "int4"), "SPEEDUPS": (0, 1), "SHOW_TOKENS": (0, 1), "CHAT": (0, 1)}
 
 
@@ -199,6 +199,11 @@ def processes():
     return int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
 
 
+def local_processes():
+    """How many of them run on this machine."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+
+
 def choose_device(name, cuda_count, has_mps, world_size, local_rank):
     """The device name for DEVICE=`name`, given what this machine has. "auto" prefers cuda, then mps (for
     one process only: torch.distributed has no backend for Apple GPUs), then cpu. Under torchrun "cuda"
@@ -268,8 +273,7 @@ def physical_cores():
 
 def set_threads(device):
     """Under torchrun on CPUs, give each process its share of the cores (see threads_per_process)."""
-    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    threads = threads_per_process(os.environ.get("OMP_NUM_THREADS"), local_processes, physical_cores())
+    threads = threads_per_process(os.environ.get("OMP_NUM_THREADS"), local_processes(), physical_cores())
     if device.type == "cpu" and threads:
         torch.set_num_threads(threads)
 
@@ -331,8 +335,8 @@ def find_checkpoint(models_dir, model_name):
                 f"(or from the Hugging Face Hub: huggingface-cli download meta-llama/REPO --include \"{HUB_FOLDER}/*\" "
                 f"--local-dir {model_dir})")
     if not model_dir.is_dir():
-        found = sorted({p.parent.name if p.parent.name != HUB_FOLDER else p.parent.parent.name
-                        for p in [*models_dir.glob("*/params.json"), *models_dir.glob(f"*/{HUB_FOLDER}/params.json")]},
+        found = sorted({model_name_of(p.parent) for p in [*models_dir.glob("*/params.json"),
+                                                          *models_dir.glob(f"*/{HUB_FOLDER}/params.json")]},
                        key=lambda name: -difflib.SequenceMatcher(None, name, model_name).ratio())
         where = f"checkpoints in {models_dir}: {', '.join(found)}" if found else f"no checkpoints in {models_dir}"
         fail(f"{model_dir} not found ({where}); {download}")
@@ -344,6 +348,11 @@ def find_checkpoint(models_dir, model_name):
     if not weight_files(model_dir):
         fail(f"no weights (consolidated.00.pth) in {model_dir}: the download is incomplete; {download}")
     return model_dir
+
+
+def model_name_of(model_dir):
+    """The model's folder name, also when its files sit in the Hub's original/ subfolder."""
+    return model_dir.parent.name if model_dir.name == HUB_FOLDER else model_dir.name
 
 
 def weight_files(model_dir):
@@ -386,13 +395,14 @@ def load_tokenizer(model_dir, params):
     return tokenizer
 
 
-def check_job(model_dir, params, prompt_length, max_new_tokens, dtype, device, quantize):
-    """Before loading anything: the text fits the context, the shards fit the processes, the weights fit memory."""
+def check_job(model_dir, params, prompt_length, max_new_tokens, dtype, device, quantize, sequences=1):
+    """Before loading anything: the text fits the context, the shards fit the processes, the weights and the
+    KV cache (for `sequences` sequences of prompt + new tokens) fit memory."""
     if quantize == "int4" and device.type != "cpu":
         fail(f"QUANTIZE='int4' runs on CPUs only (PyTorch's 4-bit kernels differ per device); on {device.type} use int8")
     check_length(prompt_length, max_new_tokens, params)
     check_shards(model_dir, params)
-    check_memory(model_dir, dtype, device, quantize)
+    check_memory(model_dir, dtype, device, quantize, kv_cache_bytes(params, sequences, prompt_length + max_new_tokens, dtype))
 
 
 def check_length(prompt_length, max_new_tokens, params):
@@ -401,6 +411,13 @@ def check_length(prompt_length, max_new_tokens, params):
     if prompt_length + max_new_tokens > limit:
         fail(f"the prompt ({prompt_length} tokens) + MAX_NEW_TOKENS ({max_new_tokens}) exceeds the model's "
              f"context of {limit} tokens; shorten the prompt or lower MAX_NEW_TOKENS")
+
+
+def kv_cache_bytes(params, sequences, positions, dtype):
+    """Keys and values for every layer, sequence and position: this process's key-value heads only."""
+    kv_heads = params.get("n_kv_heads", params["n_heads"]) / processes()[0]
+    head_dim = params["dim"] // params["n_heads"]
+    return 2 * params["n_layers"] * sequences * positions * kv_heads * head_dim * dtype.itemsize
 
 
 def context_length(params):
@@ -432,24 +449,27 @@ def memory_needed(checkpoint_bytes, bits, shards, world_size, local_processes, o
     return host, slice_bytes
 
 
-def check_memory(model_dir, dtype, device, quantize=""):
+def check_memory(model_dir, dtype, device, quantize="", cache_bytes=0):
     """Refuse to start a load that cannot fit, in host memory and, on a GPU, in the GPU's memory."""
     files = weight_files(model_dir)
     checkpoint_bytes = sum(path.stat().st_size for path in files)
     bits = {"int8": 8, "int4": 5}.get(quantize, torch.finfo(dtype).bits)  # int4: 4 bits + a scale and offset per 32
-    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    host, on_device = memory_needed(checkpoint_bytes, bits, len(files), processes()[0], local_processes,
+    host, on_device = memory_needed(checkpoint_bytes, bits, len(files), processes()[0], local_processes(),
                                     device.type == "cpu")
+    if device.type == "cpu":
+        host += cache_bytes * local_processes()
+    else:
+        on_device += cache_bytes
     smaller = (" or DTYPE=bfloat16" if dtype == torch.float32 else
                " or QUANTIZE=int8 or int4" if not quantize and device.type == "cpu" else "")
-    what = f"{model_dir.name} needs {{:.1f}} GiB for its weights in {quantize or str(dtype)[6:]}"
+    what = f"{model_name_of(model_dir)} needs {{:.1f}} GiB for its weights in {quantize or str(dtype)[6:]} and its KV cache"
     available = host_memory_available()
     if host > available:
         fail(f"{what.format(host / GIB)} in this machine's memory, but {available / GIB:.1f} GiB is available; "
-             f"try a smaller model{smaller}")
+             f"try a smaller model{smaller}, or a shorter context")
     if on_device > device_memory_available(device):
         fail(f"{what.format(on_device / GIB)} on {device}, but {device_memory_available(device) / GIB:.1f} GiB is "
-             f"available there; try a smaller model{smaller}")
+             f"available there; try a smaller model{smaller}, or a shorter context")
 
 
 def host_memory_available():
@@ -524,7 +544,7 @@ def reading_checkpoint(model_dir):
             yield
     except (RuntimeError, OSError, EOFError, ValueError) as error:
         fail(f"a weights file in {model_dir} is damaged ({shorten(str(error))}); re-download it, "
-             f"or check it with: llama-model verify-download --model-id {model_dir.parent.name if model_dir.name == HUB_FOLDER else model_dir.name}")
+             f"or check it with: llama-model verify-download --model-id {model_name_of(model_dir)}")
     finally:
         torch.set_default_dtype(torch.float32)
 
@@ -560,11 +580,27 @@ def check_finite(logits, dtype):
         fail(f"the model produced NaN or infinite scores in {str(dtype)[6:]} on {logits.device}; {hint}")
 
 
-def report(prompt_tokens, new_tokens, seconds, device):
-    """The run's speed and memory, on stderr."""
-    print(f"\n{prompt_tokens} prompt + {new_tokens} new tokens in {seconds:.1f} s ({new_tokens / seconds:.2f} tokens/s)",
-          file=sys.stderr)
-    print(memory_line(device), file=sys.stderr)
+class Timer:
+    """When generation started and when each new token came, so that the prompt's pass and the decoding
+    are reported apart (one rate for both would hide a slow long prompt or a fast decoder)."""
+
+    def __init__(self):
+        self.start, self.marks = time.perf_counter(), []
+
+    def tokens(self, token_ids):
+        """The token ids, passed on as each one's time is noted."""
+        for token_id in token_ids:
+            self.marks.append(time.perf_counter())
+            yield token_id
+
+    def report(self, prompt_tokens, new_tokens, device):
+        """The speed and the memory, on stderr."""
+        line = f"\n{prompt_tokens} prompt + {new_tokens} new tokens in {time.perf_counter() - self.start:.1f} s"
+        if len(self.marks) > 1:
+            decoding = (len(self.marks) - 1) / (self.marks[-1] - self.marks[0])
+            line += f" (the prompt and the first token {self.marks[0] - self.start:.1f} s, then {decoding:.2f} tokens/s)"
+        print(line, file=sys.stderr)
+        print(memory_line(device), file=sys.stderr)
 
 
 def memory_line(device):

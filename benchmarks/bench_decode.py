@@ -44,6 +44,7 @@ DTYPE = torch.bfloat16
 PROMPT_TEXT = ("The history of the city begins with a small fishing village on the banks of a wide river. Over "
                "the centuries, merchants built warehouses, bridges and markets, and the village grew into a port. ")
 ACCURACY_TOKENS = 64  # the accuracy check's prompt: logits at each of its positions
+ACCURACY_ORDER = ("float32", "bfloat16", "float16", "int8", "int4")
 BANDWIDTH_BYTES = 2**30  # the array read by each bandwidth method
 GIB = 2**30
 # name: (what runs, its options, whether it is measured at every depth)
@@ -139,40 +140,44 @@ def run_original(args, device, model_dir, depth):
 
 
 def run_accuracy(args, device, model_dir, depth):
-    """Each format's logits against bfloat16's at every position of a 64-token prompt, fed one token at a time:
-    the mean of |logits - bf16 logits| / |bf16 logits| (vector norms) over the positions."""
+    """Each format's logits at every position of a 64-token prompt, fed one token at a time, against float32's
+    and against bfloat16's: the mean over the positions of |logits - reference| / |reference| (vector norms)."""
     support.init_distributed(device)
     params, ids = support.read_params(model_dir), prompt_ids(model_dir, ACCURACY_TOKENS)[:ACCURACY_TOKENS]
-    formats = {"bfloat16": (torch.bfloat16, ""), "float16": (torch.float16, ""), "int8": (DTYPE, "int8")}
-    if device.type == "cpu":
-        formats["int4"] = (DTYPE, "int4")
+    formats = {"float32": (torch.float32, ""), "bfloat16": (torch.bfloat16, ""), "float16": (torch.float16, ""),
+               "int8": (DTYPE, "int8"), "int4": (DTYPE, "int4")}
     logits = {}
     for name, (dtype, quantize) in formats.items():
+        if quantize == "int4" and device.type != "cpu":
+            continue
         model = run_inference.load_model(model_dir, params, device, dtype, len(ids), 1, True, quantize)
         logits[name] = torch.stack([run_inference.decode_step(model, [token], pos, device)[0].float().cpu()
                                     for pos, token in enumerate(ids)])
         del model
-    exact = logits["bfloat16"]
-    return {"relative_error": {name: ((value - exact).norm(dim=1) / exact.norm(dim=1)).mean().item()
-                               for name, value in logits.items() if name != "bfloat16"}}
+    return {"relative_error": {reference: {name: ((value - logits[reference]).norm(dim=1) / logits[reference].norm(dim=1))
+                                           .mean().item() for name, value in logits.items() if name != reference}
+                               for reference in ("float32", "bfloat16")}}
 
 
 def run_bandwidth(args, device, model_dir, depth):
-    """Read bandwidth the ways fast kernels read, with 1 .. N threads: GB/s of the best of 5 reads of each."""
+    """Read bandwidth the ways fast kernels read, with 1 .. N threads: GB/s of the best of 5 reads of a 1 GiB
+    array for each. (PyTorch's sum does not always split its work across threads; max and dot do.)"""
     results = {}
+    arrays = {dtype: torch.ones(BANDWIDTH_BYTES // dtype.itemsize, dtype=dtype, device=device)
+              for dtype in (torch.bfloat16, torch.float32, torch.int8)}
+    reads = {"bfloat16 sum": lambda: arrays[torch.bfloat16].sum(), "float32 sum": lambda: arrays[torch.float32].sum(),
+             "float32 max": lambda: arrays[torch.float32].amax(), "int8 max": lambda: arrays[torch.int8].amax(),
+             "float32 dot product": lambda: torch.dot(arrays[torch.float32], arrays[torch.float32])}
     for threads in sorted({1, torch.get_num_threads()}):
         torch.set_num_threads(threads)
-        for dtype in (torch.bfloat16, torch.float32):
-            data = torch.ones(BANDWIDTH_BYTES // dtype.itemsize, dtype=dtype, device=device)
-            vector = torch.ones(4096, dtype=dtype, device=device)
-            reads = {"sum": lambda: data.sum(), "matrix-vector product": lambda: data.view(-1, 4096) @ vector}
-            for method, read in reads.items():
-                seconds = []
-                for _ in range(5):
-                    start = clock(device)
-                    read()
-                    seconds.append(clock(device) - start)
-                results[f"{str(dtype)[6:]} {method}, {threads} thread{'s' * (threads > 1)}"] = data.nbytes / min(seconds)
+        for method, read in reads.items():
+            read()  # warm up
+            seconds = []
+            for _ in range(5):
+                start = clock(device)
+                read()
+                seconds.append(clock(device) - start)
+            results[f"{method}, {threads} thread{'s' * (threads > 1)}"] = BANDWIDTH_BYTES / min(seconds)
     return {"bandwidth": results}
 
 
@@ -258,6 +263,8 @@ def summarise(runs):
                                peak_gib=statistics.median(r["peak_bytes"] for r in good) / GIB)
             elif good and "decode" in good[0]:  # llama.cpp
                 numbers.update(decode=statistics.median(r["decode"][depth] for r in good))
+            elif good and "bandwidth" in good[0]:  # the best of the rounds, per method
+                numbers.update(bandwidth={method: max(r["bandwidth"][method] for r in good) for method in good[0]["bandwidth"]})
             elif good:
                 numbers.update(good[0])
             summary.setdefault(name, {})[depth] = numbers
@@ -286,31 +293,42 @@ def report(summary, depths, args, per_token):
                      f" | {f'{peak:.2f}' if peak else '—'} | {errors} |")
     bandwidth = get("bandwidth", 0, "bandwidth") or {}
     best = max(bandwidth.items(), key=lambda item: item[1], default=(None, None))
-    lines += ["", "| ratio (decode tokens/s unless named) | value |", "|---|---|"]
-    pairs = [("minimal / tutorial", "minimal", "tutorial"), ("tutorial / transformers", "tutorial", "transformers"),
-             ("minimal / transformers", "minimal", "transformers"),
-             ("minimal / minimal-speedups-off", "minimal", "minimal-speedups-off")]
-    pairs += [(f"{ours} / {peer}", ours, peer) for peer in summary if peer.startswith("llama.cpp")
-              for ours in ("tutorial", "tutorial-int8", "tutorial-int4")]
-    for label, a, b in pairs:
-        lines += [f"| {label}{'' if d == 0 else f', at {d} tokens'} | {ratio(get(a, d), get(b, d))} |" for d in depths
-                  if get(a, d) or get(b, d)]
-    for name in [n for n in timed if CONFIGURATIONS.get(n, (0, 0, False))[2] or n.startswith("llama.cpp")]:
-        lines += [f"| {name}: at {d} tokens / short prompt | {ratio(get(name, d), get(name, 0))} |" for d in depths[1:]]
-    lines += [f"| decode wall time, tutorial-beam5 / tutorial | {ratio(get('tutorial-beam5', 0, 'decode_s'), get('tutorial', 0, 'decode_s'))} |",
+    peers = [name for name in summary if name.startswith("llama.cpp")]
+    pairs = [("minimal", "tutorial"), ("tutorial", "transformers"), ("minimal", "transformers"),
+             ("minimal", "minimal-speedups-off"), ("tutorial-beam5", "transformers-beam5")]
+    pairs += [(ours, peer) for peer in peers for ours in
+              (("tutorial-int8", "tutorial-int4") if peer.endswith("Q8_0") else ("minimal", "tutorial"))]
+    lines += ["", "| ratio of decode tokens/s | " + " | ".join("short prompt" if d == 0 else f"at {d}" for d in depths) +
+              " |", "|---" * (len(depths) + 1) + "|"]
+    lines += [f"| {a} / {b} | " + " | ".join(ratio(get(a, d), get(b, d)) for d in depths) + " |"
+              for a, b in pairs if get(a, 0) and get(b, 0)]
+    lines += [f"| {name}: at depth / short prompt | " + " | ".join(ratio(get(name, d), get(name, 0)) for d in depths) + " |"
+              for name in timed if get(name, depths[-1])]
+    lines += ["", "| other ratio | value |", "|---|---|",
+              f"| decode wall time, tutorial-beam5 / tutorial | {ratio(get('tutorial-beam5', 0, 'decode_s'), get('tutorial', 0, 'decode_s'))} |",
               f"| decode wall time, transformers-beam5 / transformers | {ratio(get('transformers-beam5', 0, 'decode_s'), get('transformers', 0, 'decode_s'))} |"]
     for name, fmt in (("tutorial", "bf16"), ("tutorial-int8", "int8"), ("tutorial-int4", "int4")):
         if best[1] and get(name, 0):
             lines.append(f"| {name} / roofline ({best[1] / 1e9:.1f} GB/s / {per_token[fmt] / 1e9:.3f} GB per token = "
                          f"{best[1] / per_token[fmt]:.1f} tok/s) | {ratio(get(name, 0), best[1] / per_token[fmt])} |")
+    for peer in peers:  # llama.cpp's file holds its format's bytes per token
+        fmt = {"BF16": "bf16", "F16": "bf16", "Q8_0": "int8"}.get(peer.split()[-1])
+        if best[1] and fmt and get(peer, 0):
+            lines.append(f"| {peer} / roofline (about {per_token[fmt] / 1e9:.2f} GB per token) | "
+                         f"{ratio(get(peer, 0), best[1] / per_token[fmt])} |")
     if bandwidth:
-        lines += ["", "Read bandwidth (GB/s, best of 5): " + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in bandwidth.items()),
+        lines += ["", "Read bandwidth, GB/s, the best of 5 reads of 1 GiB (the best over the rounds): " +
+                  ", ".join(f"{k} {v / 1e9:.1f}" for k, v in bandwidth.items()) + ".",
                   f"Roofline: the best of them ({best[0]}) / the bytes a decode step reads: " +
                   ", ".join(f"{fmt} {n / 1e9:.3f} GB" for fmt, n in per_token.items()) + "."]
     accuracy = get("accuracy", 0, "relative_error")
     if accuracy:
-        lines += ["", f"Logits against bfloat16 over a {ACCURACY_TOKENS}-token prompt, mean relative error: " +
-                  ", ".join(f"{name} {value:.2%}" for name, value in accuracy.items()) + "."]
+        lines += ["", f"Logits over a {ACCURACY_TOKENS}-token prompt, mean relative error against each reference:", "",
+                  "| format | " + " | ".join(f"against {reference}" for reference in accuracy) + " |",
+                  "|---" * (len(accuracy) + 1) + "|"]
+        names = sorted({name for errors in accuracy.values() for name in errors}, key=list(ACCURACY_ORDER).index)
+        lines += [f"| {name} | " + " | ".join(f"{errors[name]:.2%}" if name in errors else "—" for errors in accuracy.values())
+                  + " |" for name in names]
     return "\n".join(lines)
 
 
@@ -319,16 +337,16 @@ def plot(summary, depths, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(7, 4.5))
+    figure, axes = plt.subplots(figsize=(9, 4.5))
     for name, by_depth in summary.items():
         points = [(d, by_depth.get(str(d), {}).get("decode")) for d in depths]
         points = [(d, v) for d, v in points if v]
-        if len(points) > 1:
-            axes.plot(*zip(*points), marker="o", label=name)
+        if points:  # configurations measured at a short prompt only are single points
+            axes.plot(*zip(*points), marker="o" if len(points) > 1 else "x", label=name)
     axes.set(xlabel="tokens of context", ylabel="decode tokens/s", ylim=(0, None),
              title="Decode speed against context, Llama 3.2 1B shapes, bf16 unless named")
     axes.grid(alpha=0.3)
-    axes.legend(fontsize=8)
+    axes.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
     figure.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
@@ -372,7 +390,7 @@ def main():
     for round_ in range(args.rounds):
         for name in chosen:
             kind, _, at_every_depth = CONFIGURATIONS[name]
-            if kind in ("accuracy", "bandwidth") and round_ > 0:  # the same every time: once is enough
+            if kind == "accuracy" and round_ > 0:  # the same every time: once is enough
                 continue
             for depth in depths if at_every_depth else [0]:
                 print(f"[{round_ + 1}/{args.rounds}] {name} at depth {depth} ...", file=sys.stderr, flush=True)

@@ -135,6 +135,12 @@ def test_nan_in_the_weights_stops_instead_of_printing_garbage(script_name, tmp_p
     fails_with(run_script(script_name, tmp_path, "Poisoned"), "NaN or infinite", "bfloat16 on cpu")
 
 
+def test_a_kv_cache_larger_than_memory_is_refused_before_loading(models_dir):
+    """30,000 beams of 100,000 tokens: the tiny model's weights fit, its KV cache (about 700 GiB) does not."""
+    fails_with(run_script("run_inference.py", models_dir, "Tiny", BEAM_WIDTH=30000, MAX_NEW_TOKENS=100000),
+               "Tiny needs", "GiB for its weights in bfloat16 and its KV cache", "or a shorter context")
+
+
 def test_checkpoint_larger_than_memory_is_refused_before_loading(script_name, broken):
     with open(broken / "consolidated.00.pth", "r+b") as weights_file:
         weights_file.truncate(1024 * GIB)  # a sparse 1 TiB file: takes no disk space

@@ -36,7 +36,9 @@ def turn_ids(tokenizer, message, first, system=SYSTEM):
 def expected_chat(model, tokenizer, messages, context):
     """(replies, tokens fed per turn, restarts): each reply is greedy decoding, recomputed without a cache, of
     the whole dialog so far: the turns, the earlier replies' own tokens, each closed by <|eot_id|>. When a
-    turn and its longest reply would not fit the context, the dialog starts over from this message."""
+    turn and its longest reply would not fit the context, the dialog starts over from this message. A turn
+    feeds its own tokens, and after a reply the <|eot_id|> that closes it, and the reply's last token too
+    when the reply was cut at REPLY_TOKENS (no forward pass had needed it)."""
     eot = tokenizer.special_tokens["<|eot_id|>"]
     dialog, replies, fed, restarts = [], [], [], 0
     for message in messages:
@@ -44,7 +46,7 @@ def expected_chat(model, tokenizer, messages, context):
         if len(dialog) + len(turn) + REPLY_TOKENS > context:
             dialog, restarts = [], restarts + 1
             turn = turn_ids(tokenizer, message, first=True)
-        fed.append(len(turn) + (1 if dialog else 0))  # after a reply: its closing <|eot_id|>
+        fed.append(len(turn) + (1 + (len(replies[-1]) == REPLY_TOKENS) if dialog else 0))
         dialog += turn
         replies.append(greedy_without_cache(model, dialog, REPLY_TOKENS, tokenizer.stop_tokens))
         dialog += replies[-1] + [eot]
@@ -103,6 +105,7 @@ def test_no_input_is_an_empty_session(models_dir):
     ("Tiny-Instruct", {"BEAM_WIDTH": 2}, "beam search is for single runs"),
     ("Tiny-Instruct", {"CHAT_CONTEXT": 200000}, "CHAT_CONTEXT=200000 is out of range: it must be at least 65 and at most 131072"),
     ("Tiny-Instruct", {"CHAT_CONTEXT": 64}, "CHAT_CONTEXT=64 is out of range"),
+    ("Tiny-Instruct", {"WORLD_SIZE": 2}, "CHAT=1 runs in one process"),
 ])
 def test_chat_settings_that_cannot_work_are_one_line(model_name, settings, message, models_dir):
     result = run_script("run_inference.py", models_dir, model_name, stdin="Hello\n", CHAT=1, **settings)

@@ -179,6 +179,8 @@ def test_the_script_samples_from_the_nucleus_at_its_temperature(temperature, top
     ({"TEMPERATURE": "inf"}, "TEMPERATURE=inf is out of range: it must be at least 0.0"),
     ({"LENGTH_PENALTY": "-inf"}, "LENGTH_PENALTY=-inf is out of range: it must be a finite number"),
     ({"TOP_P": "nan", "TEMPERATURE": 0.6}, "TOP_P=nan is out of range: it must be in (0, 1]"),
+    ({"BEAM_WIDTH": 40000}, "BEAM_WIDTH=40000 is out of range: it must be at least 1 and at most 32064"),
+    ({"SHOWN_ALTERNATIVES": -1}, "SHOWN_ALTERNATIVES=-1 is out of range: it must be at least 0 and at most 128255"),
 ])
 def test_bad_strategy_settings_are_one_clear_line(settings, message, models_dir):
     result = run_script("run_inference.py", models_dir, "Tiny", **settings)
