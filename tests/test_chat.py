@@ -11,6 +11,7 @@ import time
 import pytest
 
 from conftest import REPO, clean_environment, greedy_without_cache, reference_model, run_script
+from random_checkpoint import TINY, write_checkpoint
 
 SYSTEM = "You are terse."
 MESSAGES = ["Hello there", "What is the capital of France?", "And of Italy?", "Thanks!"]
@@ -62,12 +63,29 @@ def chat(models_dir, messages, **settings):
                       CHAT=1, DTYPE="float32", MAX_NEW_TOKENS=REPLY_TOKENS, SYSTEM_PROMPT=SYSTEM, **settings)
 
 
-@pytest.mark.parametrize("speedups_on", [1, 0])
-def test_each_reply_is_a_fresh_runs_and_each_turn_feeds_only_its_new_tokens(speedups_on, models_dir, tokenizer,
-                                                                            distributed):
+@pytest.fixture(scope="module")
+def stopping_dir(tmp_path_factory, models_dir, tiny_weights, tokenizer, distributed):
+    """The tiny Instruct model with <|eot_id|>'s output row made 3x that of the first reply's fifth token:
+    the first reply ends on <|eot_id|> after four tokens, so a turn follows a reply that a stop token ended."""
     model = reference_model(models_dir / "Tiny-Instruct", 4096)
-    replies, fed, _ = expected_chat(model, tokenizer, MESSAGES[:3], context=4096)
-    result = chat(models_dir, MESSAGES[:3], SPEEDUPS=speedups_on)
+    first_reply = greedy_without_cache(model, turn_ids(tokenizer, MESSAGES[0], True), REPLY_TOKENS, tokenizer.stop_tokens)
+    weights = dict(tiny_weights)
+    weights["output.weight"] = weights["output.weight"].clone()
+    weights["output.weight"][tokenizer.special_tokens["<|eot_id|>"]] = 3 * weights["output.weight"][first_reply[4]]
+    folder = tmp_path_factory.mktemp("stopping")
+    write_checkpoint(folder / "Tiny-Instruct", TINY, weights)
+    return folder
+
+
+@pytest.mark.parametrize("model, speedups_on", [("tiny", 1), ("tiny", 0), ("stopping", 1)])
+def test_each_reply_is_a_fresh_runs_and_each_turn_feeds_only_its_new_tokens(model, speedups_on, request, tokenizer,
+                                                                            distributed):
+    """Replies cut at MAX_NEW_TOKENS (the tiny model), and a reply ended by a stop token (the stopping one)."""
+    folder = request.getfixturevalue("models_dir" if model == "tiny" else "stopping_dir")
+    replies, fed, _ = expected_chat(reference_model(folder / "Tiny-Instruct", 4096), tokenizer, MESSAGES[:3], context=4096)
+    if model == "stopping":
+        assert len(replies[0]) < REPLY_TOKENS  # the case under test really occurs
+    result = chat(folder, MESSAGES[:3], SPEEDUPS=speedups_on)
     assert result.returncode == 0, result.stderr  # end of input ends the session cleanly
     assert result.stdout == "".join(tokenizer.decode(reply) + "\n" for reply in replies)
     assert fed_per_turn(result.stderr) == fed  # the second and third turns: their own tokens only
