@@ -341,8 +341,10 @@ def plot(summary, depths, path):
     for name, by_depth in summary.items():
         points = [(d, by_depth.get(str(d), {}).get("decode")) for d in depths]
         points = [(d, v) for d, v in points if v]
+        family = name.split()[0].split("-")[0]  # this project's configurations, transformers, llama.cpp
+        line, marker = {"llama.cpp": ("--", "s"), "transformers": (":", "^")}.get(family, ("-", "o"))
         if points:  # configurations measured at a short prompt only are single points
-            axes.plot(*zip(*points), marker="o" if len(points) > 1 else "x", label=name)
+            axes.plot(*zip(*points), line, marker=marker if len(points) > 1 else "x", markersize=7, label=name)
     axes.set(xlabel="tokens of context", ylabel="decode tokens/s", ylim=(0, None),
              title="Decode speed against context, Llama 3.2 1B shapes, bf16 unless named")
     axes.grid(alpha=0.3)

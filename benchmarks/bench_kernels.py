@@ -16,7 +16,8 @@ own load_model from the random 1B checkpoint that benchmarks/bench_decode.py wri
 2. Attention: one layer's attention in a decode step with a number of tokens already cached, without its
    four projections (table 1 has them), as llama-models computes it and as speedups does.
 3. A whole decode step at a short context, and the share of it the linear layers take; the rest is
-   attention, norms, RoPE and Python.
+   attention, norms, RoPE and Python. It also counts the step's tensor operations (each one a trip through
+   Python and PyTorch's dispatcher), to show what the rest costs per operation.
 """
 
 import argparse
@@ -26,6 +27,7 @@ from contextlib import redirect_stdout
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench_decode import CHECKPOINT_DIR, CHECKPOINT_NAME, ensure_checkpoint  # also puts the scripts on sys.path
 import run_inference  # noqa: E402  (after bench_decode, which makes it importable)
@@ -108,8 +110,21 @@ def time_attention(model_dir, dtype, use_speedups, rows, contexts):
                 - projections for context in contexts}
 
 
+class OperationCount(TorchDispatchMode):
+    """Counts the tensor operations that reach PyTorch's kernels while it is active."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
 def time_step(model_dir, dtype, quantize):
-    """(seconds of a whole decode step after a short prompt, seconds of its linear layers alone)."""
+    """(seconds of a whole decode step after a short prompt, seconds of its linear layers alone,
+    tensor operations in the step, of which in the linear layers)."""
     model = load(model_dir, dtype, 64, 1, True, quantize)
     layers = [m for m in model.modules() if isinstance(m, speedups.FastLinear)]
     xs = {layer.in_features: torch.randn(1, 1, layer.in_features, dtype=dtype) for layer in layers}
@@ -117,7 +132,11 @@ def time_step(model_dir, dtype, quantize):
         run_inference.prefill(model, list(range(1000, 1016)), CPU)
         step = fastest(lambda: run_inference.decode_step(model, [5], 16, CPU), CALLS)
         linears = fastest(lambda: [layer(xs[layer.in_features]) for layer in layers], CALLS)
-    return step, linears
+        with OperationCount() as in_step:
+            run_inference.decode_step(model, [5], 16, CPU)
+        with OperationCount() as in_linears:
+            [layer(xs[layer.in_features]) for layer in layers]
+    return step, linears, in_step.count, in_linears.count
 
 
 def main():
@@ -164,11 +183,12 @@ def main():
               flush=True)
 
     print(f"\nA whole decode step after a 16-token prompt, one sequence; ms, the fastest of {CALLS}\n")
-    print("| weights | decode step | its linear layers | the rest |\n|---|---|---|---|")
+    print("| weights | decode step | its linear layers | the rest | operations in the step (in linear layers) "
+          "| µs per operation of the rest |\n|---|---|---|---|---|---|")
     for quantize in ("", "int8", "int4"):
-        step, linears = time_step(model_dir, dtype, quantize)
-        print(f"| {quantize or args.dtype} | {1000 * step:.1f} | {1000 * linears:.1f} | {1000 * (step - linears):.1f} |",
-              flush=True)
+        step, linears, operations, in_linears = time_step(model_dir, dtype, quantize)
+        print(f"| {quantize or args.dtype} | {1000 * step:.1f} | {1000 * linears:.1f} | {1000 * (step - linears):.1f} | "
+              f"{operations} ({in_linears}) | {1e6 * (step - linears) / (operations - in_linears):.1f} |", flush=True)
     support.close_distributed()
 
 
