@@ -9,6 +9,7 @@ import minimal_run_inference
 import run_inference
 import speedups
 from conftest import CPU, load, run_script
+import fairscale.nn.model_parallel.layers as fairscale_layers
 from test_independent import random_prompt
 
 # Mean relative error of the logits against bfloat16's (|q - bf16| / |bf16| per position), on the
@@ -16,6 +17,13 @@ from test_independent import random_prompt
 # scale and an offset per 32 weights: about 8% per layer. The bounds leave room for the rounding of a
 # different model, and are far below what a broken kernel gives (a dropped scale: 100% and more).
 LOGIT_ERROR_BOUND = {"int8": 0.03, "int4": 0.25}
+CHUNK = 65  # rows in a prompt chunk here: more than the few rows of beam search
+
+
+@pytest.fixture(autouse=True)
+def fixed_kernels(monkeypatch):
+    """The fixed rule instead of kernels measured on this machine (tests that force a kernel set their own)."""
+    monkeypatch.setenv(speedups.KERNELS_SETTING, "rule")
 
 
 def test_quantize_int8_by_hand():
@@ -47,31 +55,48 @@ def test_quantize_int4_by_hand():
     assert (dequantised - weight[0]).abs().max() <= scale / 2 + 1e-5
 
 
-@pytest.mark.parametrize("rows", [speedups.INT8_KERNEL_MAX_ROWS, speedups.INT8_KERNEL_MAX_ROWS + 1])
-def test_int8_product_on_both_sides_of_the_row_limit(rows):
-    """Up to the limit the int8 kernel, above it a 16-bit copy of the weight: the same product either way."""
+@pytest.mark.parametrize("rows", [1, 5, CHUNK])
+@pytest.mark.parametrize("kernel", ["w8", "w8-copy", "w8a8", "w8a8-onednn"])
+def test_every_int8_kernel_gives_the_product_of_the_8_bit_weights(kernel, rows, distributed):
+    """Each int8 kernel that speedups may choose computes x @ (int8 * scale).T: the int8-weight kernel and the
+    16-bit copy to bfloat16's rounding, int8 x int8 within the 8-bit rounding of the activations."""
     generator = torch.Generator().manual_seed(0)
-    weight, x = torch.randn(96, 64, generator=generator), torch.randn(rows, 64, generator=generator)
-    int8, scales, _ = speedups.quantize_int8(weight)
-    out = speedups.int8_matmul(x.to(torch.bfloat16), int8, scales.to(torch.bfloat16)).float()
-    expected = x @ (int8.float() * scales[:, None]).T
-    assert ((out - expected).norm() / expected.norm()).item() < 0.01  # bfloat16 inputs and outputs
+    layer = fairscale_layers.ColumnParallelLinear(64, 96, bias=False, gather_output=False)
+    layer.weight = torch.nn.Parameter(torch.randn(96, 64, generator=generator), requires_grad=False)
+    x = torch.randn(rows, 64, generator=generator)
+    module = int8 = speedups.Int8Linear(layer).to(torch.bfloat16)
+    if speedups.KERNELS[kernel].layout is speedups.PackedInt8Linear:
+        if not torch.backends.mkldnn.is_available():
+            pytest.skip("no oneDNN in this PyTorch build")
+        module = speedups.PackedInt8Linear(int8, torch.bfloat16, rows)
+    expected = x @ (int8.weight.float() * int8.scales.float()[:, None]).T
+    module.use(dict.fromkeys(speedups.ROW_CLASSES, kernel), 5)
+    out = module(x.to(torch.bfloat16)).float()
+    bound = 0.01 if kernel in ("w8", "w8-copy") else 0.02  # activations' 8 bits: about 0.5% per entry
+    assert ((out - expected).norm() / expected.norm()).item() < bound
 
 
 def logits_along(model, script, ids, chunk):
     """Logits after each chunk of `ids` (the last position of each), fed through the cache as prefill feeds them."""
-    return torch.stack([script.prefill(model, ids[start : start + chunk], CPU, start).float()
+    return torch.stack([script.prefill(model, ids[start : start + chunk], start).float()
                         for start in range(0, len(ids), chunk)])
 
 
-@pytest.mark.parametrize("quantize", ["int8", "int4"])
-def test_quantized_logits_are_close_to_bfloat16(quantize, confident_dir, tokenizer, distributed):
-    """A 130-token prompt fed in chunks of 65 tokens (above the int8 kernel's row limit: the 16-bit copy),
-    then one token at a time (the kernel), both compared with bfloat16 at the same positions."""
-    ids = random_prompt(tokenizer, 2 * (speedups.INT8_KERNEL_MAX_ROWS + 1), seed=7)
+@pytest.mark.parametrize("quantize, kernels, layout", [
+    ("int8", "rule", speedups.Int8Linear),  # the int8-weight kernel, a 16-bit copy for chunks
+    ("int8", "w8a8", speedups.Int8Linear),  # int8 x int8, activations rounded per token
+    ("int8", "w8a8-onednn", speedups.PackedInt8Linear),
+    ("int4", "rule", speedups.Int4Linear)])
+def test_quantized_logits_are_close_to_bfloat16(quantize, kernels, layout, confident_dir, tokenizer, distributed,
+                                                monkeypatch):
+    """A 130-token prompt fed in chunks of 65 tokens, then one token at a time, both compared with bfloat16
+    at the same positions."""
+    ids = random_prompt(tokenizer, 2 * CHUNK, seed=7)
     models = {q: load(run_inference, confident_dir / "Tiny", len(ids), torch.bfloat16, quantize=q) for q in ("", quantize)}
-    assert type(models[quantize].layers[0].feed_forward.w1) is {"int8": speedups.Int8Linear, "int4": speedups.Int4Linear}[quantize]
-    for chunk in (speedups.INT8_KERNEL_MAX_ROWS + 1, 1):  # each pass writes the cache from position 0 again
+    monkeypatch.setenv(speedups.KERNELS_SETTING, kernels)
+    models[quantize] = load(run_inference, confident_dir / "Tiny", len(ids), torch.bfloat16, quantize=quantize)
+    assert type(models[quantize].layers[0].feed_forward.w1) is layout
+    for chunk in (CHUNK, 1):  # each pass writes the cache from position 0 again
         exact, approx = (logits_along(models[q], run_inference, ids, chunk) for q in ("", quantize))
         relative_error = ((approx - exact).norm(dim=1) / exact.norm(dim=1)).mean().item()
         assert 0 < relative_error < LOGIT_ERROR_BOUND[quantize], f"chunks of {chunk}: {relative_error:.2%}"
@@ -90,9 +115,9 @@ def test_quantized_greedy_text_and_beams_equal_bfloat16s(quantize, confident_dir
     greedy, beams = {}, {}
     for q in ("", quantize):
         model = load(run_inference, confident_dir / "Tiny", 64 + 24, torch.bfloat16, quantize=q)
-        greedy[q] = list(run_inference.generate(model, prompt_ids, 24, tokenizer.stop_tokens, CPU))
+        greedy[q] = list(run_inference.generate(model, prompt_ids, 24, tokenizer.stop_tokens))
         model = load(run_inference, confident_dir / "Tiny", 64 + 12, torch.bfloat16, batch=3, quantize=q)
-        beams[q] = run_inference.beam_search(model, prompt_ids, 12, tokenizer.stop_tokens, CPU, 3, 1.0)
+        beams[q] = run_inference.beam_search(model, prompt_ids, 12, tokenizer.stop_tokens, 3, 1.0)
     assert greedy[""] == successor_chain(successor, prompt_ids[-1], 24)  # the model is as confident as intended
     assert greedy[quantize] == greedy[""]
     # The best beam follows the confident predictions; the others are runners-up with small margins, which
@@ -108,7 +133,7 @@ def test_quantized_greedy_text_and_beams_equal_bfloat16s(quantize, confident_dir
 def test_a_quantized_run_prints_the_bfloat16_text(script, quantize, confident_dir, tokenizer, distributed):
     prompt_ids = script.encode_prompt(tokenizer, script.INPUT_STRING, "", instruct=False)
     model = load(script, confident_dir / "Tiny", len(prompt_ids) + 16, torch.bfloat16)
-    expected = tokenizer.decode(list(script.generate(model, prompt_ids, 16, tokenizer.stop_tokens, CPU)))
+    expected = tokenizer.decode(list(script.generate(model, prompt_ids, 16, tokenizer.stop_tokens)))
     result = run_script(f"{script.__name__}.py", confident_dir, "Tiny", MAX_NEW_TOKENS=16, QUANTIZE=quantize)
     assert result.returncode == 0, result.stderr
     assert result.stdout == expected != ""

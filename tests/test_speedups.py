@@ -15,6 +15,12 @@ from test_independent import random_prompt
 FAIRSCALE_LINEAR = (fairscale_layers.ColumnParallelLinear, fairscale_layers.RowParallelLinear)
 
 
+@pytest.fixture(autouse=True)
+def fixed_kernels(monkeypatch):
+    """The fixed rule instead of kernels measured on this machine: the same modules on every machine."""
+    monkeypatch.setenv(speedups.KERNELS_SETTING, "rule")
+
+
 def no_patched_forwards(model):
     """No module's forward is replaced on the instance, and no hooks run around any module."""
     return all("forward" not in vars(module) and not module._forward_pre_hooks and not module._forward_hooks
@@ -34,10 +40,10 @@ def test_speedups_off_runs_llama_models_as_written(script, models_dir, distribut
     assert no_patched_forwards(model)
 
 
-@pytest.mark.parametrize("batch, linear", [(1, speedups.MatVecLinear), (4, speedups.PackedLinear)])
+@pytest.mark.parametrize("batch, linear", [(1, speedups.PlainLinear), (4, speedups.PackedLinear)])
 def test_speedups_swap_named_modules(script, batch, linear, models_dir, distributed):
     if linear is speedups.PackedLinear and not speedups.packs_weights(CPU, torch.float32, batch):
-        linear = speedups.MatVecLinear  # no oneDNN kernels to pack for on this CPU
+        linear = speedups.PlainLinear  # no oneDNN kernels to pack for on this CPU
     model = load(script, models_dir / "Tiny", 20, batch=batch)
     for layer in model.layers:
         assert type(layer.attention) is speedups.GroupedQueryAttention
@@ -47,7 +53,7 @@ def test_speedups_swap_named_modules(script, batch, linear, models_dir, distribu
     assert sum(type(m) is linear for m in model.modules()) == 7 * 2 + 1
     assert not any(isinstance(m, FAIRSCALE_LINEAR) for m in model.modules())
     assert no_patched_forwards(model)
-    assert f"{linear.__name__}(in=64, out=64)" in repr(model) and "GroupedQueryAttention(" in repr(model)
+    assert f"{linear.__name__}(in=64, out=64, kernels=(" in repr(model) and "GroupedQueryAttention(" in repr(model)
 
 
 @pytest.mark.parametrize("script_name", SCRIPTS)
@@ -74,9 +80,9 @@ def test_prefill_in_chunks_gives_the_cache_free_logits_and_tokens(script, use_sp
     reference = reference_model(models_dir / "Tiny", len(ids) + 12)
     model = load(script, models_dir / "Tiny", len(ids) + 12, use_speedups=use_speedups)
     expected = reference(torch.tensor([ids]), start_pos=0)[0, -1]
-    assert (script.prefill(model, ids, CPU) - expected).abs().max() < 1e-4
+    assert (script.prefill(model, ids) - expected).abs().max() < 1e-4
     model = load(script, models_dir / "Tiny", len(ids) + 12, use_speedups=use_speedups)  # an empty cache again
-    assert list(script.generate(model, ids, 12, tokenizer.stop_tokens, CPU)) == \
+    assert list(script.generate(model, ids, 12, tokenizer.stop_tokens)) == \
         greedy_without_cache(reference, ids, 12, tokenizer.stop_tokens)
 
 
@@ -84,9 +90,9 @@ def test_prefill_continues_after_what_the_cache_holds(script, models_dir, tokeni
     """prefill(start_pos=n) feeds a text after the n tokens already cached (a chat's next turn)."""
     ids = random_prompt(tokenizer, 50, seed=6)
     model = load(script, models_dir / "Tiny", len(ids))
-    script.prefill(model, ids[:20], CPU)
+    script.prefill(model, ids[:20])
     expected = reference_model(models_dir / "Tiny", len(ids))(torch.tensor([ids]), start_pos=0)[0, -1]
-    assert (script.prefill(model, ids[20:], CPU, start_pos=20) - expected).abs().max() < 1e-4
+    assert (script.prefill(model, ids[20:], start_pos=20) - expected).abs().max() < 1e-4
 
 
 @pytest.mark.parametrize("use_speedups", [False, True], ids=["speedups-off", "speedups-on"])
@@ -114,7 +120,7 @@ def test_a_float32_load_of_tied_1b_weights_holds_the_table_once(llama_1b_dir):
 
 
 def test_one_row_uses_pytorchs_own_kernel_and_restores_onednn(models_dir, distributed):
-    """MatVecLinear switches oneDNN off for single-row products only, and back on afterwards."""
+    """The fixed rule's PlainLinear switches oneDNN off for single-row products only, and back on afterwards."""
     layer = load(run_inference, models_dir / "Tiny", 8, torch.bfloat16).layers[0].feed_forward.w1
     x = torch.randn(5, 1, 64, dtype=torch.bfloat16)
     seen = []
