@@ -24,7 +24,9 @@ from llama_models.llama3.model import Transformer
 import speedups  # the fast path: speedups.py
 import support  # settings from the environment, device and dtype, input checks: support.py
 
-MODEL_NAME = "Llama3.2-1B-Instruct"  # a folder in LLAMA_MODELS_DIR: Llama3.2-1B, Llama3.2-3B, Llama3.1-8B, Llama3.3-70B, ... ("-Instruct" in the name: chat format)
+# MODEL_NAME: a folder in LLAMA_MODELS_DIR: Llama3.2-1B, Llama3.2-3B, Llama3.1-8B, Llama3.3-70B, ...
+# ("Instruct" in the name: the chat format)
+MODEL_NAME = "Llama3.2-1B-Instruct"
 LLAMA_MODELS_DIR = "~/.llama/checkpoints"  # where `llama-model download --source meta` puts checkpoints
 INPUT_STRING = "The capital of France is"  # the user's message (Instruct models) or the text to continue (base models)
 INPUT_FILE = ""  # a UTF-8 text file to use instead of INPUT_STRING, for long prompts; "" for none
@@ -33,7 +35,7 @@ DEVICE = "auto"  # "auto" (cuda, then mps, then cpu), "cpu", "mps", "cuda", "cud
 DTYPE = "auto"  # "auto" (bfloat16; float16 on GPUs without bfloat16), "bfloat16", "float16", "float32"
 MAX_NEW_TOKENS = 64  # generation stops here unless a stop token comes first
 PREFILL_CHUNK = 256  # prompt tokens per forward call: bounds the memory of a long prompt's attention
-QUANTIZE = ""  # "int8" or "int4": smaller linear weights, faster decoding on CPUs (run_inference.py explains); "": as stored
+QUANTIZE = ""  # "int8" or "int4": smaller linear weights, faster decoding (run_inference.py explains); "": as stored
 SPEEDUPS = 1  # 1: the fast path of speedups.py; 0: llama-models' Transformer exactly as written
 
 def encode_prompt(tokenizer, text, system_prompt, instruct):
@@ -42,22 +44,6 @@ def encode_prompt(tokenizer, text, system_prompt, instruct):
     messages = [RawMessage(role="system", content=system_prompt)] if system_prompt else []
     messages.append(RawMessage(role="user", content=text))
     return ChatFormat(tokenizer).encode_dialog_prompt(messages).tokens
-
-
-def rope_scale_factor(args):
-    return support.ROPE_SCALE_FACTORS.get((args.dim, args.n_layers), support.ROPE_SCALE_FACTOR)
-
-
-def rope_rotations(args, scale_factor):
-    head_dim = args.dim // args.n_heads
-    freqs = 1.0 / (args.rope_theta ** (torch.arange(0, head_dim, 2).float() / head_dim))
-    if args.use_scaled_rope:
-        turns = support.ROPE_ORIGINAL_CONTEXT * freqs / (2 * torch.pi)  # turns over the original context
-        band = (turns - support.ROPE_LOW_FREQ_FACTOR) / (support.ROPE_HIGH_FREQ_FACTOR - support.ROPE_LOW_FREQ_FACTOR)
-        keep = band.clamp(0, 1)
-        freqs = (1 - keep) * freqs / scale_factor + keep * freqs
-    angles = torch.outer(torch.arange(args.max_seq_len).float(), freqs)  # (max_seq_len, head_dim // 2)
-    return torch.polar(torch.ones_like(angles), angles)
 
 
 def load_model(model_dir, params, device, dtype, max_seq_len, max_batch_size, use_speedups=True, quantize=""):
@@ -79,20 +65,48 @@ def load_model(model_dir, params, device, dtype, max_seq_len, max_batch_size, us
     return model
 
 
-def prefill(model, prompt_ids, device, start_pos=0):
+def model_device(model):
+    return model.tok_embeddings.weight.device
+
+
+# RoPE's position angles, with Llama 3.1's stretch of the slow frequencies (run_inference.py explains them)
+ROPE_SCALE_FACTOR = 8  # Llama 3.1 and 3.3
+ROPE_SCALE_FACTORS = {(2048, 16): 32, (3072, 28): 32}  # Llama 3.2 1B and 3B, recognised by (dim, n_layers)
+ROPE_ORIGINAL_CONTEXT = 8192
+ROPE_LOW_FREQ_FACTOR = 1
+ROPE_HIGH_FREQ_FACTOR = 4
+
+
+def rope_scale_factor(args):
+    return ROPE_SCALE_FACTORS.get((args.dim, args.n_layers), ROPE_SCALE_FACTOR)
+
+
+def rope_rotations(args, scale_factor):
+    head_dim = args.dim // args.n_heads
+    freqs = 1.0 / (args.rope_theta ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    if args.use_scaled_rope:
+        turns = ROPE_ORIGINAL_CONTEXT * freqs / (2 * torch.pi)  # turns over the original context
+        band = (turns - ROPE_LOW_FREQ_FACTOR) / (ROPE_HIGH_FREQ_FACTOR - ROPE_LOW_FREQ_FACTOR)
+        keep = band.clamp(0, 1)
+        freqs = (1 - keep) * freqs / scale_factor + keep * freqs
+    angles = torch.outer(torch.arange(args.max_seq_len).float(), freqs)  # (max_seq_len, head_dim // 2)
+    return torch.polar(torch.ones_like(angles), angles)
+
+
+def prefill(model, prompt_ids, start_pos=0):
     for start in range(0, len(prompt_ids), PREFILL_CHUNK):
-        tokens = torch.tensor([prompt_ids[start : start + PREFILL_CHUNK]], device=device)  # (1, chunk)
+        tokens = torch.tensor([prompt_ids[start : start + PREFILL_CHUNK]], device=model_device(model))  # (1, chunk)
         logits = model(tokens, start_pos=start_pos + start)[0, -1]  # (vocab,)
     return logits
 
 
-def decode_step(model, token_ids, pos, device):
-    tokens = torch.tensor(token_ids, device=device).view(-1, 1)  # (batch, 1)
+def decode_step(model, token_ids, pos):
+    tokens = torch.tensor(token_ids, device=model_device(model)).view(-1, 1)  # (batch, 1)
     return model(tokens, start_pos=pos)[:, -1]  # (batch, vocab)
 
 
-def generate(model, prompt_ids, max_new_tokens, stop_tokens, device, start_pos=0):
-    logits = prefill(model, prompt_ids, device, start_pos)
+def generate(model, prompt_ids, max_new_tokens, stop_tokens, start_pos=0):
+    logits = prefill(model, prompt_ids, start_pos)
     for step in range(max_new_tokens):
         support.check_finite(logits, model.norm.weight.dtype)
         token_id = int(logits.argmax())
@@ -100,7 +114,7 @@ def generate(model, prompt_ids, max_new_tokens, stop_tokens, device, start_pos=0
             return
         yield token_id
         if step + 1 < max_new_tokens:  # no forward pass for a token that would not be used
-            logits = decode_step(model, [token_id], start_pos + len(prompt_ids) + step, device)[0]
+            logits = decode_step(model, [token_id], start_pos + len(prompt_ids) + step)[0]
 
 
 def stream(token_ids, tokenizer):
@@ -118,7 +132,8 @@ def main():
     model_dir = support.find_checkpoint(LLAMA_MODELS_DIR, MODEL_NAME)
     params = support.read_params(model_dir)
     tokenizer = support.load_tokenizer(model_dir, params)
-    prompt_ids = encode_prompt(tokenizer, support.read_prompt(INPUT_STRING, INPUT_FILE), SYSTEM_PROMPT, "instruct" in MODEL_NAME.lower())
+    prompt = support.read_prompt(INPUT_STRING, INPUT_FILE)
+    prompt_ids = encode_prompt(tokenizer, prompt, SYSTEM_PROMPT, "instruct" in MODEL_NAME.lower())
     support.check_job(model_dir, params, len(prompt_ids), MAX_NEW_TOKENS, dtype, device, QUANTIZE)
 
     support.init_distributed(device)
@@ -126,8 +141,10 @@ def main():
     model = load_model(model_dir, params, device, dtype, len(prompt_ids) + MAX_NEW_TOKENS, 1, SPEEDUPS, QUANTIZE)
     print(f"loaded {MODEL_NAME} on {device} in {dtype} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     timer = support.Timer()
-    token_ids = list(stream(timer.tokens(generate(model, prompt_ids, MAX_NEW_TOKENS, tokenizer.stop_tokens, device)), tokenizer))
-    timer.report(len(prompt_ids), len(token_ids), device)
+    token_ids = generate(model, prompt_ids, MAX_NEW_TOKENS, tokenizer.stop_tokens)
+    timed_ids = timer.tokens(token_ids)
+    printed_ids = list(stream(timed_ids, tokenizer))
+    timer.report(len(prompt_ids), len(printed_ids), device)
     support.close_distributed()
 
 

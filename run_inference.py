@@ -22,6 +22,7 @@ get the checkpoints and how to run the tests.
 
 import base64
 import codecs
+import math
 import sys
 import time
 from functools import partial
@@ -41,16 +42,18 @@ import support  # settings from the environment, device and dtype, input checks:
 # Settings. Each one can also be set by an environment variable of the same name (MAX_NEW_TOKENS=20 ...);
 # the text is converted to the type of the default, and a value that does not convert is an error.
 # ---------------------------------------------------------------------------------------------------------
-MODEL_NAME = "Llama3.2-1B-Instruct"  # a folder in LLAMA_MODELS_DIR: Llama3.2-1B, Llama3.2-3B, Llama3.1-8B, Llama3.3-70B, ... ("-Instruct" in the name: chat format)
+# MODEL_NAME: a folder in LLAMA_MODELS_DIR: Llama3.2-1B, Llama3.2-3B, Llama3.1-8B, Llama3.3-70B, ...
+# ("Instruct" in the name: the chat format)
+MODEL_NAME = "Llama3.2-1B-Instruct"
 LLAMA_MODELS_DIR = "~/.llama/checkpoints"  # where `llama-model download --source meta` puts checkpoints
-INPUT_STRING = "The capital of France is"  # the user's message (Instruct models) or the text to continue (base models); not used by CHAT
+INPUT_STRING = "The capital of France is"  # the user's message (Instruct) or the text to continue (base); not in CHAT
 INPUT_FILE = ""  # a UTF-8 text file to use instead of INPUT_STRING, for long prompts; "" for none
 SYSTEM_PROMPT = ""  # Instruct models only: a system message before the user's; "" for none
 DEVICE = "auto"  # "auto" (cuda, then mps, then cpu), "cpu", "mps", "cuda", "cuda:1"
 DTYPE = "auto"  # "auto" (bfloat16; float16 on GPUs without bfloat16), "bfloat16", "float16", "float32"
 MAX_NEW_TOKENS = 64  # generation stops here unless a stop token comes first (in chat: per reply)
 PREFILL_CHUNK = 256  # prompt tokens per forward call: bounds the memory of a long prompt's attention
-QUANTIZE = ""  # "int8" or "int4": smaller linear weights; faster decoding where the CPU's kernels keep up (see "8-bit and 4-bit weights"); "": as stored
+QUANTIZE = ""  # "int8", "int4": smaller linear weights, faster decoding (see "8-bit and 4-bit weights"); "": as stored
 SPEEDUPS = 1  # 1: the fast path of speedups.py; 0: llama-models' Transformer exactly as written
 
 # How the next token is chosen. The default is greedy: always the most likely token.
@@ -63,8 +66,9 @@ SEED = 0  # sampling: the same seed gives the same text
 
 CHAT = 0  # 1: a conversation with an Instruct model: your messages on stdin, one per line; the replies on stdout
 CHAT_CONTEXT = 4096  # chat: tokens the KV cache holds for the whole conversation (at most the model's context)
-SHOW_TOKENS = 1  # 1: one line per generated token on stderr (its id, probability and the runners-up); 0: off (chat: always off)
+SHOW_TOKENS = 1  # 1: a stderr line per new token (id, probability, runners-up); 0: off (always off in chat)
 SHOWN_ALTERNATIVES = 3  # runners-up printed per token when SHOW_TOKENS is on
+LOOK_INSIDE = 1  # 1: after the text, a table of what each layer predicts and reads at the prompt's last token; 0: off
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -116,27 +120,21 @@ def describe_tokenizer(path, tokenizer, prompt_ids):
 #    shape but no memory. (support.without_weight_init also covers fairscale's layers, which allocate
 #    their weights with a legacy constructor that ignores the meta device, and skips their initialisation.)
 # 2. mmap. torch.load(..., mmap=True) maps the file into memory instead of reading it: tensors point into
-#    the file, and the OS pages bytes in when they are first used (shared with its file cache).
-#    llama-models' maybe_reshard_state_dict does this. A checkpoint comes in as many shards as Meta used
-#    processes (8 for 70B); when this run has another number of processes, it merges shards (8 onto 1:
-#    torch.cat, a real copy) or splits them (1 onto 2: each process copies its half), as long as one
-#    number divides the other.
+#    the file, and the OS pages bytes in when they are first used. llama-models' maybe_reshard_state_dict
+#    does this; when this run has another number of processes than the checkpoint has shards, it merges
+#    or splits them (a real copy), as long as one number divides the other.
 # 3. assign=True. load_state_dict normally copies each tensor into the module's existing one; assign
 #    makes the module's parameter *be* the loaded tensor. Llama 3.2 stores its output layer and its
-#    embedding table once (tied weights); support.tie_weights makes them one parameter, so that
+#    embedding table once (tied weights); support.tie_weights keeps them one parameter, so that
 #    model.to() below, which copies only if it has to (to a GPU, or to another dtype), copies it once.
-#
-# Then the one call that makes decoding fast, speedups.apply. It swaps named modules into the model
-# (print(model) shows them) while the weights are still the mapped file, so that converting them (8- or
-# 4-bit weights, or a layout for oneDNN) never holds two full copies. Each change is explained below where
-# the story reaches it: the linear layers' kernels and formats, attention, and the output layer.
+# Then the one call that makes decoding fast, speedups.apply: it swaps named modules into the model
+# (print(model) shows them) while the weights are still the mapped file. Each of its ideas is explained
+# below, after the part of the model it speeds up ("Making the layer fast").
 #
 # The KV cache. Each new token attends to the keys and values of all tokens before it. Recomputing them
 # every step would make step n cost n times a step; instead every attention layer keeps them in
-# cache_k and cache_v, one row per sequence in the batch. The model was built with them as shapes on the
-# meta device, sized to this job by ModelArgs (max_batch_size x max_seq_len positions, n_kv_heads x
-# head_dim numbers each); here they become real, on the device, in the model's dtype. ModelArgs' defaults
-# (32 sequences x 2048 tokens) would take 16 layers x 2 x 32 x 2048 x 8 x 64 x 4 bytes = 4.3 GB in float32
+# cache_k and cache_v, one row per sequence in the batch, sized to this job by ModelArgs (max_batch_size
+# x max_seq_len positions). ModelArgs' defaults (32 sequences x 2048 tokens) would take 4.3 GB in float32
 # for the 1B model, more than its weights: the original version of this project did exactly that.
 # ---------------------------------------------------------------------------------------------------------
 def load_model(model_dir, params, device, dtype, max_seq_len, max_batch_size, use_speedups=True, quantize=""):
@@ -158,6 +156,179 @@ def load_model(model_dir, params, device, dtype, max_seq_len, max_batch_size, us
     return model
 
 
+def model_device(model):
+    """Where the model's tensors are: token ids go there."""
+    return model.tok_embeddings.weight.device
+
+
+# ---------------------------------------------------------------------------------------------------------
+# RoPE: how the model knows where each token is.
+# Attention compares queries and keys with dot products, which by themselves ignore order. Rotary
+# position embedding (RoPE) rotates each pair of numbers (0,1), (2,3), ... of every query and key by an
+# angle proportional to the token's position, pair i turning at frequency theta**(-2i/head_dim) radians
+# per token. The dot product of two rotated vectors then depends on how far apart the tokens are.
+#
+# Llama 3.1 and later stretch the slow pairs so that a model trained on 8,192 tokens works up to 131,072.
+# Count how many full turns a pair makes over the original context (ROPE_ORIGINAL_CONTEXT): pairs that
+# turn fewer than ROPE_LOW_FREQ_FACTOR times turn FACTOR times slower, pairs that turn more than
+# ROPE_HIGH_FREQ_FACTOR times are unchanged, and those in between are blended linearly.
+# llama-models 0.3.0 hard-codes FACTOR = 8 (apply_scaling in llama_models/llama3/model.py), right for 3.1
+# and 3.3, but Llama 3.2 1B and 3B were trained with 32 (Meta's published configs; meta-llama/llama-models
+# issue 166). With the wrong factor, short prompts look fine and long ones slowly degrade. Rather than edit
+# the installed package, we compute the rotation table ourselves with the right factor and hand it to the
+# model (model.freqs_cis in load_model). Folder names can change, so the 3.2 models are recognised by
+# their shapes (dim, n_layers), which no other Llama 3.x model has.
+# ---------------------------------------------------------------------------------------------------------
+ROPE_SCALE_FACTOR = 8  # Llama 3.1 and 3.3
+ROPE_SCALE_FACTORS = {(2048, 16): 32, (3072, 28): 32}  # Llama 3.2 1B and 3B
+ROPE_ORIGINAL_CONTEXT = 8192  # the context length the model was first trained with
+ROPE_LOW_FREQ_FACTOR = 1  # pairs turning fewer times than this over the original context: slowed by the factor
+ROPE_HIGH_FREQ_FACTOR = 4  # pairs turning more times than this: unchanged; in between: blended
+
+
+def rope_scale_factor(args):
+    return ROPE_SCALE_FACTORS.get((args.dim, args.n_layers), ROPE_SCALE_FACTOR)
+
+
+def rope_rotations(args, scale_factor):
+    head_dim = args.dim // args.n_heads
+    freqs = 1.0 / (args.rope_theta ** (torch.arange(0, head_dim, 2).float() / head_dim))  # (head_dim // 2,) rad/token
+    if args.use_scaled_rope:
+        turns = ROPE_ORIGINAL_CONTEXT * freqs / (2 * torch.pi)  # turns over the original context
+        # the share kept unscaled: 0 at or below ROPE_LOW_FREQ_FACTOR turns, 1 at or above ROPE_HIGH_FREQ_FACTOR
+        band = (turns - ROPE_LOW_FREQ_FACTOR) / (ROPE_HIGH_FREQ_FACTOR - ROPE_LOW_FREQ_FACTOR)
+        keep = band.clamp(0, 1)
+        freqs = (1 - keep) * freqs / scale_factor + keep * freqs
+    angles = torch.outer(torch.arange(args.max_seq_len).float(), freqs)  # (max_seq_len, head_dim // 2)
+    return torch.polar(torch.ones_like(angles), angles)  # cos + i sin: llama-models rotates with complex numbers
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One layer, step by step.
+# Each of the n_layers TransformerBlocks (llama_models/llama3/model.py) adds two things to the hidden
+# vector x of every position: what attention finds in the positions so far, then what the feed-forward
+# network makes of it. layer_by_hand computes one block the long way. It calls the block's own norms and
+# linear layers (so 8- and 4-bit weights, the fast path's kernels and torchrun's slices of the heads all
+# apply) and writes out everything between them. The shapes in the comments are the 1B model's (dim
+# 2048, 32 query heads sharing 8 key-value heads, head_dim 64, feed-forward width 8192) for `seqlen` new
+# positions starting at start_pos.
+# The real block writes its new keys and values into the KV cache; layer_by_hand only reads the cache's
+# earlier positions, so running it changes nothing the model generates. main runs it on the prompt beside
+# the real block and prints how far apart the two are; "A look inside" below runs it through every layer.
+# ---------------------------------------------------------------------------------------------------------
+def layer_by_hand(block, x, start_pos, rotations):
+    """One TransformerBlock on x (batch, seqlen, dim) at positions start_pos ... start_pos + seqlen - 1, with
+    the KV cache's positions before start_pos as context. Returns the block's output (batch, seqlen, dim) and
+    the attention weights (batch, heads, seqlen, start_pos + seqlen)."""
+    attention, feed_forward = block.attention, block.feed_forward
+    batch, seqlen, _ = x.shape
+    heads, kv_heads, head_dim = attention.n_local_heads, attention.n_local_kv_heads, attention.head_dim
+    end = start_pos + seqlen
+    h = block.attention_norm(x)  # (batch, seqlen, 2048)  RMSNorm: x / sqrt(mean(x**2) + eps) * weight
+    q = attention.wq(h).view(batch, seqlen, heads, head_dim)  # (batch, seqlen, 32, 64)  a query per head
+    k = attention.wk(h).view(batch, seqlen, kv_heads, head_dim)  # (batch, seqlen, 8, 64)  a key and a value
+    v = attention.wv(h).view(batch, seqlen, kv_heads, head_dim)  # (batch, seqlen, 8, 64)  per key-value head
+    q, k = rotate(q, rotations[start_pos:end]), rotate(k, rotations[start_pos:end])  # RoPE
+    past_keys, past_values = cached_keys_values(attention, batch, start_pos)  # (batch, start_pos, 8, 64) each
+    keys = torch.cat([past_keys, k], dim=1).float()  # (batch, end, 8, 64)  every position so far
+    values = torch.cat([past_values, v], dim=1).float()
+    # Query head i reads key-value head i // 4: group the 32 query heads as 8 groups of 4 (no copies).
+    q = q.float().view(batch, seqlen, kv_heads, heads // kv_heads, head_dim)  # (batch, seqlen, 8, 4, 64)
+    # einsum letters: b batch, s new position, k key-value head, g query head in its group, p any position, d 64
+    scores = torch.einsum("bskgd,bpkd->bkgsp", q, keys) / math.sqrt(head_dim)  # (batch, 8, 4, seqlen, end)
+    causal = torch.arange(end, device=x.device) <= torch.arange(start_pos, end, device=x.device)[:, None]
+    scores = scores.masked_fill(~causal, float("-inf"))  # (seqlen, end) mask: no position sees a later one
+    weights = torch.softmax(scores, dim=-1)  # (batch, 8, 4, seqlen, end)  each row sums to 1
+    mixed = torch.einsum("bkgsp,bpkd->bskgd", weights, values)  # (batch, seqlen, 8, 4, 64)  weighted values
+    x = x + attention.wo(mixed.reshape(batch, seqlen, heads * head_dim).type_as(x))  # (batch, seqlen, 2048)
+    h = block.ffn_norm(x)  # (batch, seqlen, 2048)
+    gate = F.silu(feed_forward.w1(h))  # (batch, seqlen, 8192)  SwiGLU: silu(a) = a * sigmoid(a) gates ...
+    x = x + feed_forward.w2(gate * feed_forward.w3(h))  # ... w3's features; w2 mixes them back to 2048
+    return x, weights.reshape(batch, heads, seqlen, end)
+
+
+def rotate(x, rotations):
+    """RoPE by hand: pair (2i, 2i + 1) of every head turned by the angle of its position and frequency i.
+    x: (batch, seqlen, heads, head_dim); rotations: (seqlen, head_dim // 2) complex numbers cos + i sin."""
+    pairs = x.float().unflatten(-1, (-1, 2))  # (batch, seqlen, heads, head_dim // 2, 2)
+    first, second = pairs[..., 0], pairs[..., 1]
+    cos, sin = rotations.real[:, None], rotations.imag[:, None]  # (seqlen, 1, head_dim // 2): the same for all heads
+    turned = torch.stack([first * cos - second * sin, first * sin + second * cos], dim=-1)
+    return turned.flatten(-2).type_as(x)
+
+
+LLAMA_MODELS_CACHE_POSITIONS_DIM = 1  # llama-models' Attention caches (batch, seq, kv_heads, head_dim)
+
+
+def cached_keys_values(attention, batch, end):
+    """The keys and values an attention layer's KV cache holds for positions 0 .. end - 1, each as
+    (batch, end, kv_heads, head_dim). The module says which dimension of its cache counts positions."""
+    positions = getattr(attention, "cache_positions_dim", LLAMA_MODELS_CACHE_POSITIONS_DIM)
+    keys = attention.cache_k[:batch].narrow(positions, 0, end).movedim(positions, 1)
+    values = attention.cache_v[:batch].narrow(positions, 0, end).movedim(positions, 1)
+    return keys, values
+
+
+@torch.inference_mode()  # no autograd bookkeeping: nothing here is trained
+def compare_layer_by_hand(model, prompt_ids):
+    """Run the first block on the prompt's first chunk, by hand and as llama-models' TransformerBlock, and
+    print the largest difference. The real block rewrites the cache rows prefill will write; they are kept."""
+    block = model.layers[0]
+    tokens = torch.tensor([prompt_ids[:PREFILL_CHUNK]], device=model_device(model))  # (1, seqlen)
+    x = model.tok_embeddings(tokens)  # (1, seqlen, dim)
+    seqlen = x.shape[1]
+    ours, _ = layer_by_hand(block, x, 0, model.freqs_cis)
+    # the causal mask, as llama-models' Transformer.forward builds it for a chunk at position 0
+    mask = torch.full((seqlen, seqlen), float("-inf"), device=x.device).triu(1).type_as(x) if seqlen > 1 else None
+    saved_keys, saved_values = block.attention.cache_k.clone(), block.attention.cache_v.clone()
+    real = block(x, 0, model.freqs_cis[:seqlen], mask)  # writes keys and values for positions 0 .. seqlen - 1
+    block.attention.cache_k.copy_(saved_keys)
+    block.attention.cache_v.copy_(saved_values)
+    gap = (ours.float() - real.float()).abs().max().item()
+    print(f"layer 0 by hand (layer_by_hand) against llama-models' TransformerBlock, {seqlen} prompt tokens: "
+          f"largest difference {gap:.2g}, {gap / real.float().abs().max().item():.2g} of the largest value",
+          file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Making the layer fast (speedups.py; its docstring has the details, `python benchmarks/bench_kernels.py`
+# measures every candidate on your machine).
+# The linear layers: most of the time, and most of the bytes. Decoding one token multiplies every weight
+# matrix by one vector: each weight is read from memory once and used for one multiply-add, so the time
+# per token is about the bytes of the weights divided by the memory bandwidth. A kernel is good when it
+# streams the weights as fast as memory delivers them, and which kernel does that depends on the CPU, the
+# number format and the number of rows: one (greedy decoding, sampling), a few (beam search's k beams) or
+# many (a prompt chunk). The fastest on one CPU was the slowest on another, so speedups.py times the
+# stock candidates (PyTorch's own matrix-vector code, oneDNN's kernels, oneDNN's with the weight laid out
+# once in its blocked format) on this machine, once, and keeps the fastest: the "fast path" line says
+# which, with the rates it measured.
+#
+# 8-bit and 4-bit weights (QUANTIZE). Fewer bytes per weight means less to stream per token, and less
+# memory (Llama 3.1 8B: 16 GB in bfloat16, about 8 in int8 and 5 in int4, so it fits a 16 GB laptop).
+#   int8, speedups.Int8Linear: each output channel (row) w gets its own scale,
+#     scale = max(|w|) / 127,   w_int8 = round(w / scale) in [-127, 127],   w ~ w_int8 * scale,
+#     an error of at most scale / 2 per weight; the product is x @ w_int8.T * scale.
+#   int4, speedups.Int4Linear: each run of 32 weights in a row gets a scale and an offset,
+#     scale = (max - min) / 15,   q = round((w - min) / scale) in [0, 15],   w ~ q * scale + min,
+#     two weights per byte: 16 levels per group instead of 255 per row, a coarser step over a smaller range.
+# The embedding table stays in bfloat16 and memory-mapped: a lookup reads one row per token. The weights'
+# relative error, |w - approximation| / |w|, is printed at load; README's table gives what each format
+# costs a real model's text.
+#
+# Memory while converting: each weight is converted a block of rows at a time, and speedups.release_pages
+# tells the operating system that the block's pages of the mapped file are no longer needed, so the
+# bfloat16 model is never resident alongside its converted copy.
+#
+# Attention. llama-models' Attention copies each key-value head's cached keys and values 4 times
+# (repeat_kv), so that every query head has its own: copies that grow with the context, at every step.
+# speedups.GroupedQueryAttention lays its cache out (batch, kv_heads, seq, head_dim), each head's
+# positions in one block, and hands them to PyTorch's fused attention, which reads each key-value head in
+# place for the 4 query heads that share it, as layer_by_hand's grouping does. If you edit
+# Attention.forward in an editable llama-models (README: "Hacking the architecture"), run with
+# SPEEDUPS=0: with SPEEDUPS=1 your edit is replaced by speedups' attention.
+# ---------------------------------------------------------------------------------------------------------
+
+
 def describe_model(model, args):
     """Print what is in memory: the weights per dtype, the KV cache, the RoPE factor, and the fast path."""
     # Tied weights are one tensor: count it once. (Packed weights have no data pointer; none is shared.)
@@ -176,161 +347,6 @@ def describe_model(model, args):
         file=sys.stderr,
     )
     print(f"fast path: {speedups.describe(model) or 'off (SPEEDUPS=0): llama-models as written'}", file=sys.stderr)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The linear layers: most of the time, and most of the bytes.
-# Decoding one token multiplies every weight matrix by one vector: every weight is read from memory once
-# per token and used for one multiply-add. So on a CPU (and on a laptop GPU) the time per token is about
-# the bytes of the weights divided by the memory bandwidth, and a kernel is good when it streams the
-# weights as fast as memory delivers them. Which kernel does that depends on the number of rows, the
-# number format and the CPU; speedups.py chooses by the rules below, and
-# `python benchmarks/bench_kernels.py` measures every candidate on your machine.
-#
-# One row (greedy decoding, sampling): PyTorch hands bfloat16 products on x86 CPUs to the oneDNN library,
-# whose kernels are built for many rows; for a single row PyTorch's own matrix-vector code streams the
-# weights faster. speedups.MatVecLinear switches oneDNN off around single-row products only.
-# Several rows (beam search's k beams): now PyTorch's own code is slow, and oneDNN's kernels read the
-# weight in a blocked layout of their own (tiles of output channels x inputs, neighbouring inputs side
-# by side, as the CPU's bfloat16 dot-product instruction consumes them). Given the plain (out, in)
-# weight, oneDNN rearranges it inside every call, which on a few rows takes longer than multiplying.
-# speedups.PackedLinear rearranges each weight once, at load time (when the CPU has oneDNN's bfloat16
-# or float32 kernels), and lets the plain weight's file pages go, so the model is resident once.
-# Many rows (a prompt chunk): plenty of arithmetic per weight read; oneDNN's default path does well.
-# `python benchmarks/bench_kernels.py --rows 1,5,256` shows all three cases side by side.
-#
-# 8-bit and 4-bit weights (QUANTIZE). Fewer bytes per weight means less to stream per token, and less
-# memory (Llama 3.1 8B: 16 GB in bfloat16, about 8 in int8 and 5 in int4, so it fits a 16 GB laptop).
-#   int8, speedups.Int8Linear: each output channel (row) w gets its own scale,
-#     scale = max(|w|) / 127,   w_int8 = round(w / scale) in [-127, 127],   w ~ w_int8 * scale,
-#     an error of at most scale / 2 per weight; the product is x @ w_int8.T * scale, by PyTorch's int8-
-#     weight kernel (torch._weight_int8pack_mm) for up to speedups.INT8_KERNEL_MAX_ROWS rows, whose time
-#     grows with every row; above that (a prompt chunk), a temporary 16-bit copy of the weight is faster.
-#   int4, speedups.Int4Linear: each run of 32 weights in a row gets a scale and an offset,
-#     scale = (max - min) / 15,   q = round((w - min) / scale) in [0, 15],   w ~ q * scale + min,
-#     two weights per byte, multiplied by PyTorch's CPU int4 kernel (torch._weight_int4pack_mm_for_cpu).
-#     16 levels per group instead of 255 per row: a coarser step, over the range of only 32 weights.
-# Only the weights are quantised: activations (the hidden vectors) keep the model's dtype, so attention
-# and the norms compute as before and no calibration data is needed. The weights' relative error,
-# |w - approximation| / |w|, is printed at load (describe_model); it is also each layer's relative output
-# error on random inputs. README's table gives each format's speed and its error on whole logits, measured
-# by benchmarks/bench_decode.py. The embedding table stays in bfloat16 and memory-mapped: a lookup reads one
-# row per token, so only the rows of tokens actually seen are ever read. (Llama 3.2's output layer shares
-# the table's values; it is converted like any other linear layer, into its own copy, because every
-# token reads all of it.)
-# Memory while converting: each weight is read from the mapped file and converted a block of rows at a
-# time; speedups.release_pages then tells the operating system that this process no longer needs the block's
-# pages (Linux; macOS keeps them resident, so there the int8 and int4 memory savings appear only in the
-# GPU's memory), so the full bfloat16 model is never resident. And glibc's malloc keeps freed
-# temporaries in per-thread pools it does not always reuse; speedups.trim_heap hands them back after each layer.
-# `python benchmarks/bench_decode.py --only tutorial,tutorial-int8,tutorial-int4` measures the peak memory.
-# ---------------------------------------------------------------------------------------------------------
-
-
-# ---------------------------------------------------------------------------------------------------------
-# One layer, with its shapes.
-# Each of the n_layers TransformerBlocks (llama_models/llama3/model.py) adds two things to the running
-# hidden vector x: what attention finds in the tokens so far, then what the feed-forward network makes of
-# it. For one new token of the 1B model (batch 1, seqlen 1; dim 2048, 32 query heads and 8 key-value
-# heads of head_dim 64, feed-forward width 8192), at position pos:
-#
-#   x                                         (1, 1, 2048)   the token's hidden vector so far
-#   h = attention_norm(x)                     (1, 1, 2048)   RMSNorm: x / sqrt(mean(x**2) + eps) * weight
-#   q = wq(h).view(1, 1, 32, 64)              one 64-number query per query head
-#   k = wk(h).view(1, 1, 8, 64)               one key and one value per key-value head
-#   v = wv(h).view(1, 1, 8, 64)
-#   q, k = RoPE(q, k, freqs_cis[pos])         each pair of numbers rotated by the position's angle
-#   cache_k[0, pos], cache_v[0, pos] = k, v   the cache now holds keys and values for 0 .. pos
-#   for query head h, with key-value head g = h // 4 (4 query heads share each key-value head):
-#     scores  = q[h] @ cache_k[g, 0..pos].T / sqrt(64)    (1, pos + 1)  how well the query matches each position
-#     weights = softmax(scores)                           (1, pos + 1)  (a prompt chunk adds a causal mask)
-#     out[h]  = weights @ cache_v[g, 0..pos]              (1, 64)       a weighted mix of the cached values
-#   x = x + wo(out.view(1, 1, 2048))          (1, 1, 2048)   the residual connection
-#   h = ffn_norm(x)                           (1, 1, 2048)
-#   x = x + w2(silu(w1(h)) * w3(h))           (1, 1, 8192) -> (1, 1, 2048)   SwiGLU: silu(a) = a * sigmoid(a)
-#                                                            gates w3's 8192 features, w2 mixes them back
-#
-# llama-models' Attention writes the scores step for all heads at once: it first copies each key-value
-# head's cached keys and values 4 times (repeat_kv), so that every query head has its own, then
-# transposes them: copies that grow with the context, at every step, in every layer. (Its cache is laid
-# out (batch, seq, kv_heads, head_dim), so one head's positions are scattered through memory.)
-# speedups.GroupedQueryAttention keeps llama-models' projections, RoPE and mask, but lays its cache out
-# (batch, kv_heads, seq, head_dim), each head's positions in one block, and hands queries, keys and values
-# to PyTorch's fused attention (scaled_dot_product_attention), which computes the three lines above for
-# all heads without copying a key-value head for the query heads that share it, accumulating in float32
-# while the cache keeps the model's dtype. (While decoding, the 4 query heads of a key-value head go in as
-# 4 rows of one query, so no mask is needed.) The difference grows with the context: measure it with
-# `python benchmarks/bench_kernels.py --contexts 512,4096`.
-#
-# If you edit Attention.forward in an editable llama-models (README: "Hacking the architecture"), run with
-# SPEEDUPS=0: with SPEEDUPS=1 your edit is replaced by speedups' attention.
-# ---------------------------------------------------------------------------------------------------------
-
-# ---------------------------------------------------------------------------------------------------------
-# RoPE: how the model knows where each token is.
-# Attention compares queries and keys with dot products, which by themselves ignore order. Rotary
-# position embedding (RoPE) rotates each pair of numbers (0,1), (2,3), ... of every query and key by an
-# angle proportional to the token's position, pair i turning at frequency theta**(-2i/head_dim) radians
-# per token. The dot product of two rotated vectors then depends on how far apart the tokens are.
-#
-# Llama 3.1 and later stretch the slow pairs so that a model trained on 8,192 tokens works up to 131,072.
-# Count how many full turns a pair makes over the original context (support.ROPE_ORIGINAL_CONTEXT):
-# pairs that turn fewer than ROPE_LOW_FREQ_FACTOR times turn FACTOR times slower, pairs that turn more than
-# ROPE_HIGH_FREQ_FACTOR times are unchanged, and those in between are blended linearly.
-# llama-models 0.3.0 hard-codes FACTOR = 8 (apply_scaling in llama_models/llama3/model.py), right for 3.1
-# and 3.3, but Llama 3.2 1B and 3B were trained with 32. With the wrong factor, short prompts look fine
-# and long ones slowly degrade. Rather than edit the installed package, we compute the rotation table
-# ourselves with the right factor and hand it to the model (model.freqs_cis in load_model). Folder names
-# can change, so the 3.2 models are recognised by their shapes (support.ROPE_SCALE_FACTORS), which no
-# other Llama 3.x model has.
-# ---------------------------------------------------------------------------------------------------------
-def rope_scale_factor(args):
-    return support.ROPE_SCALE_FACTORS.get((args.dim, args.n_layers), support.ROPE_SCALE_FACTOR)
-
-
-def rope_rotations(args, scale_factor):
-    head_dim = args.dim // args.n_heads
-    freqs = 1.0 / (args.rope_theta ** (torch.arange(0, head_dim, 2).float() / head_dim))  # (head_dim // 2,) radians/token
-    if args.use_scaled_rope:
-        turns = support.ROPE_ORIGINAL_CONTEXT * freqs / (2 * torch.pi)  # turns over the original context
-        # the share kept unscaled: 0 at or below ROPE_LOW_FREQ_FACTOR turns, 1 at or above ROPE_HIGH_FREQ_FACTOR
-        band = (turns - support.ROPE_LOW_FREQ_FACTOR) / (support.ROPE_HIGH_FREQ_FACTOR - support.ROPE_LOW_FREQ_FACTOR)
-        keep = band.clamp(0, 1)
-        freqs = (1 - keep) * freqs / scale_factor + keep * freqs
-    angles = torch.outer(torch.arange(args.max_seq_len).float(), freqs)  # (max_seq_len, head_dim // 2)
-    return torch.polar(torch.ones_like(angles), angles)  # cos + i sin: llama-models rotates with complex numbers
-
-
-# ---------------------------------------------------------------------------------------------------------
-# One process, or many: torch.distributed and fairscale.
-# llama-models builds the model from fairscale's model-parallel layers, written so that a model too big
-# for one device is split across N processes (one per GPU, on one or several machines), each holding a
-# 1/N slice of every large matrix:
-#   ColumnParallelLinear (wq, wk, wv, w1, w3, output): each process holds some output rows and computes
-#     those outputs; the attention heads and the feed-forward units are divided among the processes, so
-#     each one also keeps only its own key-value heads in its KV cache (n_kv_heads / N of them). The
-#     output layer then gathers the pieces (all_gather), so every process sees all the logits.
-#   RowParallelLinear (wo, w2): each process holds some input columns, multiplies its slice of the
-#     hidden vector, and the partial results are summed across processes (all_reduce).
-#   VocabParallelEmbedding: each process holds the embeddings of a range of token ids; a process looks up
-#     the ids in its range, zeros for the others, and an all_reduce completes every row.
-# So each layer costs two all_reduces and the output one all_gather; everything else is local. Every
-# process runs this same script, computes the same logits and so picks the same tokens (greedy, beam
-# search, and sampling, whose generators share the seed); only rank 0 prints.
-#
-# Even with one process those layers ask fairscale for the "model-parallel group", so one must exist:
-# support.init_distributed starts it, before the model is built. A one-process group needs no launcher
-# and no network: its rendezvous store is a dictionary in memory. Launched by torchrun, PyTorch's
-# distributed launcher, the processes find each other through the RANK, WORLD_SIZE and
-# MASTER_ADDR/MASTER_PORT variables it sets, and the model-parallel size is the number of processes:
-#   torchrun --nproc-per-node 8 run_inference.py                  one machine, 8 GPUs (Llama 3.3 70B)
-#   torchrun --nnodes 2 --nproc-per-node 8 --node-rank R --master-addr HOST --master-port 29500 run_inference.py
-#                                                                 two machines (405B), R = 0 and 1
-#   DEVICE=cpu torchrun --nproc-per-node 2 run_inference.py       two CPU processes, to try it at home
-# The backend is nccl for NVIDIA GPUs (one GPU per local rank) and gloo on CPUs; Apple GPUs have none, so
-# mps runs one process. At the end, support.close_distributed stops the groups' threads while Python is
-# still whole (left to the interpreter's shutdown, one of them now and then aborted a finished run).
-# ---------------------------------------------------------------------------------------------------------
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -356,18 +372,73 @@ def rope_rotations(args, scale_factor):
 # weight once (2.5 GB for 1B in bfloat16), so it stays nearly flat as the text grows; what does grow is
 # attention's reading of the cache, one key and one value per cached position.
 # start_pos lets a chat feed a new turn after the tokens already in the cache.
+# No gradients are tracked: llama-models decorates Transformer.forward with @torch.inference_mode(),
+# so PyTorch keeps no record of the operations for training, and no activations are held for it.
 # ---------------------------------------------------------------------------------------------------------
-def prefill(model, prompt_ids, device, start_pos=0):
+def prefill(model, prompt_ids, start_pos=0):
     for start in range(0, len(prompt_ids), PREFILL_CHUNK):
-        tokens = torch.tensor([prompt_ids[start : start + PREFILL_CHUNK]], device=device)  # (1, chunk)
+        tokens = torch.tensor([prompt_ids[start : start + PREFILL_CHUNK]], device=model_device(model))  # (1, chunk)
         logits = model(tokens, start_pos=start_pos + start)[0, -1]  # (vocab,): the chunk's last position
     return logits
 
 
-def decode_step(model, token_ids, pos, device):
+def decode_step(model, token_ids, pos):
     """Feed one token per sequence in the batch, all at position `pos`; return each sequence's next logits."""
-    tokens = torch.tensor(token_ids, device=device).view(-1, 1)  # (batch, 1)
+    tokens = torch.tensor(token_ids, device=model_device(model)).view(-1, 1)  # (batch, 1)
     return model(tokens, start_pos=pos)[:, -1]  # (batch, vocab)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A look inside: what each layer would predict, and where the last position looks.
+# The hidden vector that flows from layer to layer (the "residual stream") is in the same space at every
+# depth: each layer adds to it. So the final RMSNorm and the output layer, which turn the last layer's
+# vector into logits, can be applied after any layer, as if the model stopped there. This "logit lens"
+# shows the prediction forming: early layers often propose frequent tokens, later ones the answer.
+# Beside it, each layer's attention weights for the last position say which earlier tokens it read most
+# (the mean over the heads; single heads are often sharper). Many heads park their weight on the first
+# token when nothing else is relevant.
+# look_inside runs the prompt's last position again, through every layer with layer_by_hand, reading the
+# keys and values the prompt's pass left in the cache, and writing nothing: one decode step's work. The
+# output layer, the largest matrix, is applied once to all the layers' vectors together.
+# ---------------------------------------------------------------------------------------------------------
+LOOK_INSIDE_TOP = 3  # tokens shown per layer, for the lens and for attention
+
+
+@torch.inference_mode()
+def look_inside(model, prompt_ids):
+    """For the prompt's last position, after each layer: (logit-lens probabilities (n_layers, vocab),
+    attention weights over the prompt's positions (n_layers, heads, len(prompt_ids))). Needs the prompt's
+    keys and values in the cache (row 0), as the prompt's pass leaves them."""
+    position = len(prompt_ids) - 1
+    x = model.tok_embeddings(torch.tensor([prompt_ids[-1:]], device=model_device(model)))  # (1, 1, dim)
+    streams, attended = [], []
+    for block in model.layers:
+        x, weights = layer_by_hand(block, x, position, model.freqs_cis)  # (1, 1, dim), (1, heads, 1, positions)
+        streams.append(x[0, -1])
+        attended.append(weights[0, :, -1])
+    normed = model.norm(torch.stack(streams))  # (n_layers, dim)
+    lens = model.output(normed[:, None])[:, -1]  # (n_layers, vocab): one product for all layers
+    return torch.softmax(lens.float(), dim=-1), torch.stack(attended)
+
+
+def show_look_inside(model, tokenizer, prompt_ids):
+    """One aligned stderr table: per layer, the logit lens's top tokens and the most attended prompt tokens."""
+    if support.processes()[0] > 1:
+        print("(LOOK_INSIDE needs one process: under torchrun each process holds only some heads)", file=sys.stderr)
+        return
+    lens, attention = look_inside(model, prompt_ids)
+    top_probs, top_ids = lens.topk(LOOK_INSIDE_TOP)  # (n_layers, LOOK_INSIDE_TOP)
+    mean_weights = attention.mean(dim=1)  # (n_layers, positions): the heads' mean
+    top_weights, top_positions = mean_weights.topk(min(LOOK_INSIDE_TOP, len(prompt_ids)))
+    print(f"\nlook inside, at the prompt's last token {tokenizer.decode(prompt_ids[-1:])!r}:\n"
+          f"{'layer':>5}  {'logit lens: the next token if the model stopped here':<54}"
+          f"attention: the prompt tokens read most (mean of {attention.shape[1]} heads)", file=sys.stderr)
+    for layer in range(len(lens)):
+        predicted = "  ".join(f"{tokenizer.decode([i])!r} {p:.2f}"
+                              for p, i in zip(top_probs[layer].tolist(), top_ids[layer].tolist()))
+        read = "  ".join(f"{tokenizer.decode([prompt_ids[i]])!r} {w:.2f}"
+                         for w, i in zip(top_weights[layer].tolist(), top_positions[layer].tolist()))
+        print(f"{layer + 1:>5}  {predicted:<54}{read}", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -398,15 +469,16 @@ def show_token(step, token_id, logits, tokenizer):
     """One aligned stderr line: step, id, text, probability, and the runners-up."""
     probs = torch.softmax(logits.float(), dim=-1)
     top_probs, top_ids = probs.topk(SHOWN_ALTERNATIVES + 1)
-    others = [f"{tokenizer.decode([i])!r} {p:.3g}" for p, i in zip(top_probs.tolist(), top_ids.tolist()) if i != token_id]
+    others = [f"{tokenizer.decode([i])!r} {p:.3g}" for p, i in zip(top_probs.tolist(), top_ids.tolist())
+              if i != token_id][:SHOWN_ALTERNATIVES]
     text = repr(tokenizer.decode([token_id]))
-    print(f"{step:>5} {token_id:>7} {text:<20} {probs[token_id]:<9.3g} {' | '.join(others[:SHOWN_ALTERNATIVES])}", file=sys.stderr)
+    print(f"{step:>5} {token_id:>7} {text:<20} {probs[token_id]:<9.3g} {' | '.join(others)}", file=sys.stderr)
 
 
-def generate(model, prompt_ids, max_new_tokens, stop_tokens, device, start_pos=0, *, pick=pick_greedy, on_token=None):
+def generate(model, prompt_ids, max_new_tokens, stop_tokens, start_pos=0, *, pick=pick_greedy, on_token=None):
     """Greedy (or sampled, with another `pick`) decoding with the KV cache; yields the id of each new token.
     (The minimal script's generate, plus two options: how to pick a token, and a look at each pick.)"""
-    logits = prefill(model, prompt_ids, device, start_pos)
+    logits = prefill(model, prompt_ids, start_pos)
     for step in range(max_new_tokens):
         support.check_finite(logits, model.norm.weight.dtype)  # NaN or inf: stop, never print garbage
         token_id = pick(logits)
@@ -416,7 +488,23 @@ def generate(model, prompt_ids, max_new_tokens, stop_tokens, device, start_pos=0
             return
         yield token_id
         if step + 1 < max_new_tokens:  # no forward pass for a token that would not be used
-            logits = decode_step(model, [token_id], start_pos + len(prompt_ids) + step, device)[0]  # it sits at this position
+            logits = decode_step(model, [token_id], start_pos + len(prompt_ids) + step)[0]  # it sits at this position
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tokens back to text, as they come.
+# A token is a sequence of bytes, not always whole characters: an emoji or a CJK character can be split
+# across two tokens. Printing each token's bytes decoded on its own would print replacement characters
+# (U+FFFD) in the middle of such a character. An incremental UTF-8 decoder holds back an incomplete
+# character until its remaining bytes arrive, so the printed text is exactly tokenizer.decode(all ids).
+# stream passes the ids on as it prints them.
+# ---------------------------------------------------------------------------------------------------------
+def stream(token_ids, tokenizer):
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # holds back a character split across tokens
+    for token_id in token_ids:
+        print(utf8.decode(tokenizer.model.decode_single_token_bytes(token_id)), end="", flush=True)
+        yield token_id
+    print(utf8.decode(b"", final=True), end="", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -428,10 +516,6 @@ def generate(model, prompt_ids, max_new_tokens, stop_tokens, device, start_pos=0
 # log-probability (the sum of the log-probabilities of its tokens), and keeps the k best extensions,
 # whichever beams they came from. A beam that was best can be dropped a step later, and one beam can
 # spawn several survivors.
-#
-# The original version of this project took the k most likely *first* tokens and then continued each one
-# greedily, one after another, recomputing the whole text at every step. That is k greedy runs: they never
-# compete after the first token, and they cost k times a greedy run (times the text length, without a cache).
 #
 # Here the k beams run as one batch: one forward call per step for all of them, through weights that are
 # read once for the whole batch, which is why a beam step costs little more than a greedy step (on CPUs,
@@ -463,22 +547,21 @@ def reorder_cache(model, parents, start, end):
     """Row i of every layer's KV cache becomes a copy of row parents[i], for positions start .. end - 1."""
     rows = torch.tensor(parents, device=model.layers[0].attention.cache_k.device)
     for layer in model.layers:
-        # the positions' dimension: speedups' cache is (batch, kv_heads, seq, head_dim), llama-models' (batch, seq, ...)
-        positions = 2 if isinstance(layer.attention, speedups.GroupedQueryAttention) else 1
+        positions = getattr(layer.attention, "cache_positions_dim", LLAMA_MODELS_CACHE_POSITIONS_DIM)
         for cache in (layer.attention.cache_k, layer.attention.cache_v):
             span = cache.narrow(positions, start, end - start)
             span[: len(parents)] = span[rows]  # gathers first, then writes: safe when rows overlap
 
 
-def beam_search(model, prompt_ids, max_new_tokens, stop_tokens, device, beam_width, length_penalty, on_step=None):
+def beam_search(model, prompt_ids, max_new_tokens, stop_tokens, beam_width, length_penalty, on_step=None):
     """Returns the beam_width best finished hypotheses, best first, as (score, token ids incl. a stop token)."""
     n_candidates = (1 + len(stop_tokens)) * beam_width
     beams, beam_scores = [[]], torch.zeros(1)  # one live beam at first: the bare prompt, log-prob 0
     finished = []  # (score, token_ids), best first
-    logits = prefill(model, prompt_ids, device)[None]  # (1, vocab): the prompt once, into cache row 0
+    logits = prefill(model, prompt_ids)[None]  # (1, vocab): the prompt once, into cache row 0
     for step in range(max_new_tokens):
         if step > 0:
-            logits = decode_step(model, [beam[-1] for beam in beams], len(prompt_ids) + step - 1, device)  # (k, vocab)
+            logits = decode_step(model, [beam[-1] for beam in beams], len(prompt_ids) + step - 1)  # (k, vocab)
         support.check_finite(logits, model.norm.weight.dtype)
         scores = beam_scores[:, None] + F.log_softmax(logits.float(), dim=-1).cpu()  # (beams, vocab)
         top_scores, flat = scores.view(-1).topk(n_candidates)  # best first
@@ -553,7 +636,7 @@ def encode_turn(tokenizer, message, system_prompt, first):
     return ids if first else ids[1:]  # ids[0] is <|begin_of_text|>
 
 
-def chat(model, tokenizer, device, pick, first_message=""):
+def chat(model, tokenizer, pick, first_message=""):
     """The conversation loop; returns the number of turns."""
     context = model.params.max_seq_len  # CHAT_CONTEXT
     dialog, cached = [], 0  # every token of the conversation so far; the cache holds dialog[:cached]
@@ -574,7 +657,7 @@ def chat(model, tokenizer, device, pick, first_message=""):
         start = time.perf_counter()
         try:
             on_token = lambda step, token_id, logits: chosen.append(token_id)  # as soon as it is chosen
-            for _ in stream(generate(model, dialog[cached:], MAX_NEW_TOKENS, tokenizer.stop_tokens, device, cached,
+            for _ in stream(generate(model, dialog[cached:], MAX_NEW_TOKENS, tokenizer.stop_tokens, cached,
                                      pick=pick, on_token=on_token), tokenizer):
                 pass
         except KeyboardInterrupt:
@@ -603,22 +686,6 @@ def closing_token(tokenizer, chosen):
     return eom if chosen and chosen[-1] == eom else tokenizer.special_tokens["<|eot_id|>"]
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Tokens back to text, as they come.
-# A token is a sequence of bytes, not always whole characters: an emoji or a CJK character can be split
-# across two tokens. Printing each token's bytes decoded on its own would print replacement characters
-# (U+FFFD) in the middle of such a character. An incremental UTF-8 decoder holds back an incomplete
-# character until its remaining bytes arrive, so the printed text is exactly tokenizer.decode(all ids).
-# stream passes the ids on as it prints them.
-# ---------------------------------------------------------------------------------------------------------
-def stream(token_ids, tokenizer):
-    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # holds back a character split across tokens
-    for token_id in token_ids:
-        print(utf8.decode(tokenizer.model.decode_single_token_bytes(token_id)), end="", flush=True)
-        yield token_id
-    print(utf8.decode(b"", final=True), end="", flush=True)
-
-
 def token_picker(device):
     """Greedy, or top-p sampling with its own seeded random generator when TEMPERATURE > 0."""
     if TEMPERATURE == 0:
@@ -627,17 +694,17 @@ def token_picker(device):
     return lambda logits: sample_top_p(logits, TEMPERATURE, TOP_P, generator)
 
 
-def run_generate(model, tokenizer, prompt_ids, device, timer):
+def run_generate(model, tokenizer, prompt_ids, timer):
     """Greedy decoding or sampling, streamed to stdout; returns the number of new tokens."""
     on_token = partial(show_token, tokenizer=tokenizer) if SHOW_TOKENS else None
-    token_ids = generate(model, prompt_ids, MAX_NEW_TOKENS, tokenizer.stop_tokens, device, pick=token_picker(device),
-                         on_token=on_token)
+    pick = token_picker(model_device(model))
+    token_ids = generate(model, prompt_ids, MAX_NEW_TOKENS, tokenizer.stop_tokens, pick=pick, on_token=on_token)
     return len(list(stream(timer.tokens(token_ids), tokenizer)))
 
 
-def run_beam_search(model, tokenizer, prompt_ids, device, timer):
+def run_beam_search(model, tokenizer, prompt_ids, timer):
     """Beam search, then the best NUM_RETURN_SEQUENCES texts on stdout, best first, a blank line between."""
-    finished = beam_search(model, prompt_ids, MAX_NEW_TOKENS, tokenizer.stop_tokens, device, BEAM_WIDTH,
+    finished = beam_search(model, prompt_ids, MAX_NEW_TOKENS, tokenizer.stop_tokens, BEAM_WIDTH,
                            LENGTH_PENALTY, partial(show_beams, tokenizer=tokenizer) if SHOW_TOKENS else None)
     for i, (score, token_ids) in enumerate(finished[:NUM_RETURN_SEQUENCES]):
         print(f"beam result {i + 1}: score {score:.4f}, {len(token_ids)} tokens", file=sys.stderr)
@@ -657,7 +724,8 @@ def check_settings(tokenizer, params, instruct):
     if TEMPERATURE > 0 and BEAM_WIDTH > 1:
         support.fail("choose beam search (BEAM_WIDTH > 1) or sampling (TEMPERATURE > 0), not both")
     if CHAT and BEAM_WIDTH > 1:
-        support.fail("beam search is for single runs: with CHAT=1 use greedy (the default) or sampling (TEMPERATURE > 0)")
+        support.fail("beam search is for single runs: with CHAT=1 use greedy (the default) or sampling "
+                     "(TEMPERATURE > 0)")
     if CHAT and not instruct:
         support.fail(f"CHAT=1 needs an Instruct model (a base model does not know the chat format); {MODEL_NAME} "
                      "has no \"Instruct\" in its name")
@@ -698,19 +766,36 @@ def main():
     support.check_job(model_dir, params, max_seq_len - MAX_NEW_TOKENS, MAX_NEW_TOKENS, dtype, device, QUANTIZE,
                       BEAM_WIDTH)
 
+    # One process, or many. llama-models builds the model from fairscale's model-parallel layers, written
+    # so that a model too big for one device is split across N processes (one per GPU), each holding a
+    # 1/N slice of every large matrix: ColumnParallelLinear (wq, wk, wv, w1, w3, output) splits the output
+    # rows, so each process computes some heads and feed-forward units and caches only its own key-value
+    # heads; RowParallelLinear (wo, w2) splits the input columns and sums the processes' partial results
+    # (all_reduce); the output layer gathers the processes' logits (all_gather). Every process computes the
+    # same logits and picks the same tokens; only rank 0 prints. Even one process needs the model-parallel
+    # group those layers ask for: init_distributed starts it (in memory, no network). torchrun starts
+    # several and tells them where the others are:
+    #   torchrun --nproc-per-node 8 run_inference.py              one machine, 8 GPUs (Llama 3.3 70B)
+    #   DEVICE=cpu torchrun --nproc-per-node 2 run_inference.py   two CPU processes, to try it at home
+    # The backend is nccl between NVIDIA GPUs and gloo between CPUs; Apple GPUs have none (one process).
+    # close_distributed, at the end, stops the groups' threads while Python is still whole.
     support.init_distributed(device)
     start = time.perf_counter()
     model = load_model(model_dir, params, device, dtype, max_seq_len, BEAM_WIDTH, SPEEDUPS, QUANTIZE)
     describe_model(model, model.params)
-    threads = f", {torch.get_num_threads()} thread{'s' * (torch.get_num_threads() > 1)}" if device.type == "cpu" else ""
-    print(f"loaded {MODEL_NAME} on {device}{threads} in {dtype} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    threads = f" with {torch.get_num_threads()} threads" if device.type == "cpu" else ""
+    seconds = time.perf_counter() - start
+    print(f"loaded {MODEL_NAME} on {device}{threads} in {dtype} in {seconds:.1f} s", file=sys.stderr)
+    compare_layer_by_hand(model, prompt_ids)
 
     timer = support.Timer()
     if CHAT:
-        chat(model, tokenizer, device, token_picker(device), prompt if INPUT_FILE else "")
+        chat(model, tokenizer, token_picker(device), prompt if INPUT_FILE else "")
     else:
         run = run_beam_search if BEAM_WIDTH > 1 else run_generate
-        timer.report(len(prompt_ids), run(model, tokenizer, prompt_ids, device, timer), device)
+        timer.report(len(prompt_ids), run(model, tokenizer, prompt_ids, timer), device)
+        if LOOK_INSIDE:
+            show_look_inside(model, tokenizer, prompt_ids)
     support.close_distributed()
 
 

@@ -34,14 +34,6 @@ CONTEXT_LENGTH_LLAMA_3_0 = 8192  # Llama 3 (no RoPE scaling)
 SUPPORTED = "text-only Llama 3.x checkpoints in Meta's format (3.1 8B/70B/405B, 3.2 1B/3B, 3.3 70B)"
 HUB_FOLDER = "original"  # where the Hugging Face Hub's Llama 3.x repositories keep Meta's files
 BF16_CAPABILITY = (8, 0)  # NVIDIA GPUs compute in bfloat16 natively from Ampere (compute capability 8.0) on
-# Llama 3.1+ RoPE scaling (run_inference.py explains it at rope_rotations). llama-models 0.3.0 hard-codes
-# factor 8; Meta's published configs give 32 for Llama 3.2 1B and 3B (meta-llama/llama-models issue 166),
-# which the scripts recognise by (dim, n_layers): no other Llama 3.x model has those shapes.
-ROPE_SCALE_FACTOR = 8  # Llama 3.1 and 3.3
-ROPE_SCALE_FACTORS = {(2048, 16): 32, (3072, 28): 32}  # Llama 3.2 1B and 3B
-ROPE_ORIGINAL_CONTEXT = 8192  # the context length the model was first trained with
-ROPE_LOW_FREQ_FACTOR = 1  # pairs turning fewer than this many times over the original context: slowed by the factor
-ROPE_HIGH_FREQ_FACTOR = 4  # pairs turning more than this many times: unchanged; in between: blended
 GIB = 2**30
 ERROR_DETAIL_CHARS = 120  # a library's message quoted in ours is cut at a word boundary before this
 
@@ -49,7 +41,8 @@ ERROR_DETAIL_CHARS = 120  # a library's message quoted in ours is cut at a word 
 # settings that take one of a few values. A script checks the ones it has.
 RANGES = {"MAX_NEW_TOKENS": (1, None), "PREFILL_CHUNK": (1, None), "BEAM_WIDTH": (1, None),
           "TEMPERATURE": (0.0, None), "LENGTH_PENALTY": (None, None), "SHOWN_ALTERNATIVES": (0, LLAMA_3_VOCAB_SIZE - 1)}
-CHOICES = {"QUANTIZE": ("", "int8", "int4"), "SPEEDUPS": (0, 1), "SHOW_TOKENS": (0, 1), "CHAT": (0, 1)}
+CHOICES = {"QUANTIZE": ("", "int8", "int4"), "SPEEDUPS": (0, 1), "SHOW_TOKENS": (0, 1), "CHAT": (0, 1),
+           "LOOK_INSIDE": (0, 1)}
 
 
 # ---------------------------------------------------------------------------------------------------------

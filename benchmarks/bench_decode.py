@@ -90,10 +90,10 @@ def run_script(args, device, model_dir, depth, script, beams=1, use_speedups=Tru
     load_s, marks = clock(device) - start, [clock(device)]
     if beams > 1:
         on_step = lambda *_: marks.append(clock(device))  # after each step but the last
-        run_inference.beam_search(model, ids, args.new_tokens, set(), device, beams, 1.0, on_step)
+        run_inference.beam_search(model, ids, args.new_tokens, set(), beams, 1.0, on_step)
         marks.append(clock(device))
     else:
-        for _ in module.generate(model, ids, args.new_tokens, set(), device):
+        for _ in module.generate(model, ids, args.new_tokens, set()):
             marks.append(clock(device))
     support.close_distributed()
     return dict(load_s=load_s, prompt_tokens=len(ids), marks=marks)
@@ -151,7 +151,7 @@ def run_accuracy(args, device, model_dir, depth):
         if quantize == "int4" and device.type != "cpu":
             continue
         model = run_inference.load_model(model_dir, params, device, dtype, len(ids), 1, True, quantize)
-        logits[name] = torch.stack([run_inference.decode_step(model, [token], pos, device)[0].float().cpu()
+        logits[name] = torch.stack([run_inference.decode_step(model, [token], pos)[0].float().cpu()
                                     for pos, token in enumerate(ids)])
         del model
     return {"relative_error": {reference: {name: ((value - logits[reference]).norm(dim=1) / logits[reference].norm(dim=1))

@@ -129,11 +129,11 @@ def time_step(model_dir, dtype, quantize):
     layers = [m for m in model.modules() if isinstance(m, speedups.FastLinear)]
     xs = {layer.in_features: torch.randn(1, 1, layer.in_features, dtype=dtype) for layer in layers}
     with torch.inference_mode():
-        run_inference.prefill(model, list(range(1000, 1016)), CPU)
-        step = fastest(lambda: run_inference.decode_step(model, [5], 16, CPU), CALLS)
+        run_inference.prefill(model, list(range(1000, 1016)))
+        step = fastest(lambda: run_inference.decode_step(model, [5], 16), CALLS)
         linears = fastest(lambda: [layer(xs[layer.in_features]) for layer in layers], CALLS)
         with OperationCount() as in_step:
-            run_inference.decode_step(model, [5], 16, CPU)
+            run_inference.decode_step(model, [5], 16)
         with OperationCount() as in_linears:
             [layer(xs[layer.in_features]) for layer in layers]
     return step, linears, in_step.count, in_linears.count

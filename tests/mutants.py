@@ -37,6 +37,7 @@ QUANTIZED = ["tests/test_quantize.py", "-k", "by_hand or both_sides or close_to_
 SAMPLING = ["tests/test_generation.py::test_the_script_samples_from_the_nucleus_at_its_temperature"]
 CHAT = ["tests/test_chat.py::test_each_reply_is_a_fresh_runs_and_each_turn_feeds_only_its_new_tokens"]
 PLATFORM = ["tests/test_platform.py"]
+LAYER = ["tests/test_layer.py", "-k", "float32 or transformers"]
 MODULES = [SPEEDUPS_TESTS + "test_speedups_off_runs_llama_models_as_written",
            SPEEDUPS_TESTS + "test_speedups_swap_named_modules"]
 
@@ -56,11 +57,11 @@ MUTANTS = {
     "beam-cache-prompt-not-copied": (TUTORIAL, "0 if step == 0 else len(prompt_ids),", "len(prompt_ids),", BEAMS),
     "beam-length-penalty-ignored": (TUTORIAL, "finished.append((score / length**length_penalty,",
                                     "finished.append((score / length,", BEAMS),
-    "rope-high-frequency-factor": (SUPPORT, "ROPE_HIGH_FREQ_FACTOR = 4", "ROPE_HIGH_FREQ_FACTOR = 2", ROPE_TABLES),
+    "rope-high-frequency-factor": (TUTORIAL, "ROPE_HIGH_FREQ_FACTOR = 4  #", "ROPE_HIGH_FREQ_FACTOR = 2  #", ROPE_TABLES),
     "rope-factor-8-tutorial": (TUTORIAL, "rope_rotations(args, rope_scale_factor(args))",
-                               "rope_rotations(args, support.ROPE_SCALE_FACTOR)", [ROPE_1B + "[tutorial]"]),
+                               "rope_rotations(args, ROPE_SCALE_FACTOR)", [ROPE_1B + "[tutorial]"]),
     "rope-factor-8-minimal": (MINIMAL, "rope_rotations(args, rope_scale_factor(args))",
-                              "rope_rotations(args, support.ROPE_SCALE_FACTOR)", [ROPE_1B + "[minimal]"]),
+                              "rope_rotations(args, ROPE_SCALE_FACTOR)", [ROPE_1B + "[minimal]"]),
     "prefill-chunks-at-position-0-minimal": (MINIMAL, "start_pos=start_pos + start)", "start_pos=start_pos)",
                                              PREFILL["minimal"]),
     "prefill-chunks-at-position-0-tutorial": (TUTORIAL, "start_pos=start_pos + start)", "start_pos=start_pos)",
@@ -96,6 +97,13 @@ MUTANTS = {
                           "        pass\n", ["tests/test_bad_input.py", "-k", "nan_in_the_weights and minimal"]),
     "locale-encoding-kept": (SUPPORT, 'if encoding.lower().replace("-", "") != "utf8"', "if False",
                              ["tests/test_scripts.py", "-k", "utf8_whatever_the_locale"]),
+    "by-hand-head-reads-the-wrong-kv-head": (
+        TUTORIAL, "q = q.float().view(batch, seqlen, kv_heads, heads // kv_heads, head_dim)",
+        "q = q.float().view(batch, seqlen, heads // kv_heads, kv_heads, head_dim).transpose(2, 3)", LAYER),
+    "by-hand-causal-mask-dropped": (TUTORIAL, "scores = scores.masked_fill(~causal, float(\"-inf\"))",
+                                    "scores = scores", LAYER),
+    "lens-without-the-final-norm": (TUTORIAL, "normed = model.norm(torch.stack(streams))",
+                                    "normed = torch.stack(streams)", LAYER),
     "closed-pipe-is-an-error": (SUPPORT, "return isinstance(error, BrokenPipeError) or", "return False and",
                                 ["tests/test_scripts.py", "-k", "closed_pipe and minimal"]),
 }

@@ -157,7 +157,7 @@ def test_unusual_prompts_work_and_print_exactly_the_decoded_ids(script, models_d
     """The ids come from the same script's own functions in this process (bfloat16, as the run)."""
     prompt_ids = script.encode_prompt(tokenizer, text, "", instruct=False)
     model = load(script, models_dir / "Tiny", len(prompt_ids) + 8, torch.bfloat16)
-    expected = list(script.generate(model, prompt_ids, 8, tokenizer.stop_tokens, CPU))
+    expected = list(script.generate(model, prompt_ids, 8, tokenizer.stop_tokens))
     result = run_script(f"{script.__name__}.py", models_dir, "Tiny", INPUT_STRING=text, MAX_NEW_TOKENS=8,
                         SHOW_TOKENS=0)
     assert result.returncode == 0, result.stderr
@@ -213,7 +213,7 @@ def test_float16_overflow_says_to_use_bfloat16(script_name, tmp_path, tiny_weigh
     weights["layers.0.feed_forward.w2.weight"] = weights["layers.0.feed_forward.w2.weight"] * 3e5
     write_checkpoint(tmp_path / "Loud", TINY, weights)
     model = load(minimal_run_inference, tmp_path / "Loud", 8, torch.bfloat16)
-    assert torch.isfinite(minimal_run_inference.prefill(model, [128000, 791], CPU)).all()  # bfloat16 copes
+    assert torch.isfinite(minimal_run_inference.prefill(model, [128000, 791])).all()  # bfloat16 copes
     fails_with(run_script(script_name, tmp_path, "Loud", DTYPE="float16", MAX_NEW_TOKENS=4),
                "NaN or infinite scores in float16 on cpu", "float16 overflows on Llama: use DTYPE=bfloat16 or float32")
 

@@ -27,8 +27,8 @@ def load(models_dir, prompt_ids, max_new_tokens, batch, module=run_inference, **
 
 def test_beam_width_1_is_greedy(models_dir, tokenizer, prompt_ids, distributed):
     model = load(models_dir, prompt_ids, 20, batch=1)
-    greedy = list(run_inference.generate(model, prompt_ids, 20, tokenizer.stop_tokens, CPU))
-    [(score, beam)] = run_inference.beam_search(model, prompt_ids, 20, tokenizer.stop_tokens, CPU,
+    greedy = list(run_inference.generate(model, prompt_ids, 20, tokenizer.stop_tokens))
+    [(score, beam)] = run_inference.beam_search(model, prompt_ids, 20, tokenizer.stop_tokens,
                                                 beam_width=1, length_penalty=1.0)
     assert len(greedy) == 20 and beam == greedy
     result = run_script("run_inference.py", models_dir, "Tiny", INPUT_STRING=PROMPT, DTYPE="float32",
@@ -41,7 +41,7 @@ def test_beam_score_is_the_sum_of_token_log_probs(length_penalty, models_dir, to
     """The reported score, recomputed by one cache-free pass over prompt + sequence."""
     new_tokens, k = 16, 4
     finished = run_inference.beam_search(load(models_dir, prompt_ids, new_tokens, batch=k), prompt_ids, new_tokens,
-                                         tokenizer.stop_tokens, CPU, beam_width=k, length_penalty=length_penalty)
+                                         tokenizer.stop_tokens, beam_width=k, length_penalty=length_penalty)
     assert len(finished) == k
     assert [score for score, _ in finished] == sorted((score for score, _ in finished), reverse=True)
     reference = load(models_dir, prompt_ids, new_tokens, 1, minimal_run_inference, use_speedups=False)  # all positions
@@ -81,7 +81,7 @@ def test_beam_search_keeps_the_k_best_sequences_at_every_step(models_dir, prompt
     expected = beams_without_cache(reference, prompt_ids, k, steps)
     assert sorted(ids for ids, _ in expected) != sorted(greedy_runs(reference, prompt_ids, k, steps))
     model = load(models_dir, prompt_ids, steps, batch=k)
-    finished = run_inference.beam_search(model, prompt_ids, steps, set(), CPU, k, length_penalty=0.0)
+    finished = run_inference.beam_search(model, prompt_ids, steps, set(), k, length_penalty=0.0)
     assert [ids for _, ids in finished] == [ids for ids, _ in expected]
     assert [score for score, _ in finished] == pytest.approx([score for _, score in expected], abs=1e-4)
 
@@ -89,7 +89,7 @@ def test_beam_search_keeps_the_k_best_sequences_at_every_step(models_dir, prompt
 def test_num_return_sequences_prints_best_first_separated_by_a_blank_line(models_dir, tokenizer, prompt_ids, distributed):
     k, new_tokens = 3, 10
     finished = run_inference.beam_search(load(models_dir, prompt_ids, new_tokens, batch=k), prompt_ids, new_tokens,
-                                         tokenizer.stop_tokens, CPU, beam_width=k, length_penalty=1.0)
+                                         tokenizer.stop_tokens, beam_width=k, length_penalty=1.0)
     result = run_script("run_inference.py", models_dir, "Tiny", INPUT_STRING=PROMPT, DTYPE="float32",
                         MAX_NEW_TOKENS=new_tokens, BEAM_WIDTH=k, NUM_RETURN_SEQUENCES=2)
     assert result.returncode == 0, result.stderr
@@ -109,7 +109,7 @@ def test_packed_weights_give_the_plain_weights_beams(dtype, models_dir, confiden
 
     def beams():
         model = load_script(run_inference, folder / "Tiny", len(prompt_ids) + new_tokens, dtype, k)
-        finished = run_inference.beam_search(model, prompt_ids, new_tokens, tokenizer.stop_tokens, CPU, k, 1.0)
+        finished = run_inference.beam_search(model, prompt_ids, new_tokens, tokenizer.stop_tokens, k, 1.0)
         return model.output.layer.weight.is_mkldnn, [ids for _, ids in finished], [score for score, _ in finished]
 
     packed, packed_ids, packed_scores = beams()

@@ -184,7 +184,7 @@ def test_greedy_matches_transformers_generate(script, stop_prone, distributed, m
     if stop_prone:  # the case is only worth its name if transformers did stop early on a stop token
         assert len(hf_new_ids) < NEW_TOKENS and hf_new_ids[-1] in tokenizer.stop_tokens
     model = load(script, model_dir, len(prompt_ids) + NEW_TOKENS)
-    ours = list(script.generate(model, prompt_ids, NEW_TOKENS, tokenizer.stop_tokens, CPU))
+    ours = list(script.generate(model, prompt_ids, NEW_TOKENS, tokenizer.stop_tokens))
     assert ours == expected
 
 
@@ -326,7 +326,7 @@ def compare_beam_search(model_dir, hf_model, tokenizer, beam_width, length_penal
     model = load(run_inference, model_dir, len(prompt_ids) + BEAM_NEW_TOKENS, batch=beam_width)
     steps = []
     model.register_forward_pre_hook(lambda *_: steps.append(1))  # one forward call per step
-    ours = run_inference.beam_search(model, prompt_ids, BEAM_NEW_TOKENS, stop_tokens, CPU, beam_width, length_penalty)
+    ours = run_inference.beam_search(model, prompt_ids, BEAM_NEW_TOKENS, stop_tokens, beam_width, length_penalty)
 
     out = hf_model.generate(torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
                             max_new_tokens=BEAM_NEW_TOKENS, do_sample=False, num_beams=beam_width,

@@ -42,7 +42,7 @@ def test_bfloat16_default_prints_what_the_same_functions_compute(script, models_
     so each is compared with its own functions run in this process."""
     prompt_ids = script.encode_prompt(tokenizer, "The capital of France is", "", instruct=False)
     model = load(script, models_dir / "Tiny", len(prompt_ids) + 16, torch.bfloat16)
-    expected = list(script.generate(model, prompt_ids, 16, tokenizer.stop_tokens, CPU))
+    expected = list(script.generate(model, prompt_ids, 16, tokenizer.stop_tokens))
     result = run_script(f"{script.__name__}.py", models_dir, "Tiny", MAX_NEW_TOKENS=16)
     assert result.returncode == 0, result.stderr
     assert result.stdout == tokenizer.decode(expected) != ""
@@ -74,7 +74,7 @@ def test_each_stop_token_ends_generation(stop, tmp_path, models_dir, tiny_weight
             assert f"+ {len(expected)} new tokens" in result.stderr
         else:
             model = load(script, tmp_path / "Stopping", len(prompt_ids) + NEW_TOKENS)
-            assert list(script.generate(model, prompt_ids, NEW_TOKENS, tokenizer.stop_tokens, CPU)) == expected
+            assert list(script.generate(model, prompt_ids, NEW_TOKENS, tokenizer.stop_tokens)) == expected
 
 
 def test_prompt_formats(script, tokenizer):
@@ -159,7 +159,7 @@ def own_greedy_text(script, model_dir, tokenizer, text, instruct, max_new_tokens
     """What the script's own functions print for this prompt, in this process (bfloat16, as a run)."""
     prompt_ids = script.encode_prompt(tokenizer, text, "", instruct)
     model = load(script, model_dir, len(prompt_ids) + max_new_tokens, torch.bfloat16)
-    return tokenizer.decode(list(script.generate(model, prompt_ids, max_new_tokens, tokenizer.stop_tokens, CPU)))
+    return tokenizer.decode(list(script.generate(model, prompt_ids, max_new_tokens, tokenizer.stop_tokens)))
 
 
 def test_input_file_gives_the_same_text_as_the_same_input_string(script, models_dir, tmp_path, tokenizer, distributed):

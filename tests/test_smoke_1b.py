@@ -32,7 +32,7 @@ def test_random_1b_shaped_checkpoint_runs_in_both_scripts(script, llama_1b_dir, 
     prompt_ids = script.encode_prompt(tokenizer, "The capital of France is", "", instruct=False)
     model = load(script, llama_1b_dir / "Llama3.2-1B", len(prompt_ids) + 8, torch.bfloat16)
     assert model.output.layer.weight.data_ptr() == model.tok_embeddings.weight.data_ptr()  # tied: stored once
-    expected = list(script.generate(model, prompt_ids, 8, tokenizer.stop_tokens, CPU))
+    expected = list(script.generate(model, prompt_ids, 8, tokenizer.stop_tokens))
     del model
 
     result = run_script(f"{script.__name__}.py", llama_1b_dir, "Llama3.2-1B", MAX_NEW_TOKENS=8)
