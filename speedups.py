@@ -77,7 +77,7 @@ CACHE_FILE = "kernels.json"
 
 @dataclass(frozen=True)
 class Format:
-    """What a QUANTIZE format costs and where it runs. support.py's checks read this table."""
+    """What a QUANTIZE format costs and where it runs. support/'s checks (settings.py, memory.py) read this table."""
     bits: int  # bits per weight in memory, for the memory check (0: the dtype's own)
     devices: tuple  # device types with kernels for it
     load: str  # what loading costs
@@ -119,7 +119,9 @@ def apply(model, device, dtype, quantize="", progress=None):
             setattr(parent, name, module)
             trim_heap()
         module.use(kernels, args.max_batch_size)
-    model.output = LastPositionLogits(model.output)
+    threads = torch.get_num_threads()
+    choosing = device.type == "cpu" and threads > 1 and kernels_setting() == "measure"
+    model.output = LastPositionLogits(model.output, StepThreads(threads) if choosing else None)
     return model
 
 
@@ -193,14 +195,63 @@ class GroupedQueryAttention(nn.Module):
 
 
 class LastPositionLogits(nn.Module):
-    """The output layer applied to the last position only: generation reads no other position's scores."""
+    """The output layer applied to the last position only: generation reads no other position's scores.
+    It ends every forward pass, so it also keeps the decode steps' clock for `threads` (a StepThreads, or
+    None where the thread count is left alone)."""
 
-    def __init__(self, layer):
+    def __init__(self, layer, threads=None):
         super().__init__()
-        self.layer = layer
+        self.layer, self.threads = layer, threads
 
     def forward(self, h):  # (batch, seqlen, dim) -> (batch, 1, vocab)
+        if self.threads:
+            self.threads.step(decoding=h.shape[1] == 1)
         return self.layer(h[:, -1:])
+
+
+class StepThreads:
+    """The number of CPU threads, chosen while decoding by timing steps. PyTorch's threads wait for each
+    other at the end of every operation: when another process occupies one of the cores, a 2-thread decode
+    step waits for the thread that is not running, and took 3 to 6 times as long as a 1-thread step here
+    (benchmarks/README.md). So every PERIOD decode steps, TRIAL steps run with the other count (1 or all the
+    threads PyTorch had), and the count whose median step was shorter is kept. Steps are timed from one
+    decode step's end to the next, so the prompt's chunks and what the script does between steps are left out
+    as long as they are alike for both counts."""
+
+    PERIOD, TRIAL = 32, 4
+
+    def __init__(self, threads):
+        self.counts, self.current = (threads, 1), threads
+        self.steps = {count: [] for count in self.counts}  # recent step times per count
+        self.last, self.taken = None, 0
+
+    def step(self, decoding):
+        now = time.perf_counter()
+        if decoding and self.last is not None:
+            recent = self.steps[torch.get_num_threads()]
+            recent.append(now - self.last)
+            del recent[: -self.TRIAL]
+            self.taken += 1
+            self.switch()
+        self.last = time.perf_counter() if decoding else None
+
+    def switch(self):
+        threads = torch.get_num_threads()
+        if threads != self.current:  # a trial of the other count: over once it has TRIAL steps
+            if len(self.steps[threads]) >= self.TRIAL:
+                self.current = min(self.counts, key=lambda count: median(self.steps[count]))
+                torch.set_num_threads(self.current)
+        elif self.taken % self.PERIOD == self.TRIAL:  # the first trial after TRIAL steps, then every PERIOD
+            other = self.counts[1] if self.current == self.counts[0] else self.counts[0]
+            self.steps[other].clear()
+            torch.set_num_threads(other)
+
+    def __repr__(self):
+        return f"StepThreads(now {torch.get_num_threads()}, choosing between {self.counts[0]} and 1)"
+
+
+def median(values):
+    return sorted(values)[len(values) // 2] if values else float("inf")
 
 
 # ---------------------------------------------------------------------------------------------------------

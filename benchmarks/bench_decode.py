@@ -32,7 +32,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests")]  # the scripts and the tests' helpers
 
 import run_inference  # noqa: E402
-import support  # noqa: E402
+from support import checkpoint, devices, memory  # noqa: E402
+from support.memory import GIB  # noqa: E402
 from llama_models.llama3.tokenizer import Tokenizer  # noqa: E402
 from random_checkpoint import LLAMA_3_2_1B, random_weights, write_checkpoint  # noqa: E402
 
@@ -46,7 +47,11 @@ PROMPT_TEXT = ("The history of the city begins with a small fishing village on t
 ACCURACY_TOKENS = 64  # the accuracy check's prompt: logits at each of its positions
 ACCURACY_ORDER = ("float32", "bfloat16", "float16", "int8", "int4")
 BANDWIDTH_BYTES = 2**30  # the array read by each bandwidth method
-GIB = 2**30
+PEER_FORMATS = {"BF16": "bf16", "F16": "bf16", "Q8_0": "int8", "Q4_0": "int4"}  # llama.cpp's file type: ours
+PEER_OF_FORMAT = {"bf16": ("minimal", "tutorial"), "int8": ("tutorial-int8",), "int4": ("tutorial-int4",), None: ()}
+FORMAT_OF = {"minimal": "bf16", "tutorial": "bf16", "transformers": "bf16", "minimal-speedups-off": "bf16",
+             "tutorial-int8": "int8", "tutorial-int4": "int4", "tutorial-busy-core-1-thread": "bf16",
+             "tutorial-busy-core-2-threads": "bf16"}
 # name: (what runs, its options, whether it is measured at every depth)
 CONFIGURATIONS = {
     "minimal": ("script", dict(script="minimal_run_inference"), True),
@@ -55,6 +60,9 @@ CONFIGURATIONS = {
     "tutorial-beam5": ("script", dict(script="run_inference", beams=5), False),
     "tutorial-int8": ("script", dict(script="run_inference", quantize="int8"), False),
     "tutorial-int4": ("script", dict(script="run_inference", quantize="int4"), False),
+    # another process keeps one core busy (a Python busy loop) while the tutorial decodes with 1 or 2 threads
+    "tutorial-busy-core-1-thread": ("script", dict(script="run_inference", threads=1, busy=True), False),
+    "tutorial-busy-core-2-threads": ("script", dict(script="run_inference", threads=2, busy=True), False),
     "transformers": ("transformers", dict(beams=1), True),
     "transformers-beam5": ("transformers", dict(beams=5), False),
     "original-fp32-recompute": ("original", {}, False),
@@ -79,24 +87,33 @@ def prompt_ids(model_dir, depth):
     return run_inference.encode_prompt(tokenizer, text, "", instruct=False)[:length]
 
 
-def run_script(args, device, model_dir, depth, script, beams=1, use_speedups=True, quantize=""):
-    """The script's own load_model and generate (or beam_search), timed token by token."""
+def run_script(args, device, model_dir, depth, script, beams=1, use_speedups=True, quantize="", threads=0, busy=False):
+    """The script's own load_model and generate (or beam_search), timed token by token; with `threads`
+    torch threads, and with `busy`, another process spinning on one core meanwhile."""
     module = importlib.import_module(script)
-    support.init_distributed(device)
-    ids = prompt_ids(model_dir, depth)
-    start = clock(device)
-    model = module.load_model(model_dir, support.read_params(model_dir), device, DTYPE, len(ids) + args.new_tokens,
-                              beams, use_speedups, quantize)
-    load_s, marks = clock(device) - start, [clock(device)]
-    if beams > 1:
-        on_step = lambda *_: marks.append(clock(device))  # after each step but the last
-        run_inference.beam_search(model, ids, args.new_tokens, set(), beams, 1.0, on_step)
-        marks.append(clock(device))
-    else:
-        for _ in module.generate(model, ids, args.new_tokens, set()):
+    if threads:
+        torch.set_num_threads(threads)
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
+    try:
+        devices.init_distributed(device)
+        ids = prompt_ids(model_dir, depth)
+        start = clock(device)
+        model = module.load_model(model_dir, checkpoint.read_params(model_dir), device, DTYPE, len(ids) + args.new_tokens,
+                                  beams, use_speedups, quantize)
+        load_s, marks = clock(device) - start, [clock(device)]
+        if beams > 1:
+            on_step = lambda *_: marks.append(clock(device))  # after each step but the last
+            run_inference.beam_search(model, ids, args.new_tokens, set(), beams, 1.0, on_step)
             marks.append(clock(device))
-    support.close_distributed()
-    return dict(load_s=load_s, prompt_tokens=len(ids), marks=marks)
+        else:
+            for _ in module.generate(model, ids, args.new_tokens, set()):
+                marks.append(clock(device))
+        devices.close_distributed()
+    finally:
+        if spinner:
+            spinner.kill()
+            spinner.wait()
+    return dict(load_s=load_s, prompt_tokens=len(ids), marks=marks, threads=torch.get_num_threads())
 
 
 def run_transformers(args, device, model_dir, depth, beams):
@@ -125,12 +142,12 @@ def run_original(args, device, model_dir, depth):
     from llama_models.llama3.args import ModelArgs
     from llama_models.llama3.model import Transformer
 
-    support.init_distributed(device)
+    devices.init_distributed(device)
     ids = prompt_ids(model_dir, depth)
     start = clock(device)
     torch.set_default_dtype(torch.float32)
-    model = Transformer(ModelArgs(**support.read_params(model_dir)))
-    model.load_state_dict(torch.load(support.weight_files(model_dir)[0], map_location="cpu"))  # no mmap
+    model = Transformer(ModelArgs(**checkpoint.read_params(model_dir)))
+    model.load_state_dict(torch.load(checkpoint.weight_files(model_dir)[0], map_location="cpu"))  # no mmap
     model = model.to(device)
     load_s, marks = clock(device) - start, [clock(device)]
     for _ in range(args.original_new_tokens):
@@ -142,8 +159,8 @@ def run_original(args, device, model_dir, depth):
 def run_accuracy(args, device, model_dir, depth):
     """Each format's logits at every position of a 64-token prompt, fed one token at a time, against float32's
     and against bfloat16's: the mean over the positions of |logits - reference| / |reference| (vector norms)."""
-    support.init_distributed(device)
-    params, ids = support.read_params(model_dir), prompt_ids(model_dir, ACCURACY_TOKENS)[:ACCURACY_TOKENS]
+    devices.init_distributed(device)
+    params, ids = checkpoint.read_params(model_dir), prompt_ids(model_dir, ACCURACY_TOKENS)[:ACCURACY_TOKENS]
     formats = {"float32": (torch.float32, ""), "bfloat16": (torch.bfloat16, ""), "float16": (torch.float16, ""),
                "int8": (DTYPE, "int8"), "int4": (DTYPE, "int4")}
     logits = {}
@@ -177,8 +194,12 @@ def run_bandwidth(args, device, model_dir, depth):
                 start = clock(device)
                 read()
                 seconds.append(clock(device) - start)
-            results[f"{method}, {threads} thread{'s' * (threads > 1)}"] = BANDWIDTH_BYTES / min(seconds)
+            results[f"{method}, {threads_label(threads)}"] = BANDWIDTH_BYTES / min(seconds)
     return {"bandwidth": results}
+
+
+def threads_label(threads):
+    return "1 thread" if threads == 1 else f"{threads} threads"
 
 
 def child(args):
@@ -188,8 +209,7 @@ def child(args):
     device = torch.device(args.device)
     with redirect_stdout(sys.stderr):  # fairscale, llama-models and transformers print
         result = run(args, device, args.checkpoint_dir / CHECKPOINT_NAME, args.depth, **options)
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else \
-        int(Path("/proc/self/status").read_text().split("VmHWM:")[1].split()[0]) * 1024
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else memory.peak_resident_bytes()
     print(json.dumps({**result, "peak_bytes": peak}), flush=True)
 
 
@@ -209,7 +229,7 @@ def ensure_checkpoint(model_dir):
 def bytes_per_token(model_dir):
     """Bytes a decode step must read at a short context, per weight format: every linear weight (the tied
     output layer reads the whole embedding table), its scales, the norms, one embedding row."""
-    weights = torch.load(support.weight_files(model_dir)[0], mmap=True, weights_only=True)
+    weights = torch.load(checkpoint.weight_files(model_dir)[0], mmap=True, weights_only=True)
     linear = [t for name, t in weights.items() if t.dim() == 2 and name != "tok_embeddings.weight"]
     rest = sum(t.numel() for t in weights.values() if t.dim() == 1) + weights["tok_embeddings.weight"].shape[1]
     weights_n, rows = sum(t.numel() for t in linear), sum(t.shape[0] for t in linear)
@@ -231,6 +251,10 @@ def run_child(args, name, depth):
     if done.returncode != 0 or not lines:
         return {"error": (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]}
     return json.loads(lines[-1])
+
+
+def peer_name(gguf):
+    return "llama.cpp " + Path(gguf).stem.rsplit("-", 1)[-1].upper()
 
 
 def run_llama_bench(args, gguf, depths):
@@ -294,10 +318,10 @@ def report(summary, depths, args, per_token):
     bandwidth = get("bandwidth", 0, "bandwidth") or {}
     best = max(bandwidth.items(), key=lambda item: item[1], default=(None, None))
     peers = [name for name in summary if name.startswith("llama.cpp")]
+    peer_bytes = {peer_name(path): Path(path).stat().st_size for path in args.gguf.split(",") if path}
     pairs = [("minimal", "tutorial"), ("tutorial", "transformers"), ("minimal", "transformers"),
              ("minimal", "minimal-speedups-off"), ("tutorial-beam5", "transformers-beam5")]
-    pairs += [(ours, peer) for peer in peers for ours in
-              (("tutorial-int8", "tutorial-int4") if peer.endswith("Q8_0") else ("minimal", "tutorial"))]
+    pairs += [(ours, peer) for peer in peers for ours in PEER_OF_FORMAT[PEER_FORMATS.get(peer.split()[-1])]]
     lines += ["", "| ratio of decode tokens/s | " + " | ".join("short prompt" if d == 0 else f"at {d}" for d in depths) +
               " |", "|---" * (len(depths) + 1) + "|"]
     lines += [f"| {a} / {b} | " + " | ".join(ratio(get(a, d), get(b, d)) for d in depths) + " |"
@@ -307,15 +331,16 @@ def report(summary, depths, args, per_token):
     lines += ["", "| other ratio | value |", "|---|---|",
               f"| decode wall time, tutorial-beam5 / tutorial | {ratio(get('tutorial-beam5', 0, 'decode_s'), get('tutorial', 0, 'decode_s'))} |",
               f"| decode wall time, transformers-beam5 / transformers | {ratio(get('transformers-beam5', 0, 'decode_s'), get('transformers', 0, 'decode_s'))} |"]
-    for name, fmt in (("tutorial", "bf16"), ("tutorial-int8", "int8"), ("tutorial-int4", "int4")):
-        if best[1] and get(name, 0):
-            lines.append(f"| {name} / roofline ({best[1] / 1e9:.1f} GB/s / {per_token[fmt] / 1e9:.3f} GB per token = "
-                         f"{best[1] / per_token[fmt]:.1f} tok/s) | {ratio(get(name, 0), best[1] / per_token[fmt])} |")
-    for peer in peers:  # llama.cpp's file holds its format's bytes per token
-        fmt = {"BF16": "bf16", "F16": "bf16", "Q8_0": "int8"}.get(peer.split()[-1])
-        if best[1] and fmt and get(peer, 0):
-            lines.append(f"| {peer} / roofline (about {per_token[fmt] / 1e9:.2f} GB per token) | "
-                         f"{ratio(get(peer, 0), best[1] / per_token[fmt])} |")
+    lines += ["", f"Roofline: {best[1] / 1e9:.1f} GB/s ({best[0]}), the best read rate measured here, over the bytes "
+              "a decode step reads in each format; each configuration's weights read per second at a short prompt:" if
+              best[1] else "Roofline: not measured (add the bandwidth configuration)", "",
+              "| configuration | format | GB/s of weights at a short prompt | share of the roofline |", "|---|---|---|---|"]
+    for name in [*timed, *peers]:
+        fmt = PEER_FORMATS.get(name.split()[-1]) if name in peers else FORMAT_OF.get(name)
+        if fmt and get(name, 0):
+            rate = get(name, 0) * peer_bytes.get(name, per_token[fmt])  # llama.cpp reads its file's tensors
+            share = ratio(rate, best[1]) if best[1] else "—"
+            lines.append(f"| {name} | {fmt} | {rate / 1e9:.1f} | {share} |")
     if bandwidth:
         lines += ["", "Read bandwidth, GB/s, the best of 5 reads of 1 GiB (the best over the rounds): " +
                   ", ".join(f"{k} {v / 1e9:.1f}" for k, v in bandwidth.items()) + ".",
@@ -398,7 +423,7 @@ def main():
                 print(f"[{round_ + 1}/{args.rounds}] {name} at depth {depth} ...", file=sys.stderr, flush=True)
                 runs.setdefault(name, {}).setdefault(str(depth), []).append(run_child(args, name, depth))
         for gguf in gguf_files:
-            name = "llama.cpp " + Path(gguf).stem.rsplit("-", 1)[-1].upper()
+            name = peer_name(gguf)
             print(f"[{round_ + 1}/{args.rounds}] {name} ...", file=sys.stderr, flush=True)
             result = run_llama_bench(args, gguf, depths)
             for depth in depths:

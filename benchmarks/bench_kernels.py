@@ -1,17 +1,17 @@
 """Where the time of a decode step goes, kernel by kernel, on the Llama 3.2 1B model's shapes.
 
     python benchmarks/bench_kernels.py                         # 1, 5 and 256 rows; 512 and 4096 cached tokens
-    python benchmarks/bench_kernels.py --rows 1,32,64,256      # around where Int8Linear switches paths
+    python benchmarks/bench_kernels.py --rows 1,32,64,256      # where one kernel overtakes another
     python benchmarks/bench_kernels.py --dtype float16 --rows 1  # another weight format for the plain kernels
     python benchmarks/bench_kernels.py --threads 1 --rows 1    # one core
     python benchmarks/bench_kernels.py --contexts 128,512,4096 # attention at other context lengths
 
-speedups.py picks a kernel for each case by the rules that run_inference.py explains; this script measures
-every candidate on your CPU, so that you can check the rules hold here. Models are loaded by the scripts'
+speedups.py measures the stock kernels briefly at load time and picks for each case (KERNELS=measure); this
+script measures every candidate at length on your CPU, so that you can check what it picked. Models are loaded by the scripts'
 own load_model from the random 1B checkpoint that benchmarks/bench_decode.py writes (and this script too).
 
-1. Linear layers: every linear layer of the model once, as the module speedups.apply gives it (or
-   fairscale's plain one), on `rows` random input rows: the weights' share of a decode step with that many
+1. Linear layers: every linear layer of the model once, with each kernel in speedups.KERNELS forced, on
+   `rows` random input rows: the weights' share of a decode step with that many
    sequences (256 rows: about a prompt chunk). GB/s is the weights' bytes over the time.
 2. Attention: one layer's attention in a decode step with a number of tokens already cached, without its
    four projections (table 1 has them), as llama-models computes it and as speedups does.
@@ -21,6 +21,7 @@ own load_model from the random 1B checkpoint that benchmarks/bench_decode.py wri
 """
 
 import argparse
+import os
 import sys
 import time
 from contextlib import redirect_stdout
@@ -29,26 +30,19 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from bench_decode import CHECKPOINT_DIR, CHECKPOINT_NAME, ensure_checkpoint  # also puts the scripts on sys.path
-import run_inference  # noqa: E402  (after bench_decode, which makes it importable)
+REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO), str(REPO / "benchmarks"), str(REPO / "tests")]  # the scripts, bench_decode, test helpers
+
+import run_inference  # noqa: E402
 import speedups  # noqa: E402
-import support  # noqa: E402
+from support import checkpoint, devices  # noqa: E402
+from bench_decode import CHECKPOINT_DIR, CHECKPOINT_NAME, ensure_checkpoint  # noqa: E402
 
 CPU = torch.device("cpu")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 PACKED_FOR = 5  # packed weights are laid out for this many rows: a beam search with BEAM_WIDTH = 5
 CALLS = 20  # attention and decode steps: the fastest of this many calls counts
-# name: (load_model's max_batch_size, use_speedups, quantize, Int8Linear's row limit or None for its own)
-KERNELS = {
-    "fairscale's layers, F.linear (oneDNN where PyTorch sends it)": (1, False, "", None),
-    "MatVecLinear (one row: PyTorch's own kernel)": (1, True, "", None),
-    f"PackedLinear (laid out for {PACKED_FOR} rows)": (PACKED_FOR, True, "", None),
-    "Int8Linear (as speedups uses it)": (1, True, "int8", None),
-    "Int8Linear, always the int8 kernel": (1, True, "int8", 1 << 30),
-    "Int8Linear, always a 16-bit copy": (1, True, "int8", 0),
-    "int8 weights and int8 activations (torch._int_mm; not used)": (1, True, "int8", "int_mm"),
-    "Int4Linear": (1, True, "int4", None),
-}
+FORMAT_NAMES = {"": "plain", "int8": "int8", "int4": "int4"}
 
 
 def fastest(function, calls):
@@ -60,42 +54,45 @@ def fastest(function, calls):
     return best
 
 
-def load(model_dir, dtype, max_seq_len, batch, use_speedups=True, quantize=""):
+def load(model_dir, dtype, max_seq_len, batch, use_speedups=True, quantize="", kernels="rule"):
+    os.environ[speedups.KERNELS_SETTING] = kernels
     with redirect_stdout(sys.stderr):
-        return run_inference.load_model(model_dir, support.read_params(model_dir), CPU, dtype, max_seq_len, batch,
+        return run_inference.load_model(model_dir, checkpoint.read_params(model_dir), CPU, dtype, max_seq_len, batch,
                                         use_speedups, quantize)
 
 
-def int_mm_product(layer):
-    """x @ (int8 weight * scales).T with x quantised per row to int8 too, multiplied by torch._int_mm."""
-    def product(x):
-        rows = x.reshape(-1, x.shape[-1])
-        x_scales = rows.abs().amax(dim=1, keepdim=True).float().clamp_(min=1e-12) / speedups.INT8_MAX
-        x_int8 = (rows / x_scales).round_().to(torch.int8)
-        return (torch._int_mm(x_int8, layer.weight.t()) * x_scales * layer.scales).to(x.dtype)
-    return product
-
-
-def time_linears(model_dir, dtype, batch, use_speedups, quantize, int8_rows, rows_list, passes):
-    """(weight bytes, {rows: seconds for one call of every linear layer}), or None where not used here."""
-    if batch > 1 and not speedups.packs_weights(CPU, dtype, batch):
-        return None
-    model = load(model_dir, dtype, 8, batch, use_speedups, quantize)
-    layers = [m for m in model.modules() if isinstance(m, speedups.FastLinear)] if use_speedups else \
-        [layer for _, _, layer in speedups.linear_layers(model)]
-    products = [int_mm_product(layer) if int8_rows == "int_mm" else layer for layer in layers]
-    sizes = [layer.in_features if use_speedups else layer.weight.shape[1] for layer in layers]
-    default_rows = speedups.INT8_KERNEL_MAX_ROWS
-    speedups.INT8_KERNEL_MAX_ROWS = default_rows if int8_rows in (None, "int_mm") else int8_rows
-    seconds = {}
-    try:
+def time_kernels(model_dir, dtype, quantize, rows_list, passes):
+    """{kernel: {rows: seconds for one call of every linear layer, or None where it does not serve}}, the
+    weight bytes, and speedups' own choice (its describe line), for one format."""
+    model = load(model_dir, dtype, 8, PACKED_FOR, True, quantize)  # the format's base layout, every layer
+    layers = [m for m in model.modules() if isinstance(m, speedups.FastLinear)]
+    base, results = type(layers[0]), {}
+    for name, kernel in speedups.KERNELS.items():
+        if kernel.layout.FORMAT != quantize or "cpu" not in kernel.devices:
+            continue
+        print(f"{name} ...", file=sys.stderr)
+        try:
+            modules = layers if kernel.layout is base else [kernel.layout(m, dtype, PACKED_FOR, release=False)
+                                                            for m in layers]
+        except (RuntimeError, NotImplementedError) as error:
+            print(f"  not on this CPU: {error}", file=sys.stderr)
+            continue
+        for module in modules:
+            module.use(dict.fromkeys(speedups.ROW_CLASSES, name), PACKED_FOR)
+        results[name] = {}
         with torch.inference_mode():
             for rows in rows_list:
-                xs = {size: torch.randn(rows, 1, size, dtype=dtype) for size in set(sizes)}
-                seconds[rows] = fastest(lambda: [p(xs[size]) for p, size in zip(products, sizes)], passes)
-    finally:
-        speedups.INT8_KERNEL_MAX_ROWS = default_rows
-    return sum(layer.weight.nbytes for layer in layers), seconds
+                classes = [speedups.row_class(rows, PACKED_FOR)]
+                if not set(classes) <= set(kernel.rows):
+                    results[name][rows] = None
+                    continue
+                xs = {n: torch.randn(rows, 1, n, dtype=dtype) for n in {m.in_features for m in modules}}
+                results[name][rows] = fastest(lambda: [m(xs[m.in_features]) for m in modules], passes)
+        del modules
+    weight_bytes = sum(layer.weight.nbytes for layer in layers)
+    del model, layers
+    chosen = speedups.describe(load(model_dir, dtype, 8, 1, True, quantize, kernels="measure"))
+    return results, weight_bytes, chosen
 
 
 def time_attention(model_dir, dtype, use_speedups, rows, contexts):
@@ -125,7 +122,7 @@ class OperationCount(TorchDispatchMode):
 def time_step(model_dir, dtype, quantize):
     """(seconds of a whole decode step after a short prompt, seconds of its linear layers alone,
     tensor operations in the step, of which in the linear layers)."""
-    model = load(model_dir, dtype, 64, 1, True, quantize)
+    model = load(model_dir, dtype, 64, 1, True, quantize, kernels="measure")
     layers = [m for m in model.modules() if isinstance(m, speedups.FastLinear)]
     xs = {layer.in_features: torch.randn(1, 1, layer.in_features, dtype=dtype) for layer in layers}
     with torch.inference_mode():
@@ -137,6 +134,10 @@ def time_step(model_dir, dtype, quantize):
         with OperationCount() as in_linears:
             [layer(xs[layer.in_features]) for layer in layers]
     return step, linears, in_step.count, in_linears.count
+
+
+def rows_label(rows):
+    return "1 row" if rows == 1 else f"{rows} rows"
 
 
 def main():
@@ -159,22 +160,24 @@ def main():
         torch.set_num_threads(args.threads)
     dtype, model_dir = DTYPES[args.dtype], args.checkpoint_dir / CHECKPOINT_NAME
     ensure_checkpoint(model_dir)
-    support.init_distributed(CPU)
+    devices.init_distributed(CPU)
     print(f"Linear layers of the 1B model, activations in {args.dtype}, {torch.get_num_threads()} threads, torch "
           f"{torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, oneDNN bfloat16 kernels: "
           f"{torch.ops.mkldnn._is_mkldnn_bf16_supported()}; ms per call of every layer (GB/s of weights)\n")
-    print("| kernel | " + " | ".join(f"{rows} row{'s' * (rows > 1)}" for rows in rows_list) + " |")
-    print("|---|" + "---|" * len(rows_list))
-    for name, (batch, use_speedups, quantize, int8_rows) in KERNELS.items():
-        print(f"{name} ...", file=sys.stderr)
-        result = time_linears(model_dir, dtype, batch, use_speedups, quantize, int8_rows, rows_list, args.passes)
-        cells = ["not used here"] * len(rows_list) if result is None else \
-            [f"{1000 * s:.1f} ({result[0] / s / 1e9:.1f})" for s in result[1].values()]
-        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+    print("| format | kernel | " + " | ".join(rows_label(rows) for rows in rows_list) + " |")
+    print("|---|---|" + "---|" * len(rows_list))
+    choices = []
+    for quantize in ("", "int8", "int4"):
+        results, weight_bytes, chosen = time_kernels(model_dir, dtype, quantize, rows_list, args.passes)
+        choices.append(f"{FORMAT_NAMES[quantize]}: {chosen.split('; kernels ', 1)[-1]}")
+        for name, seconds in results.items():
+            cells = ["—" if s is None else f"{1000 * s:.1f} ({weight_bytes / s / 1e9:.1f})" for s in seconds.values()]
+            print(f"| {FORMAT_NAMES[quantize]} | {name} | " + " | ".join(cells) + " |", flush=True)
+    print("\nspeedups' own choice at load time (KERNELS=measure, batch 1):\n\n" + "\n".join(f"- {c}" for c in choices))
 
     print(f"\nAttention of one layer in a decode step, projections excluded; ms, the fastest of {CALLS} calls\n")
     columns = [(rows, context) for rows in (1, PACKED_FOR) for context in contexts]
-    print("| attention | " + " | ".join(f"{rows} row{'s' * (rows > 1)}, {context} cached" for rows, context in columns) + " |")
+    print("| attention | " + " | ".join(f"{rows_label(rows)}, {context} cached" for rows, context in columns) + " |")
     print("|---|" + "---|" * len(columns))
     for name, use_speedups in (("llama-models' Attention (SPEEDUPS=0)", False), ("GroupedQueryAttention", True)):
         print(f"{name} ...", file=sys.stderr)
@@ -189,7 +192,7 @@ def main():
         step, linears, operations, in_linears = time_step(model_dir, dtype, quantize)
         print(f"| {quantize or args.dtype} | {1000 * step:.1f} | {1000 * linears:.1f} | {1000 * (step - linears):.1f} | "
               f"{operations} ({in_linears}) | {1e6 * (step - linears) / (operations - in_linears):.1f} |", flush=True)
-    support.close_distributed()
+    devices.close_distributed()
 
 
 if __name__ == "__main__":

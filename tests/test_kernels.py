@@ -100,3 +100,25 @@ def test_measuring_on_the_tiny_model_is_cached_and_describes_the_rates(models_di
     assert len(json.loads(speedups.cache_path().read_text())) == len(shapes) * 2  # one row, a chunk
     second = speedups.describe(load(run_inference, models_dir / "Tiny", 8, torch.bfloat16))
     assert "kernels measured on this CPU earlier" in second and timed == [1]
+
+
+@pytest.mark.parametrize("slow_count, kept", [(2, 1), (1, 2)])
+def test_step_threads_keeps_the_count_whose_steps_are_shorter(slow_count, kept, monkeypatch):
+    """A fake clock: each decode step takes 1 s with `slow_count` threads and 0.3 s with the other count."""
+    before = torch.get_num_threads()
+    clock = [0.0]
+
+    def now():
+        return clock[0]
+
+    monkeypatch.setattr(speedups.time, "perf_counter", now)
+    threads = speedups.StepThreads(2)
+    try:
+        torch.set_num_threads(2)
+        threads.step(decoding=False)  # a prompt chunk: not a decode step
+        for _ in range(3 * speedups.StepThreads.TRIAL):
+            clock[0] += 1.0 if torch.get_num_threads() == slow_count else 0.3
+            threads.step(decoding=True)
+        assert threads.current == kept and torch.get_num_threads() == kept
+    finally:
+        torch.set_num_threads(before)
