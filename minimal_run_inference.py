@@ -22,7 +22,7 @@ from llama_models.llama3.chat_format import ChatFormat
 from llama_models.llama3.model import Transformer
 
 import speedups  # the fast path: speedups.py
-import support  # settings from the environment, device and dtype, input checks: support.py
+from support import checkpoint, devices, exits, memory, report, settings  # support/: one file per concern
 
 # MODEL_NAME: a folder in LLAMA_MODELS_DIR: Llama3.2-1B, Llama3.2-3B, Llama3.1-8B, Llama3.3-70B, ...
 # ("Instruct" in the name: the chat format)
@@ -48,15 +48,15 @@ def encode_prompt(tokenizer, text, system_prompt, instruct):
 
 def load_model(model_dir, params, device, dtype, max_seq_len, max_batch_size, use_speedups=True, quantize=""):
     args = ModelArgs(**params, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
-    with torch.device("meta"), support.without_weight_init():
+    with torch.device("meta"), checkpoint.without_weight_init():
         model = Transformer(args)
-    with support.reading_checkpoint(model_dir):
-        weights = maybe_reshard_state_dict(support.weight_files(model_dir), args.n_kv_heads)
-    support.check_weights(model, weights, model_dir)
+    with checkpoint.reading_checkpoint(model_dir):
+        weights = maybe_reshard_state_dict(checkpoint.weight_files(model_dir), args.n_kv_heads)
+    checkpoint.check_weights(model, weights, model_dir)
     model.load_state_dict(weights, assign=True)
-    support.tie_weights(model)
+    checkpoint.tie_weights(model)
     if use_speedups:
-        speedups.apply(model, device, dtype, quantize, support.Progress("preparing weights"))
+        speedups.apply(model, device, dtype, quantize, report.Progress("preparing weights"))
     model.to(device=device, dtype=dtype)
     for layer in model.layers:  # the KV cache, sized to this job (its shape was set on the meta device)
         layer.attention.cache_k = torch.zeros_like(layer.attention.cache_k, device=device, dtype=dtype)
@@ -108,7 +108,7 @@ def decode_step(model, token_ids, pos):
 def generate(model, prompt_ids, max_new_tokens, stop_tokens, start_pos=0):
     logits = prefill(model, prompt_ids, start_pos)
     for step in range(max_new_tokens):
-        support.check_finite(logits, model.norm.weight.dtype)
+        report.check_finite(logits, model.norm.weight.dtype)
         token_id = int(logits.argmax())
         if token_id in stop_tokens:
             return
@@ -126,27 +126,27 @@ def stream(token_ids, tokenizer):
 
 
 def main():
-    support.apply_settings(globals())
-    device = support.pick_device(DEVICE)
-    dtype = support.pick_dtype(DTYPE, device)
-    model_dir = support.find_checkpoint(LLAMA_MODELS_DIR, MODEL_NAME)
-    params = support.read_params(model_dir)
-    tokenizer = support.load_tokenizer(model_dir, params)
-    prompt = support.read_prompt(INPUT_STRING, INPUT_FILE)
+    settings.apply_settings(globals())
+    device = devices.pick_device(DEVICE)
+    dtype = devices.pick_dtype(DTYPE, device)
+    model_dir = checkpoint.find_checkpoint(LLAMA_MODELS_DIR, MODEL_NAME)
+    params = checkpoint.read_params(model_dir)
+    tokenizer = checkpoint.load_tokenizer(model_dir, params)
+    prompt = settings.read_prompt(INPUT_STRING, INPUT_FILE)
     prompt_ids = encode_prompt(tokenizer, prompt, SYSTEM_PROMPT, "instruct" in MODEL_NAME.lower())
-    support.check_job(model_dir, params, len(prompt_ids), MAX_NEW_TOKENS, dtype, device, QUANTIZE)
+    memory.check_job(model_dir, params, len(prompt_ids), MAX_NEW_TOKENS, dtype, device, QUANTIZE)
 
-    support.init_distributed(device)
+    devices.init_distributed(device)
     start = time.perf_counter()
     model = load_model(model_dir, params, device, dtype, len(prompt_ids) + MAX_NEW_TOKENS, 1, SPEEDUPS, QUANTIZE)
     print(f"loaded {MODEL_NAME} on {device} in {dtype} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
-    timer = support.Timer()
+    timer = report.Timer()
     token_ids = generate(model, prompt_ids, MAX_NEW_TOKENS, tokenizer.stop_tokens)
     timed_ids = timer.tokens(token_ids)
     printed_ids = list(stream(timed_ids, tokenizer))
-    timer.report(len(prompt_ids), len(printed_ids), device)
-    support.close_distributed()
+    timer.report(len(prompt_ids), len(printed_ids), model)
+    devices.close_distributed()
 
 
 if __name__ == "__main__":
-    support.run(main)
+    exits.run(main)

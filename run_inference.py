@@ -36,7 +36,7 @@ from llama_models.llama3.chat_format import ChatFormat
 from llama_models.llama3.model import Transformer
 
 import speedups  # the fast path: speedups.py
-import support  # settings from the environment, device and dtype, input checks: support.py
+from support import checkpoint, devices, exits, memory, report, settings, torchrun  # support/: one file per concern
 
 # ---------------------------------------------------------------------------------------------------------
 # Settings. Each one can also be set by an environment variable of the same name (MAX_NEW_TOKENS=20 ...);
@@ -117,7 +117,7 @@ def describe_tokenizer(path, tokenizer, prompt_ids):
 # Three tricks keep memory at the size of the file:
 # 1. The meta device. Building Transformer(args) normally allocates every weight and fills it with
 #    random numbers, only for the checkpoint to overwrite them. Under torch.device("meta") tensors have a
-#    shape but no memory. (support.without_weight_init also covers fairscale's layers, which allocate
+#    shape but no memory. (checkpoint.without_weight_init also covers fairscale's layers, which allocate
 #    their weights with a legacy constructor that ignores the meta device, and skips their initialisation.)
 # 2. mmap. torch.load(..., mmap=True) maps the file into memory instead of reading it: tensors point into
 #    the file, and the OS pages bytes in when they are first used. llama-models' maybe_reshard_state_dict
@@ -125,7 +125,7 @@ def describe_tokenizer(path, tokenizer, prompt_ids):
 #    or splits them (a real copy), as long as one number divides the other.
 # 3. assign=True. load_state_dict normally copies each tensor into the module's existing one; assign
 #    makes the module's parameter *be* the loaded tensor. Llama 3.2 stores its output layer and its
-#    embedding table once (tied weights); support.tie_weights keeps them one parameter, so that
+#    embedding table once (tied weights); checkpoint.tie_weights keeps them one parameter, so that
 #    model.to() below, which copies only if it has to (to a GPU, or to another dtype), copies it once.
 # Then the one call that makes decoding fast, speedups.apply: it swaps named modules into the model
 # (print(model) shows them) while the weights are still the mapped file. Each of its ideas is explained
@@ -139,15 +139,15 @@ def describe_tokenizer(path, tokenizer, prompt_ids):
 # ---------------------------------------------------------------------------------------------------------
 def load_model(model_dir, params, device, dtype, max_seq_len, max_batch_size, use_speedups=True, quantize=""):
     args = ModelArgs(**params, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
-    with torch.device("meta"), support.without_weight_init():
+    with torch.device("meta"), checkpoint.without_weight_init():
         model = Transformer(args)  # shapes only
-    with support.reading_checkpoint(model_dir):  # quiet; a damaged file becomes a one-line error
-        weights = maybe_reshard_state_dict(support.weight_files(model_dir), args.n_kv_heads)
-    support.check_weights(model, weights, model_dir)  # names and shapes agree with params.json
+    with checkpoint.reading_checkpoint(model_dir):  # quiet; a damaged file becomes a one-line error
+        weights = maybe_reshard_state_dict(checkpoint.weight_files(model_dir), args.n_kv_heads)
+    checkpoint.check_weights(model, weights, model_dir)  # names and shapes agree with params.json
     model.load_state_dict(weights, assign=True)  # the parameters are now the memory-mapped tensors
-    support.tie_weights(model)
+    checkpoint.tie_weights(model)
     if use_speedups:
-        speedups.apply(model, device, dtype, quantize, support.Progress("preparing weights"))
+        speedups.apply(model, device, dtype, quantize, report.Progress("preparing weights"))
     model.to(device=device, dtype=dtype)  # floating-point tensors only: 8- and 4-bit weights stay as they are
     for layer in model.layers:  # the KV cache, sized to this job (its shape was set on the meta device)
         layer.attention.cache_k = torch.zeros_like(layer.attention.cache_k, device=device, dtype=dtype)
@@ -331,12 +331,10 @@ def compare_layer_by_hand(model, prompt_ids):
 
 def describe_model(model, args):
     """Print what is in memory: the weights per dtype, the KV cache, the RoPE factor, and the fast path."""
-    # Tied weights are one tensor: count it once. (Packed weights have no data pointer; none is shared.)
-    tensors = {id(p) if p.is_mkldnn else p.data_ptr(): p for p in model.parameters()}
     gib = {}  # per dtype: 8- or 4-bit weights and the 16-bit rest, when quantised
-    for tensor in tensors.values():
-        dtype = str(tensor.dtype).removeprefix("torch.")
-        gib[dtype] = gib.get(dtype, 0) + tensor.nbytes / support.GIB
+    for tensor in report.distinct_tensors(model):  # tied weights are one tensor: counted once
+        dtype = devices.dtype_name(tensor.dtype)
+        gib[dtype] = gib.get(dtype, 0) + tensor.nbytes / memory.GIB
     attention = model.layers[0].attention
     cache_bytes = 2 * len(model.layers) * attention.cache_k.numel() * attention.cache_k.element_size()
     print(
@@ -423,7 +421,7 @@ def look_inside(model, prompt_ids):
 
 def show_look_inside(model, tokenizer, prompt_ids):
     """One aligned stderr table: per layer, the logit lens's top tokens and the most attended prompt tokens."""
-    if support.processes()[0] > 1:
+    if torchrun.processes()[0] > 1:
         print("(LOOK_INSIDE needs one process: under torchrun each process holds only some heads)", file=sys.stderr)
         return
     lens, attention = look_inside(model, prompt_ids)
@@ -480,7 +478,7 @@ def generate(model, prompt_ids, max_new_tokens, stop_tokens, start_pos=0, *, pic
     (The minimal script's generate, plus two options: how to pick a token, and a look at each pick.)"""
     logits = prefill(model, prompt_ids, start_pos)
     for step in range(max_new_tokens):
-        support.check_finite(logits, model.norm.weight.dtype)  # NaN or inf: stop, never print garbage
+        report.check_finite(logits, model.norm.weight.dtype)  # NaN or inf: stop, never print garbage
         token_id = pick(logits)
         if on_token:
             on_token(step, token_id, logits)
@@ -562,11 +560,12 @@ def beam_search(model, prompt_ids, max_new_tokens, stop_tokens, beam_width, leng
     for step in range(max_new_tokens):
         if step > 0:
             logits = decode_step(model, [beam[-1] for beam in beams], len(prompt_ids) + step - 1)  # (k, vocab)
-        support.check_finite(logits, model.norm.weight.dtype)
+        report.check_finite(logits, model.norm.weight.dtype)
         scores = beam_scores[:, None] + F.log_softmax(logits.float(), dim=-1).cpu()  # (beams, vocab)
         top_scores, flat = scores.view(-1).topk(n_candidates)  # best first
         parents, tokens = (flat // scores.shape[1]).tolist(), (flat % scores.shape[1]).tolist()
-        length, last_step = step + 1, step + 1 == max_new_tokens  # new tokens per candidate, counting its last
+        length = step + 1  # new tokens per candidate, counting its last
+        last_step = length == max_new_tokens
         survivors = []  # (score, parent, token) of the next live beams
         for rank, (score, parent, token) in enumerate(zip(top_scores.tolist(), parents, tokens)):
             ends = last_step or token in stop_tokens
@@ -639,7 +638,8 @@ def encode_turn(tokenizer, message, system_prompt, first):
 def chat(model, tokenizer, pick, first_message=""):
     """The conversation loop; returns the number of turns."""
     context = model.params.max_seq_len  # CHAT_CONTEXT
-    dialog, cached = [], 0  # every token of the conversation so far; the cache holds dialog[:cached]
+    dialog = []  # every token of the conversation so far
+    cached = 0  # the cache holds dialog[:cached]
     turns = 0
     for message in user_messages(first_message):
         turn = encode_turn(tokenizer, message, SYSTEM_PROMPT, first=not dialog)
@@ -651,9 +651,12 @@ def chat(model, tokenizer, pick, first_message=""):
                 continue
             print(f"(the conversation would exceed CHAT_CONTEXT={context} tokens: starting over from the system "
                   "prompt and this message)", file=sys.stderr)
-            dialog, cached = [], 0
+            dialog = []
+            cached = 0
         dialog += turn
-        fed, chosen, interrupted = len(dialog) - cached, [], False
+        fed = len(dialog) - cached
+        chosen = []
+        interrupted = False
         start = time.perf_counter()
         try:
             on_token = lambda step, token_id, logits: chosen.append(token_id)  # as soon as it is chosen
@@ -673,9 +676,9 @@ def chat(model, tokenizer, pick, first_message=""):
             cached = len(dialog) + len(reply)
         dialog += reply + [closing_token(tokenizer, chosen)]  # fed with the next turn
         turns += 1
+        stopped = " (stopped)" if interrupted else ""
         print(f"turn {turns}: {fed} prompt tokens fed (without the cache: {len(dialog) - len(reply) - 1}), "
-              f"{len(reply)} new tokens in {time.perf_counter() - start:.1f} s{' (stopped)' * interrupted}",
-              file=sys.stderr)
+              f"{len(reply)} new tokens in {time.perf_counter() - start:.1f} s{stopped}", file=sys.stderr)
     return turns
 
 
@@ -715,24 +718,24 @@ def run_beam_search(model, tokenizer, prompt_ids, timer):
 
 def check_settings(tokenizer, params, instruct):
     """The rules that tie settings together or to the model (each setting's own range is checked by
-    support.apply_settings)."""
+    settings.apply_settings)."""
     # beam search's candidates, (1 + stop tokens) x BEAM_WIDTH, come from the first step's vocabulary
-    support.check_range("BEAM_WIDTH", BEAM_WIDTH, 1, params["vocab_size"] // (1 + len(tokenizer.stop_tokens)))
-    support.check_range("NUM_RETURN_SEQUENCES", NUM_RETURN_SEQUENCES, 1, BEAM_WIDTH)
+    settings.check_range("BEAM_WIDTH", BEAM_WIDTH, 1, params["vocab_size"] // (1 + len(tokenizer.stop_tokens)))
+    settings.check_range("NUM_RETURN_SEQUENCES", NUM_RETURN_SEQUENCES, 1, BEAM_WIDTH)
     if not 0 < TOP_P <= 1:
-        support.fail(f"TOP_P={TOP_P} is out of range: it must be in (0, 1]")
+        exits.fail(f"TOP_P={TOP_P} is out of range: it must be in (0, 1]")
     if TEMPERATURE > 0 and BEAM_WIDTH > 1:
-        support.fail("choose beam search (BEAM_WIDTH > 1) or sampling (TEMPERATURE > 0), not both")
+        exits.fail("choose beam search (BEAM_WIDTH > 1) or sampling (TEMPERATURE > 0), not both")
     if CHAT and BEAM_WIDTH > 1:
-        support.fail("beam search is for single runs: with CHAT=1 use greedy (the default) or sampling "
+        exits.fail("beam search is for single runs: with CHAT=1 use greedy (the default) or sampling "
                      "(TEMPERATURE > 0)")
     if CHAT and not instruct:
-        support.fail(f"CHAT=1 needs an Instruct model (a base model does not know the chat format); {MODEL_NAME} "
+        exits.fail(f"CHAT=1 needs an Instruct model (a base model does not know the chat format); {MODEL_NAME} "
                      "has no \"Instruct\" in its name")
     if CHAT:
-        support.check_range("CHAT_CONTEXT", CHAT_CONTEXT, MAX_NEW_TOKENS + 1, support.context_length(params))
-    if CHAT and support.processes()[0] > 1:
-        support.fail("CHAT=1 runs in one process: under torchrun every process would read stdin on its own")
+        settings.check_range("CHAT_CONTEXT", CHAT_CONTEXT, MAX_NEW_TOKENS + 1, checkpoint.context_length(params))
+    if CHAT and torchrun.processes()[0] > 1:
+        exits.fail("CHAT=1 runs in one process: under torchrun every process would read stdin on its own")
 
 
 def main():
@@ -743,9 +746,9 @@ def main():
     # token reads every weight once, roughly halves the time per token against float32. float16 is for
     # GPUs without bfloat16 (it overflows more easily). On a CPU, PyTorch uses one thread per physical
     # core; OMP_NUM_THREADS=N python run_inference.py changes that.
-    support.apply_settings(globals())
-    device = support.pick_device(DEVICE)
-    dtype = support.pick_dtype(DTYPE, device)
+    settings.apply_settings(globals())
+    device = devices.pick_device(DEVICE)
+    dtype = devices.pick_dtype(DTYPE, device)
 
     # The checkpoint folder, as `llama-model download --source meta --model-id NAME` leaves it (or in its
     # original/ subfolder, as the Hugging Face Hub has it):
@@ -753,17 +756,17 @@ def main():
     #   params.json          the architecture's sizes (see load_model)
     #   tokenizer.model      the vocabulary (see encode_prompt)
     #   checklist.chk        md5 sums of the other files (`llama-model verify-download` checks them)
-    model_dir = support.find_checkpoint(LLAMA_MODELS_DIR, MODEL_NAME)
-    params = support.read_params(model_dir)
-    tokenizer = support.load_tokenizer(model_dir, params)
+    model_dir = checkpoint.find_checkpoint(LLAMA_MODELS_DIR, MODEL_NAME)
+    params = checkpoint.read_params(model_dir)
+    tokenizer = checkpoint.load_tokenizer(model_dir, params)
     instruct = "instruct" in MODEL_NAME.lower()
     check_settings(tokenizer, params, instruct)
-    prompt = support.read_prompt(INPUT_STRING, INPUT_FILE)
+    prompt = settings.read_prompt(INPUT_STRING, INPUT_FILE)
     prompt_ids = encode_prompt(tokenizer, prompt, SYSTEM_PROMPT, instruct)
     if not CHAT:
         describe_tokenizer(model_dir / "tokenizer.model", tokenizer, prompt_ids)
     max_seq_len = CHAT_CONTEXT if CHAT else len(prompt_ids) + MAX_NEW_TOKENS
-    support.check_job(model_dir, params, max_seq_len - MAX_NEW_TOKENS, MAX_NEW_TOKENS, dtype, device, QUANTIZE,
+    memory.check_job(model_dir, params, max_seq_len - MAX_NEW_TOKENS, MAX_NEW_TOKENS, dtype, device, QUANTIZE,
                       BEAM_WIDTH)
 
     # One process, or many. llama-models builds the model from fairscale's model-parallel layers, written
@@ -779,7 +782,7 @@ def main():
     #   DEVICE=cpu torchrun --nproc-per-node 2 run_inference.py   two CPU processes, to try it at home
     # The backend is nccl between NVIDIA GPUs and gloo between CPUs; Apple GPUs have none (one process).
     # close_distributed, at the end, stops the groups' threads while Python is still whole.
-    support.init_distributed(device)
+    devices.init_distributed(device)
     start = time.perf_counter()
     model = load_model(model_dir, params, device, dtype, max_seq_len, BEAM_WIDTH, SPEEDUPS, QUANTIZE)
     describe_model(model, model.params)
@@ -788,16 +791,16 @@ def main():
     print(f"loaded {MODEL_NAME} on {device}{threads} in {dtype} in {seconds:.1f} s", file=sys.stderr)
     compare_layer_by_hand(model, prompt_ids)
 
-    timer = support.Timer()
+    timer = report.Timer()
     if CHAT:
         chat(model, tokenizer, token_picker(device), prompt if INPUT_FILE else "")
     else:
         run = run_beam_search if BEAM_WIDTH > 1 else run_generate
-        timer.report(len(prompt_ids), run(model, tokenizer, prompt_ids, timer), device)
+        timer.report(len(prompt_ids), run(model, tokenizer, prompt_ids, timer), model)
         if LOOK_INSIDE:
             show_look_inside(model, tokenizer, prompt_ids)
-    support.close_distributed()
+    devices.close_distributed()
 
 
 if __name__ == "__main__":
-    support.run(main)
+    exits.run(main)

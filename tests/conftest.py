@@ -2,8 +2,11 @@
 user does (a subprocess, settings in environment variables), and the scripts' own functions in-process."""
 
 import os
+import select
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +16,7 @@ from llama_models.llama3.tokenizer import Tokenizer
 
 import minimal_run_inference
 import run_inference
-import support
+from support import checkpoint, devices
 from random_checkpoint import LLAMA_3_2_1B, TINY, TOKENIZER, fixed_distribution_weights, random_weights, write_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
@@ -44,9 +47,38 @@ def run_script(script, models_dir, model_name, stdin=None, **settings):
     return result
 
 
+def default_ctrl_c():
+    """In a child the test will send SIGINT, before it starts Python: the default handler, so that Python
+    turns Ctrl-C into KeyboardInterrupt. A child inherits an ignored SIGINT (every command of a background
+    job `... &` in a shell script has one), and only an explicit SIG_DFL undoes that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def start_script(script, env, stdin=None):
+    """Start a script that the test will interrupt: pipes for stdout and stderr, Ctrl-C enabled."""
+    return subprocess.Popen([sys.executable, str(REPO / script)], env=env, stdin=stdin, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, preexec_fn=default_ctrl_c)
+
+
+def read_until(pipe, done, timeout=120):
+    """What a child's pipe gives until done(bytes read so far) is true: a deadline, never a wait without end
+    (the test fails after `timeout` seconds, or when the pipe closes first)."""
+    deadline = time.monotonic() + timeout
+    data = b""
+    while not done(data):
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([pipe], [], [], left)[0]:
+            raise AssertionError(f"nothing expected came within {timeout} s; read so far: {data[-300:]!r}")
+        chunk = os.read(pipe.fileno(), 65536)
+        if not chunk:
+            raise AssertionError(f"the pipe closed first; read: {data[-300:]!r}")
+        data += chunk
+    return data
+
+
 def load(script, model_dir, max_seq_len, dtype=torch.float32, batch=1, device=CPU, **options):
     """A script's own load_model (on the CPU unless told), params.json read as the script reads it."""
-    return script.load_model(model_dir, support.read_params(model_dir), device, dtype, max_seq_len, batch, **options)
+    return script.load_model(model_dir, checkpoint.read_params(model_dir), device, dtype, max_seq_len, batch, **options)
 
 
 @pytest.fixture(scope="session")
@@ -80,9 +112,9 @@ def llama_1b_dir(tmp_path_factory):
 def distributed():
     """The one-process torch.distributed group and fairscale model parallelism the model's layers need."""
     if not dist.is_initialized():
-        support.init_distributed(CPU)
+        devices.init_distributed(CPU)
     yield
-    support.close_distributed()
+    devices.close_distributed()
 
 
 @pytest.fixture(params=[minimal_run_inference, run_inference], ids=["minimal", "tutorial"])

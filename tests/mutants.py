@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-MINIMAL, TUTORIAL, SPEEDUPS, SUPPORT = "minimal_run_inference.py", "run_inference.py", "speedups.py", "support.py"
+MINIMAL, TUTORIAL, SPEEDUPS = "minimal_run_inference.py", "run_inference.py", "speedups.py"
+CHECKPOINT, DEVICES, EXITS = "support/checkpoint.py", "support/devices.py", "support/exits.py"
 # Tests, by what they check: pytest node ids ([...] picks parameters) or a file and a -k expression.
 SPEEDUPS_TESTS = "tests/test_speedups.py::"
 CHUNKED = SPEEDUPS_TESTS + "test_prefill_in_chunks_gives_the_cache_free_logits_and_tokens"
@@ -84,18 +85,18 @@ MUTANTS = {
                                      PREFILL["tutorial"]),
     "kv-cache-default-length": (MINIMAL, "ModelArgs(**params, max_seq_len=max_seq_len,", "ModelArgs(**params,", MODULES),
     "speedups-always-on": (MINIMAL, "    if use_speedups:\n", "    if True:\n", MODULES),
-    "tied-weights-untied": (SUPPORT, "        model.output.weight = embeddings", "        pass",
+    "tied-weights-untied": (CHECKPOINT, "        model.output.weight = embeddings", "        pass",
                             ["tests/test_speedups.py", "-k", "tied_weights_stay_one_tensor"]),
     "chat-reply-not-closed": (TUTORIAL, "dialog += reply + [closing_token(tokenizer, chosen)]", "dialog += reply", CHAT),
     "chat-cache-not-kept": (TUTORIAL, "            cached = len(dialog) + len(reply)\n", "            cached = 0\n", CHAT),
     "chat-cut-reply-last-token-not-fed": (TUTORIAL, "if reply and (interrupted or len(reply) == MAX_NEW_TOKENS):",
                                           "if reply and interrupted:", CHAT),
-    "torchrun-threads-not-shared": (SUPPORT, "return max(1, physical_cores // local_processes)", "return None", PLATFORM),
-    "bfloat16-on-a-t4": (SUPPORT, "tuple(capability) < BF16_CAPABILITY", "tuple(capability) < (7, 5)", PLATFORM),
-    "mps-under-torchrun": (SUPPORT, '"mps" if has_mps and world_size == 1 else', '"mps" if has_mps else', PLATFORM),
-    "nan-check-skipped": (MINIMAL, "        support.check_finite(logits, model.norm.weight.dtype)\n",
+    "torchrun-threads-not-shared": (DEVICES, "return max(1, physical_cores // local_processes)", "return None", PLATFORM),
+    "bfloat16-on-a-t4": (DEVICES, "tuple(capability) < BF16_CAPABILITY", "tuple(capability) < (7, 5)", PLATFORM),
+    "mps-under-torchrun": (DEVICES, '"mps" if has_mps and world_size == 1 else', '"mps" if has_mps else', PLATFORM),
+    "nan-check-skipped": (MINIMAL, "        report.check_finite(logits, model.norm.weight.dtype)\n",
                           "        pass\n", ["tests/test_bad_input.py", "-k", "nan_in_the_weights and minimal"]),
-    "locale-encoding-kept": (SUPPORT, 'if encoding.lower().replace("-", "") != "utf8"', "if False",
+    "locale-encoding-kept": (EXITS, 'if encoding.lower().replace("-", "") != "utf8"', "if False",
                              ["tests/test_scripts.py", "-k", "utf8_whatever_the_locale"]),
     "by-hand-head-reads-the-wrong-kv-head": (
         TUTORIAL, "q = q.float().view(batch, seqlen, kv_heads, heads // kv_heads, head_dim)",
@@ -104,7 +105,7 @@ MUTANTS = {
                                     "scores = scores", LAYER),
     "lens-without-the-final-norm": (TUTORIAL, "normed = model.norm(torch.stack(streams))",
                                     "normed = torch.stack(streams)", LAYER),
-    "closed-pipe-is-an-error": (SUPPORT, "return isinstance(error, BrokenPipeError) or", "return False and",
+    "closed-pipe-is-an-error": (EXITS, "return isinstance(error, BrokenPipeError) or", "return False and",
                                 ["tests/test_scripts.py", "-k", "closed_pipe and minimal"]),
 }
 

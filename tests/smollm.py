@@ -27,7 +27,7 @@ GPT-2's bytes_to_unicode); its merges produce tokens in id order, so a token's i
 and SmolLM2's 49,152 ids are our ids 0..49151. 21 bytes have no token of their own (tiktoken needs one
 for every byte): they get ranks 49152..49172. The 17 control tokens (<|endoftext|> 0, <|im_start|> 1,
 <|im_end|> 2, <repo_name> 3, ...) are stored as their literal text, which Llama 3's pre-tokenizer always
-splits (at "<|" and "|>"), so tiktoken never produces them from text. The scripts (support.read_params)
+splits (at "<|" and "|>"), so tiktoken never produces them from text. The scripts (support.checkpoint.read_params)
 accept only Llama 3's 128,256 tokens, and llama-models' Tokenizer puts its 256 special tokens right after
 the file's base tokens: so the file is padded to 128,000 base tokens with filler tokens that tiktoken can
 never produce ("filler\\n<RANK>": a letter, then a newline, which no piece of Llama 3's pre-tokenizer

@@ -4,17 +4,15 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import minimal_run_inference
-from conftest import CPU, REPO, SCRIPTS, clean_environment, load, run_script
+from conftest import SCRIPTS, clean_environment, load, read_until, run_script, start_script
 from random_checkpoint import TINY, write_checkpoint
-
-GIB = 2**30
+from support import checkpoint
+from support.memory import GIB
 
 
 @pytest.fixture(params=SCRIPTS)
@@ -66,6 +64,47 @@ def test_damaged_weights(script_name, broken, damage):
     path.write_bytes(data[: len(data) // 2] if damage == "cut in half" else os.urandom(len(data)))
     fails_with(run_script(script_name, broken.parent, "Broken"), "damaged", "re-download",
                "llama-model verify-download --model-id Broken")
+
+
+class Planted:
+    """Unpickled, it would create the file at `path`: the harmless stand-in for code a pickle can run."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (str(self.path), "w")
+
+
+def test_a_weights_file_that_would_run_code_is_refused_in_our_words(script_name, broken, tmp_path):
+    """torch.load reads only tensors: a pickle that would call a function is refused. Its message advises
+    loading the file with that check switched off; the user sees our line instead, which never does."""
+    marker = tmp_path / "the pickle ran"
+    torch.save({"tok_embeddings.weight": torch.zeros(2), "planted": Planted(marker)}, broken / "consolidated.00.pth")
+    result = run_script(script_name, broken.parent, "Broken")
+    fails_with(result, "holds code or objects that are not plain tensors, so it was not loaded",
+               "download it again from Meta or the Hugging Face Hub")
+    assert not marker.exists()  # nothing of the pickle ran
+    output = (result.stdout + result.stderr).lower()
+    assert not any(word in output for word in ("weights_only", "unsafe", "trust"))
+
+
+@pytest.mark.parametrize("model_name, repository", [
+    ("Llama3.2-1B-Instruct", "meta-llama/Llama-3.2-1B-Instruct"),
+    ("Llama3.1-8B", "meta-llama/Llama-3.1-8B"),
+    ("Llama3.3-70B-Instruct", "meta-llama/Llama-3.3-70B-Instruct"),
+    ("Llama-3.2-3B", "meta-llama/Llama-3.2-3B"),  # a folder named as the Hub names it
+    ("Llama3-8B-Instruct", "meta-llama/Meta-Llama-3-8B-Instruct"),  # Llama 3's repositories have another name
+    ("Tiny", None),
+])
+def test_the_hub_repository_of_a_model_name(model_name, repository):
+    assert checkpoint.hub_repository(model_name) == repository
+
+
+def test_a_missing_llama_names_both_downloads(script_name, tmp_path):
+    fails_with(run_script(script_name, tmp_path, "Llama3.2-1B-Instruct"),
+               "llama-model download --source meta --model-id Llama3.2-1B-Instruct",
+               "huggingface-cli download meta-llama/Llama-3.2-1B-Instruct --include \"original/*\"")
 
 
 @pytest.mark.parametrize("params_text, fragments", [
@@ -179,10 +218,9 @@ def test_same_inputs_give_byte_identical_output_and_the_checkpoint_is_untouched(
 def test_ctrl_c_stops_cleanly_and_keeps_the_text(script_name, models_dir):
     env = clean_environment(LLAMA_MODELS_DIR=models_dir, MODEL_NAME="Tiny", DEVICE="cpu", MAX_NEW_TOKENS=100000,
                             SHOW_TOKENS=0)
-    process = subprocess.Popen([sys.executable, str(REPO / script_name)], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process = start_script(script_name, env)
     try:
-        first = process.stdout.read(1)  # generation has started
+        first = read_until(process.stdout, len)  # generation has started
         process.send_signal(signal.SIGINT)
         rest, stderr = process.communicate(timeout=60)
     finally:
@@ -223,7 +261,7 @@ def test_an_unexpected_error_is_one_line_and_debug_shows_where(script_name, brok
     params = json.loads((broken / "params.json").read_text())
     (broken / "params.json").write_text(json.dumps({**params, "rope_theta": "fast"}))
     fails_with(run_script(script_name, broken.parent, "Broken"), "error: TypeError:", "(set DEBUG=1 to see where)")
-    if script_name != "run_inference.py":  # support.run handles both scripts' errors: one run with DEBUG=1 is enough
+    if script_name != "run_inference.py":  # support.exits.run handles both scripts' errors: one run with DEBUG=1 is enough
         return
     debug = run_script(script_name, broken.parent, "Broken", DEBUG=1)
     assert debug.returncode != 0 and "Traceback (most recent call last)" in debug.stderr

@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from conftest import REPO, clean_environment, greedy_without_cache, reference_model, run_script
+from conftest import (REPO, clean_environment, greedy_without_cache, read_until, reference_model, run_script,
+                      start_script)
 from random_checkpoint import TINY, write_checkpoint
 
 SYSTEM = "You are terse."
@@ -136,16 +137,13 @@ def test_ctrl_c_stops_a_reply_and_keeps_the_session(models_dir, tokenizer):
     feeds the reply's last token again (it may not have been fed), its <|eot_id|>, and the new turn."""
     env = clean_environment(LLAMA_MODELS_DIR=models_dir, MODEL_NAME="Tiny-Instruct", DEVICE="cpu", CHAT=1,
                             MAX_NEW_TOKENS=50000, CHAT_CONTEXT=100000, SYSTEM_PROMPT=SYSTEM)
-    process = subprocess.Popen([sys.executable, str(REPO / "run_inference.py")], env=env, stdin=subprocess.PIPE,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process = start_script("run_inference.py", env, stdin=subprocess.PIPE)
     try:
         process.stdin.write(f"{MESSAGES[0]}\n{MESSAGES[1]}\n".encode())
         process.stdin.flush()
-        assert process.stdout.read(1)  # the first reply is being written
+        read_until(process.stdout, len)  # the first reply is being written
         process.send_signal(signal.SIGINT)
-        seen = [b""]
-        while not seen[-1].startswith(b"turn 1:"):  # the first turn ends
-            seen.append(process.stderr.readline())
+        seen = [read_until(process.stderr, lambda data: b"\nturn 1:" in data)]  # the first turn ends
         time.sleep(1)  # the second reply (50,000 tokens) is being written
         process.send_signal(signal.SIGINT)
         stdout, rest = process.communicate(timeout=120)  # closes stdin: the end of input

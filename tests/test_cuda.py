@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import run_inference
-import support
+from support import devices
 from conftest import SCRIPTS, load, run_script
 from hf_reference import transformers_llama
 from random_checkpoint import TINY, random_weights, write_checkpoint
@@ -51,5 +51,5 @@ def test_tied_weights_are_copied_to_the_gpu_once(tmp_path, distributed):
 
 def test_auto_dtype_follows_this_gpus_compute_capability():
     capability = torch.cuda.get_device_capability(CUDA)
-    expected = torch.bfloat16 if capability >= support.BF16_CAPABILITY else torch.float16
-    assert support.pick_dtype("auto", CUDA) == expected
+    expected = torch.bfloat16 if capability >= devices.BF16_CAPABILITY else torch.float16
+    assert devices.pick_dtype("auto", CUDA) == expected

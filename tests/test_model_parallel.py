@@ -1,12 +1,14 @@
 """Model parallel with torchrun: CPU processes with gloo, on a tiny checkpoint saved as 1 and as 2 shards."""
 
 import os
+import re
 import subprocess
 import sys
+import time
 
 import pytest
 
-import support
+from support import devices
 from conftest import REPO, clean_environment, run_script
 from random_checkpoint import TINY, write_checkpoint
 
@@ -46,8 +48,8 @@ def test_two_processes_decode_the_single_process_tokens(script_name, strategy, m
         assert result.returncode == 0, result.stderr
         assert result.stdout == single.stdout  # printed once: only rank 0 prints
         if script_name == "run_inference.py":  # torchrun's OMP_NUM_THREADS=1 is replaced by a share of the cores
-            threads = max(1, support.physical_cores() // 2)
-            assert f", {threads} thread{'s' * (threads > 1)} in" in result.stderr
+            threads = max(1, devices.physical_cores() // 2)
+            assert f" with {threads} threads in" in result.stderr
 
 
 @pytest.mark.parametrize("folder, settings", [
@@ -73,12 +75,38 @@ def test_two_shards_merge_in_one_process(models_dir, sharded_dir):
     assert merged.stdout == single.stdout != ""
 
 
-def test_shards_that_cannot_map_onto_the_processes(sharded_dir):
-    result = torchrun(3, "minimal_run_inference.py", sharded_dir, **SETTINGS)
+# Runs a script as rank 0 would, after a pause: the other ranks exit first, and torchrun stops rank 0.
+LATE_RANK_0 = """import os, runpy, sys, time
+sys.path.insert(0, {repo!r})
+if os.environ["RANK"] == "0":
+    time.sleep({seconds})
+runpy.run_path({script!r}, run_name="__main__")
+"""
+
+
+def our_error_lines(stderr):
+    """Our error lines, rank 0's as they are and another rank's marked with its number (torchrun adds its
+    own failure report)."""
+    return [line for line in stderr.splitlines() if re.match(r"(\[rank \d+\] )?error: ", line)]
+
+
+@pytest.mark.parametrize("rank_0", ["in time", "late"])
+def test_shards_that_cannot_map_onto_the_processes(sharded_dir, tmp_path, rank_0):
+    """Every rank finds this error and prints it: when one rank exits, torchrun stops the others, so the
+    line must not wait for rank 0. "late" holds rank 0 back on purpose until torchrun has stopped it."""
+    script = REPO / "minimal_run_inference.py"
+    if rank_0 == "late":
+        script = tmp_path / "late_rank_0.py"
+        script.write_text(LATE_RANK_0.format(repo=str(REPO), seconds=60, script=str(REPO / "minimal_run_inference.py")))
+    start = time.monotonic()
+    result = torchrun(3, script, sharded_dir, **SETTINGS)
     assert result.returncode != 0 and result.stdout == ""
-    ours = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(ours) == 1  # printed by rank 0 only (torchrun adds its own failure report)
-    assert "has 2 shards, which cannot be split or merged onto 3 processes" in ours[0]
+    ours = our_error_lines(result.stderr)
+    assert ours, result.stderr
+    assert all("has 2 shards, which cannot be split or merged onto 3 processes" in line for line in ours)
+    if rank_0 == "late":  # rank 0 was stopped before it printed: the others' lines reached the user
+        assert time.monotonic() - start < 60
+        assert not any(line.startswith("error: ") for line in ours)
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc/self/task (Linux)")
@@ -86,13 +114,13 @@ def test_close_distributed_stops_every_thread_the_groups_started():
     """A group thread still running when Python shuts down can abort a finished torchrun run (SIGABRT after
     the output, 3 runs in 95 before close_distributed). Counted in a fresh process: each gloo group
     starts its threads in init_distributed, and all of them must be gone after close_distributed."""
-    code = ("import os, torch, support\n"
+    code = ("import os, torch\nfrom support import devices\n"
             "threads = lambda: len(os.listdir('/proc/self/task'))\n"
             "torch.ones(64, 64) @ torch.ones(64, 64)  # start torch's own thread pool first\n"
             "before = threads()\n"
-            "support.init_distributed(torch.device('cpu'))\n"
+            "devices.init_distributed(torch.device('cpu'))\n"
             "started = threads() - before\n"
-            "support.close_distributed()\n"
+            "devices.close_distributed()\n"
             "print(started, threads() - before)\n")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
                             env=clean_environment())

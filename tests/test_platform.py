@@ -1,6 +1,7 @@
-"""The platform decisions in support.py, as pure functions of the facts they depend on (device type, compute
-capability, processes, cores, operating system), so that this Linux CPU can check what happens on a GPU, a
-Mac, Windows or under torchrun. What cannot run here (CUDA, mps, Windows) is reviewed, not run: README says so."""
+"""The platform decisions in support/ (devices.py, memory.py), as pure functions of the facts they depend on
+(device type, compute capability, processes, cores, operating system), so that this Linux CPU can check what
+happens on a GPU, a Mac, Windows or under torchrun. What cannot run here (CUDA, mps, Windows) is reviewed,
+not run: README says so."""
 
 import os
 
@@ -10,7 +11,7 @@ import torch.distributed as dist
 from llama_models.llama3.args import ModelArgs
 from llama_models.llama3.model import Transformer
 
-import support
+from support import checkpoint, devices, exits, memory
 from random_checkpoint import TINY
 
 LLAMA_3_1_8B = dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=1024,
@@ -27,7 +28,7 @@ LLAMA_3_1_8B = dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=
     ("cpu", 2, True, 1, 0, "cpu"),
 ])
 def test_choose_device(name, cuda, mps, processes, rank, expected):
-    assert support.choose_device(name, cuda, mps, processes, rank) == expected
+    assert devices.choose_device(name, cuda, mps, processes, rank) == expected
 
 
 @pytest.mark.parametrize("name, cuda, mps, processes, message", [
@@ -38,7 +39,7 @@ def test_choose_device(name, cuda, mps, processes, rank, expected):
 ])
 def test_devices_that_cannot_work_are_one_line(name, cuda, mps, processes, message):
     with pytest.raises(SystemExit, match=message.replace("(", r"\(")):
-        support.choose_device(name, cuda, mps, processes, 0)
+        devices.choose_device(name, cuda, mps, processes, 0)
 
 
 @pytest.mark.parametrize("name, device_type, capability, expected", [
@@ -52,7 +53,7 @@ def test_devices_that_cannot_work_are_one_line(name, cuda, mps, processes, messa
     ("float32", "cpu", None, "float32"),
 ])
 def test_choose_dtype(name, device_type, capability, expected):
-    assert support.choose_dtype(name, device_type, capability) == expected
+    assert devices.choose_dtype(name, device_type, capability) == expected
 
 
 @pytest.mark.parametrize("omp, local_processes, cores, expected", [
@@ -63,16 +64,16 @@ def test_choose_dtype(name, device_type, capability, expected):
     ("1", 1, 8, None),
 ])
 def test_threads_per_process(omp, local_processes, cores, expected):
-    assert support.threads_per_process(omp, local_processes, cores) == expected
+    assert devices.threads_per_process(omp, local_processes, cores) == expected
 
 
 def test_set_threads_gives_each_torchrun_process_its_share(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.setattr(support, "physical_cores", lambda: 6)
+    monkeypatch.setattr(devices, "physical_cores", lambda: 6)
     before = torch.get_num_threads()
     try:
-        support.set_threads(torch.device("cpu"))
+        devices.set_threads(torch.device("cpu"))
         assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)
@@ -81,12 +82,12 @@ def test_set_threads_gives_each_torchrun_process_its_share(monkeypatch):
 @pytest.mark.parametrize("device_type, has_nccl, processes, expected", [
     ("cuda", True, 2, "nccl"), ("cuda", False, 1, "gloo"), ("cpu", True, 2, "gloo"), ("cpu", False, 1, "gloo")])
 def test_choose_backend(device_type, has_nccl, processes, expected):
-    assert support.choose_backend(device_type, has_nccl, processes) == expected
+    assert devices.choose_backend(device_type, has_nccl, processes) == expected
 
 
 def test_torchrun_on_gpus_without_nccl_is_one_line():
     with pytest.raises(SystemExit, match="this PyTorch build has no nccl backend"):
-        support.choose_backend("cuda", False, 2)
+        devices.choose_backend("cuda", False, 2)
 
 
 GB = 10**9
@@ -102,14 +103,14 @@ GB = 10**9
 ])
 def test_memory_needed(bits, shards, processes, local, on_cpu, expected):
     """(host memory, device memory) for a 16 GB checkpoint: Llama 3.1 8B's size, or a 70B slice's."""
-    assert support.memory_needed(16 * GB, bits, shards, processes, local, on_cpu) == pytest.approx(expected)
+    assert memory.memory_needed(16 * GB, bits, shards, processes, local, on_cpu) == pytest.approx(expected)
 
 
 def test_building_the_model_allocates_nothing(distributed):
-    """Under support.without_weight_init and the meta device, fairscale's layers (whose legacy
+    """Under checkpoint.without_weight_init and the meta device, fairscale's layers (whose legacy
     torch.Tensor(rows, cols) ignores the meta device, and which Windows would commit: 30 GB for 8B) get
     meta weights too."""
-    with torch.device("meta"), support.without_weight_init():
+    with torch.device("meta"), checkpoint.without_weight_init():
         model = Transformer(ModelArgs(**LLAMA_3_1_8B, max_seq_len=16, max_batch_size=1))
     assert all(parameter.is_meta for parameter in model.parameters())
     assert torch.Tensor(2, 3).device.type == "cpu"  # and torch itself is left as it was
@@ -119,8 +120,8 @@ def test_a_group_of_one_without_hashstore_uses_a_temporary_file(monkeypatch, tmp
     """Windows builds of PyTorch have no HashStore: the one-process group's store is then a temporary file,
     which the store deletes when it is gone."""
     monkeypatch.delattr(dist, "HashStore")
-    monkeypatch.setattr(support.tempfile, "tempdir", str(tmp_path))
-    store = support.one_process_store()
+    monkeypatch.setattr(devices.tempfile, "tempdir", str(tmp_path))
+    store = devices.one_process_store()
     assert isinstance(store, dist.FileStore) and len(list(tmp_path.iterdir())) == 1
     store.set("key", "value")
     assert store.get("key") == b"value"
@@ -136,8 +137,8 @@ def test_a_group_of_one_without_hashstore_uses_a_temporary_file(monkeypatch, tmp
     ("first line\nsecond line", "first line"),
 ])
 def test_quoted_errors_are_cut_at_a_word(text, expected):
-    assert support.shorten(text) == expected
-    assert len(support.shorten(text)) <= support.ERROR_DETAIL_CHARS
+    assert exits.shorten(text) == expected
+    assert len(exits.shorten(text)) <= exits.ERROR_DETAIL_CHARS
 
 
 def test_the_kv_heads_must_split_across_the_processes(tmp_path, monkeypatch):
@@ -146,6 +147,6 @@ def test_the_kv_heads_must_split_across_the_processes(tmp_path, monkeypatch):
     folder = write_checkpoint(tmp_path / "Tiny", TINY, random_weights(TINY))
     monkeypatch.setenv("WORLD_SIZE", "4")
     with pytest.raises(SystemExit, match="Tiny has 2 key-value heads, which cannot be split across 4 processes"):
-        support.check_shards(folder, TINY)
+        checkpoint.check_shards(folder, TINY)
     monkeypatch.setenv("WORLD_SIZE", "2")
-    support.check_shards(folder, TINY)  # 2 processes: one head each
+    checkpoint.check_shards(folder, TINY)  # 2 processes: one head each

@@ -152,7 +152,7 @@ def test_bad_quantize_settings(settings, message, models_dir):
 
 
 def test_int4_is_refused_on_other_devices(models_dir):
-    import support
+    from support import checkpoint, memory
     with pytest.raises(SystemExit, match="QUANTIZE='int4' runs on CPUs only"):
-        support.check_job(models_dir / "Tiny", support.read_params(models_dir / "Tiny"), 8, 8, torch.bfloat16,
+        memory.check_job(models_dir / "Tiny", checkpoint.read_params(models_dir / "Tiny"), 8, 8, torch.bfloat16,
                           torch.device("cuda"), "int4")

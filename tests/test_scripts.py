@@ -2,16 +2,18 @@
 
 import os
 import pty
+import select
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
 import minimal_run_inference
 import run_inference
-from conftest import CPU, REPO, SCRIPTS, clean_environment, greedy_without_cache, load, run_script
+from conftest import CPU, REPO, SCRIPTS, clean_environment, greedy_without_cache, load, read_until, run_script
 from random_checkpoint import TINY, write_checkpoint
 
 NEW_TOKENS = 24
@@ -199,7 +201,7 @@ def test_a_closed_pipe_ends_generation_quietly(script_name, models_dir):
     process = subprocess.Popen([sys.executable, str(REPO / script_name)], env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE)
     try:
-        assert len(process.stdout.read(20)) == 20
+        read_until(process.stdout, lambda data: len(data) >= 20)
         process.stdout.close()
         stderr = process.communicate(timeout=120)[1].decode()
     finally:
@@ -220,8 +222,9 @@ def test_converting_weights_shows_progress_on_a_terminal_only(models_dir):
                                stdout=subprocess.PIPE, stderr=terminal)
     os.close(terminal)
     shown = b""
+    deadline = time.monotonic() + 120
     try:
-        while True:
+        while select.select([controller], [], [], max(0, deadline - time.monotonic()))[0]:
             try:
                 chunk = os.read(controller, 4096)
             except OSError:  # the terminal closed: the script has ended

@@ -9,9 +9,9 @@ import torch
 
 import minimal_run_inference
 from conftest import CPU, SCRIPTS, load, run_script
+from support.memory import GIB
 
 REAL_DIR = Path(os.environ.get("LLAMA_MODELS_DIR", minimal_run_inference.LLAMA_MODELS_DIR)).expanduser()
-GIB = 2**30
 
 
 @pytest.mark.parametrize("script_name", SCRIPTS)

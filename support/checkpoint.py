@@ -1,0 +1,226 @@
+"""The checkpoint, as `llama-model download --source meta` leaves it: its folder, params.json, the
+tokenizer and the weight shards, each checked before use; and the patches that build llama-models'
+Transformer without memory and load the weights quietly, with errors a person can act on.
+"""
+
+import difflib
+import json
+import pickle
+import re
+import sys
+import warnings
+from contextlib import contextmanager, redirect_stdout
+from pathlib import Path
+
+import fairscale.nn.model_parallel.layers as fairscale_layers
+import torch
+from llama_models.llama3.tokenizer import Tokenizer
+
+from support.exits import fail
+from support.torchrun import processes
+
+LLAMA_3_VOCAB_SIZE = 128256  # every Llama 3.x model; Llama 2 has 32,000 (or -1), Llama 4 202,048
+REQUIRED_PARAMS = ("dim", "n_layers", "n_heads", "vocab_size")
+CONTEXT_LENGTH = 131072  # Llama 3.1, 3.2 and 3.3 (use_scaled_rope: true)
+CONTEXT_LENGTH_LLAMA_3_0 = 8192  # Llama 3 (no RoPE scaling)
+SUPPORTED = "text-only Llama 3.x checkpoints in Meta's format (3.1 8B/70B/405B, 3.2 1B/3B, 3.3 70B)"
+HUB_FOLDER = "original"  # where the Hugging Face Hub's Llama 3.x repositories keep Meta's files
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The folder and its files.
+# ---------------------------------------------------------------------------------------------------------
+def find_checkpoint(models_dir, model_name):
+    """The folder holding the checkpoint's files, after checking that it holds what `llama-model download`
+    puts there. A model folder from the Hugging Face Hub keeps Meta's files in original/: that works too."""
+    models_dir = Path(models_dir).expanduser()
+    model_dir = models_dir / model_name
+    download = download_hint(model_name, model_dir)
+    if not model_dir.is_dir():
+        folders = [*models_dir.glob("*/params.json"), *models_dir.glob(f"*/{HUB_FOLDER}/params.json")]
+        found = sorted({model_name_of(path.parent) for path in folders},
+                       key=lambda name: -difflib.SequenceMatcher(None, name, model_name).ratio())
+        where = f"checkpoints in {models_dir}: {', '.join(found)}" if found else f"no checkpoints in {models_dir}"
+        fail(f"{model_dir} not found ({where}); {download}")
+    if not (model_dir / "params.json").exists() and (model_dir / HUB_FOLDER / "params.json").exists():
+        model_dir = model_dir / HUB_FOLDER
+    for name in ("params.json", "tokenizer.model"):
+        if not (model_dir / name).is_file():
+            fail(f"{model_dir / name} not found: the download is incomplete; {download}")
+    if not weight_files(model_dir):
+        fail(f"no weights (consolidated.00.pth) in {model_dir}: the download is incomplete; {download}")
+    return model_dir
+
+
+def hub_repository(model_name):
+    """The Hugging Face Hub repository of one of Meta's model names: Llama3.2-1B-Instruct ->
+    meta-llama/Llama-3.2-1B-Instruct, and Llama 3's Llama3-8B -> meta-llama/Meta-Llama-3-8B; None for
+    another name."""
+    match = re.fullmatch(r"Llama-?(\d+(?:\.\d+)?)-(.+)", model_name)
+    if not match:
+        return None
+    version, size = match.groups()
+    family = "Llama" if "." in version else "Meta-Llama"
+    return f"meta-llama/{family}-{version}-{size}"
+
+
+def download_hint(model_name, model_dir):
+    """How to download the checkpoint: Meta's command, and the Hub's when the name is one of Meta's."""
+    hint = f"download it with: llama-model download --source meta --model-id {model_name}"
+    repository = hub_repository(model_name)
+    if repository:
+        hint += (f" (or from the Hugging Face Hub: huggingface-cli download {repository} "
+                 f"--include \"{HUB_FOLDER}/*\" --local-dir {model_dir})")
+    return hint
+
+
+def model_name_of(model_dir):
+    """The model's folder name, also when its files sit in the Hub's original/ subfolder."""
+    return model_dir.parent.name if model_dir.name == HUB_FOLDER else model_dir.name
+
+
+def weight_files(model_dir):
+    """The checkpoint's shards, consolidated.00.pth, consolidated.01.pth, ..."""
+    return sorted(model_dir.glob("consolidated.*.pth"))
+
+
+def read_params(model_dir):
+    """params.json as a dict, after checking that it describes a text-only Llama 3.x model."""
+    path = model_dir / "params.json"
+    try:
+        params = json.loads(path.read_text())
+    except OSError as error:
+        fail(f"{path} cannot be read ({error.strerror or type(error).__name__}); check its permissions")
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        fail(f"{path} is not valid JSON ({error}); re-download the checkpoint")
+    if not isinstance(params, dict):
+        fail(f"{path} is not a JSON object; re-download the checkpoint")
+    family = ("Llama 4" if "moe_args" in params or params.get("vocab_size") == 202048 else
+              "a vision model" if any(key.startswith("vision") for key in params) else
+              "Llama 2" if params.get("vocab_size") in (32000, -1) else None)
+    if family:
+        fail(f"{model_dir} looks like {family}; these scripts run {SUPPORTED}")
+    for field in REQUIRED_PARAMS:
+        if not isinstance(params.get(field), int):
+            fail(f"{path} has no integer field {field!r}; re-download the checkpoint")
+    if params["vocab_size"] != LLAMA_3_VOCAB_SIZE:
+        fail(f"{path} has vocab_size {params['vocab_size']}, not Llama 3's {LLAMA_3_VOCAB_SIZE}; "
+             f"these scripts run {SUPPORTED}")
+    return params
+
+
+def load_tokenizer(model_dir, params):
+    """llama-models' Tokenizer for the checkpoint's tokenizer.model, checked against params.json."""
+    path = model_dir / "tokenizer.model"
+    try:
+        tokenizer = Tokenizer(path)
+    except OSError as error:
+        fail(f"{path} cannot be read ({error.strerror or type(error).__name__}); check its permissions")
+    except Exception as error:  # tiktoken's parser raises several kinds
+        fail(f"{path} is not a Llama 3 tokenizer file ({type(error).__name__}); re-download the checkpoint")
+    if tokenizer.n_words != params["vocab_size"]:
+        fail(f"{path} has {tokenizer.n_words} tokens but params.json's vocab_size is {params['vocab_size']}: "
+             "they belong to different models; re-download the checkpoint")
+    return tokenizer
+
+
+def context_length(params):
+    return CONTEXT_LENGTH if params.get("use_scaled_rope") else CONTEXT_LENGTH_LLAMA_3_0
+
+
+def check_length(prompt_length, max_new_tokens, params):
+    """Prompt + new tokens must fit in the context the model was trained for."""
+    limit = context_length(params)
+    if prompt_length + max_new_tokens > limit:
+        fail(f"the prompt ({prompt_length} tokens) + MAX_NEW_TOKENS ({max_new_tokens}) exceeds the model's "
+             f"context of {limit} tokens; shorten the prompt or lower MAX_NEW_TOKENS")
+
+
+def check_shards(model_dir, params):
+    """The checkpoint's shards must split or merge evenly onto the processes, and so must the heads."""
+    shards = len(weight_files(model_dir))
+    world_size = processes()[0]
+    if shards % world_size and world_size % shards:
+        fail(f"{model_dir} has {shards} shards, which cannot be split or merged onto {world_size} processes: "
+             f"run a number of processes that divides {shards} or is a multiple of it")
+    kv_heads = params.get("n_kv_heads", params["n_heads"])
+    if kv_heads % world_size:
+        fail(f"{model_dir.name} has {kv_heads} key-value heads, which cannot be split across {world_size} "
+             "processes: use a number of processes that divides it")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Building and loading the model.
+# ---------------------------------------------------------------------------------------------------------
+class MetaTensors:
+    """Stands in for the torch module inside fairscale's layers while they are built: their legacy
+    torch.Tensor(rows, cols) ignores the meta device and allocates float32 memory, which Linux and macOS
+    never back with pages but Windows commits (30 GB for the 8B model). Here it makes meta tensors."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def Tensor(*shape):
+        return torch.empty(*shape, device="meta")
+
+
+@contextmanager
+def without_weight_init():
+    """Build fairscale's layers with weights of a shape and no memory, and without initialising them: the
+    checkpoint replaces them anyway. (fairscale fills each process's slice from a full-size "master"
+    weight; on the meta device, with several processes, that copy even fails.)"""
+    original_init = fairscale_layers._initialize_affine_weight
+    original_torch = fairscale_layers.torch
+    fairscale_layers._initialize_affine_weight = lambda *args, **kwargs: None
+    fairscale_layers.torch = MetaTensors()
+    try:
+        yield
+    finally:
+        fairscale_layers._initialize_affine_weight = original_init
+        fairscale_layers.torch = original_torch
+
+
+@contextmanager
+def reading_checkpoint(model_dir):
+    """Around llama-models' maybe_reshard_state_dict: its printing goes to stderr (stdout is for generated
+    text), the default dtype it sets (bfloat16, through a deprecated API, which warns) is undone, and a
+    weights file that cannot be loaded becomes one line in our words. torch.load reads only tensors: a
+    file whose pickle would run code or build other objects is refused, and so it stays."""
+    verify = f"llama-model verify-download --model-id {model_name_of(model_dir)}"
+    try:
+        with warnings.catch_warnings(), redirect_stdout(sys.stderr):
+            warnings.filterwarnings("ignore", message=".*set_default_tensor_type")
+            yield
+    except pickle.UnpicklingError:
+        fail(f"a weights file in {model_dir} holds code or objects that are not plain tensors, so it was not "
+             "loaded; delete the checkpoint and download it again from Meta or the Hugging Face Hub "
+             "(a genuine checkpoint holds tensors only)")
+    except (RuntimeError, OSError, EOFError, ValueError) as error:
+        fail(f"a weights file in {model_dir} is damaged ({type(error).__name__} while reading it); re-download "
+             f"it, or check it with: {verify}")
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def check_weights(model, weights, model_dir):
+    """Every tensor the model expects, with the shape params.json implies, and nothing else."""
+    expected = model.state_dict()  # on the meta device: names and shapes only
+    for name in sorted(expected.keys() | weights.keys()):
+        if name not in weights:
+            fail(f"the weights in {model_dir} lack {name} (shape {tuple(expected[name].shape)}): "
+                 "they do not match params.json")
+        if name not in expected:
+            fail(f"the weights in {model_dir} have an unexpected tensor {name}: they do not match params.json")
+        if weights[name].shape != expected[name].shape:
+            fail(f"{name} in {model_dir} has shape {tuple(weights[name].shape)}, but params.json implies "
+                 f"{tuple(expected[name].shape)}: the weights and params.json do not match")
+
+
+def tie_weights(model):
+    """Llama 3.2 stores its output layer and its embedding table once. load_state_dict(assign=True) makes
+    them two parameters over the same memory, which model.to() would copy twice: make them one."""
+    embeddings = model.tok_embeddings.weight
+    output = model.output.weight
+    if embeddings.data_ptr() == output.data_ptr() and embeddings.shape == output.shape:
+        model.output.weight = embeddings
