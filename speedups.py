@@ -22,9 +22,12 @@ under the user's cache directory ($XDG_CACHE_HOME or ~/.cache, folder CACHE_FOLD
 torch version, threads, format, rows and weight shape, so later loads measure nothing. Other devices
 keep a fixed rule (`rule_plan`).
 
+With KERNELS=measure on a CPU with several threads, StepThreads also picks the number of threads while
+decoding (1 or all), by timing steps: another process on one core makes PyTorch's threads wait for each other.
+
 The environment variable KERNELS overrides the measuring:
     KERNELS=measure          (the default) measure on a CPU, or read the cached timings
-    KERNELS=rule             no measuring: the fixed rule (deterministic: the tests use it)
+    KERNELS=rule             no measuring, threads left alone: the fixed rule (deterministic: the tests use it)
     KERNELS=mv,w8a8          these kernels (names in KERNELS) wherever they serve the format and rows;
                              the rule elsewhere
 
@@ -67,7 +70,7 @@ INT4_MIDPOINT = 8  # PyTorch's int4 kernel computes (q - 8) * scale + zero
 KERNELS_SETTING = "KERNELS"  # the environment variable: measure (default), rule, or kernel names
 CALIBRATION_SECONDS = 2.0  # the most the timing may take, once per cache key (paging the weights in aside)
 CALIBRATION_ROUNDS = 3  # each candidate is timed up to this many times, interleaved; the fastest counts
-CALIBRATION_VERSION = 1  # part of the cache key: raise it when what is measured or how it is chosen changes
+CALIBRATION_VERSION = 2  # part of the cache key: raise it when what is measured or how it is chosen changes
 SWEEP_BYTES = 2**30  # the weights one timed pass streams: more than this machine's caches (a 480 MiB L3)
 CHUNK_ROWS = 64  # a prompt chunk is timed with this many rows (compute-bound: one layer per shape)
 SAMPLE_MAX_WEIGHTS = 2**26  # larger weights (the output layer) are not copied into another layout to be timed
@@ -496,6 +499,11 @@ class Kernel:
     rows: tuple  # the row classes it serves
     devices: tuple  # device types it runs on
     run: object  # (module, x (rows, in)) -> (rows, out)
+    timed_rows: tuple = ()  # the row classes it is timed for, where fewer than it serves (default: all it serves)
+
+    @property
+    def candidate_rows(self):
+        return self.timed_rows or self.rows
 
 
 def mv_product(module, x):
@@ -515,7 +523,8 @@ KERNELS = {  # the stock candidates
     "packed": Kernel(PackedLinear, ALL_ROWS, ("cpu",),
                      lambda m, x: torch.ops.mkldnn._linear_pointwise(x, m.weight, None, "none", [], "")),
     "w8": Kernel(Int8Linear, ALL_ROWS, ("cpu", "mps"), lambda m, x: int8_matmul(x, m.weight, m.scales)),
-    "w8-copy": Kernel(Int8Linear, ALL_ROWS, ANY_DEVICE, lambda m, x: int8_copy_matmul(x, m.weight, m.scales)),
+    "w8-copy": Kernel(Int8Linear, ALL_ROWS, ANY_DEVICE, lambda m, x: int8_copy_matmul(x, m.weight, m.scales),
+                      ("chunk",)),  # copying the weight to read it once loses to every kernel but for chunks
     "w8a8": Kernel(Int8Linear, ALL_ROWS, ("cpu",), lambda m, x: int8_int8_matmul(x, m.weight, m.scales)),
     "w8a8-onednn": Kernel(PackedInt8Linear, ALL_ROWS, ("cpu",), onednn_int8_matmul),
     "int4": Kernel(Int4Linear, ALL_ROWS, ("cpu",), lambda m, x: torch._weight_int4pack_mm_for_cpu(
@@ -685,9 +694,9 @@ def time_candidates(modules, dtype, quantize, few_rows):
               for n in {module.in_features for module in sweep}}
     evict = KERNELS[DEFAULT_KERNEL[base]["one"]].run
 
-    def one_pass(name, rows):  # {shape: seconds per product}
+    def one_pass(name, rows, modules=None):  # {shape: seconds per product}
         kernel, total, calls = KERNELS[name], {}, {}
-        for module in sweep if rows != "chunk" else chunk_samples:
+        for module in modules or (sweep if rows != "chunk" else chunk_samples):
             x = inputs[rows, module.in_features]
             target = module if kernel.layout is base else others.get((kernel.layout, module.shape))
             if target is None or (kernel.layout is not base and module is not samples[module.shape]):
@@ -706,18 +715,18 @@ def time_candidates(modules, dtype, quantize, few_rows):
             evict(module, inputs["one", module.in_features])
         for rows in sorted(row_classes(few_rows), key=lambda rows: rows != decode_class):
             for name in candidates:
-                if rows in KERNELS[name].rows:
-                    try:
-                        one_pass(name, rows)  # also builds oneDNN's kernels
+                if rows in KERNELS[name].candidate_rows:
+                    try:  # once per shape: builds oneDNN's kernels
+                        one_pass(name, rows, chunk_samples if rows == "chunk" else list(samples.values()))
                         tasks.append((name, rows))
                     except (RuntimeError, NotImplementedError):
                         pass  # not on this CPU or build
         timing_start = time.perf_counter()
         seconds = {}
-        for _ in range(CALIBRATION_ROUNDS):
+        for round_ in range(CALIBRATION_ROUNDS):
             for name, rows in tasks:
-                if seconds and time.perf_counter() - timing_start > CALIBRATION_SECONDS:
-                    break  # out of time: what was timed decides (decoding's kernels come first)
+                if (round_ or rows != decode_class) and time.perf_counter() - timing_start > CALIBRATION_SECONDS:
+                    break  # out of time: what was timed decides (every kernel for decoding's rows once at least)
                 for shape, s in one_pass(name, rows).items():
                     best = seconds.setdefault(shape, {}).setdefault(rows, {})
                     best[name] = min(best.get(name, s), s)
