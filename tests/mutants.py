@@ -44,10 +44,10 @@ MODULES = [SPEEDUPS_TESTS + "test_speedups_off_runs_llama_models_as_written",
 
 # name: (file, the line fragment, its replacement, the tests that must catch it)
 MUTANTS = {
-    "decode-position-off-by-one-minimal": (MINIMAL, "start_pos + len(prompt_ids) + step, device)[0]",
-                                           "start_pos + len(prompt_ids) + step + 1, device)[0]", PREFILL["minimal"][:1]),
-    "decode-position-off-by-one-tutorial": (TUTORIAL, "start_pos + len(prompt_ids) + step, device)[0]",
-                                            "start_pos + len(prompt_ids) + step + 1, device)[0]", PREFILL["tutorial"][:1]),
+    "decode-position-off-by-one-minimal": (MINIMAL, "start_pos + len(prompt_ids) + step)[0]",
+                                           "start_pos + len(prompt_ids) + step + 1)[0]", PREFILL["minimal"][:1]),
+    "decode-position-off-by-one-tutorial": (TUTORIAL, "start_pos + len(prompt_ids) + step)[0]",
+                                            "start_pos + len(prompt_ids) + step + 1)[0]", PREFILL["tutorial"][:1]),
     "stop-token-ignored": (MINIMAL, "if token_id in stop_tokens:", "if token_id in stop_tokens and False:", STOPS),
     "stop-token-printed": (TUTORIAL, "        if token_id in stop_tokens:\n            return",
                            "        if token_id in stop_tokens:\n            yield token_id\n            return", STOPS),
