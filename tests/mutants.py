@@ -39,6 +39,8 @@ SAMPLING = ["tests/test_generation.py::test_the_script_samples_from_the_nucleus_
 CHAT = ["tests/test_chat.py::test_each_reply_is_a_fresh_runs_and_each_turn_feeds_only_its_new_tokens"]
 PLATFORM = ["tests/test_platform.py"]
 LAYER = ["tests/test_layer.py", "-k", "float32 or transformers"]
+# Real trained weights (SmolLM2-135M, RoPE theta 100,000): every random checkpoint has Llama 3's theta, 500,000.
+REAL_NLL = "tests/test_real_weights.py::test_english_is_predictable_in_float32"  # [minimal] or [tutorial]
 MODULES = [SPEEDUPS_TESTS + "test_speedups_off_runs_llama_models_as_written",
            SPEEDUPS_TESTS + "test_speedups_swap_named_modules"]
 
@@ -105,6 +107,12 @@ MUTANTS = {
                                     "scores = scores", LAYER),
     "lens-without-the-final-norm": (TUTORIAL, "normed = model.norm(torch.stack(streams))",
                                     "normed = torch.stack(streams)", LAYER),
+    # RoPE built with Llama 3's theta whatever params.json says: the random-weight tests cannot tell (all
+    # theirs use 500,000); SmolLM2's real weights can (NLL of tests/english.txt 3.28 -> 3.36 nats).
+    "rope-theta-ignored-tutorial": (TUTORIAL, "freqs = 1.0 / (args.rope_theta ** (", "freqs = 1.0 / (500000.0 ** (",
+                                    [REAL_NLL + "[tutorial]"]),
+    "rope-theta-ignored-minimal": (MINIMAL, "freqs = 1.0 / (args.rope_theta ** (", "freqs = 1.0 / (500000.0 ** (",
+                                   [REAL_NLL + "[minimal]"]),
     "closed-pipe-is-an-error": (EXITS, "return isinstance(error, BrokenPipeError) or", "return False and",
                                 ["tests/test_scripts.py", "-k", "closed_pipe and minimal"]),
 }
