@@ -8,8 +8,10 @@ checked against transformers' own Llama on the same weights: its hidden states a
 
 import pytest
 import torch
+from llama_models.llama3.tokenizer import Tokenizer
 
 import run_inference
+import smollm
 from conftest import load, run_script
 from hf_reference import transformers_llama
 
@@ -111,3 +113,24 @@ def test_look_inside_is_transformers_lens_and_attention(use_speedups, models_dir
     assert (attention - hf_attention).abs().max() < 1e-5
     assert attention.shape == (2, 4, len(ids))  # every head of every layer, over the prompt's positions
     assert (lens[-1] - torch.softmax(logits.float(), dim=-1)).abs().max() < 1e-6  # the last layer's lens: the logits
+
+
+def test_look_inside_real_weights_is_transformers_lens_and_attention(smollm_dir, distributed):
+    """On SmolLM2's trained weights: every layer's lens and each head's attention row equal transformers', and
+    the last layer's lens is the model's own next-token distribution (which says " Paris")."""
+    vocab = smollm.vocabulary(smollm_dir)
+    model_dir = smollm_dir / smollm.BASE_MODEL
+    ids = Tokenizer(model_dir / "tokenizer.model").encode("The capital of France is", bos=True, eos=False)
+    model = load(run_inference, model_dir, len(ids) + 1)
+    logits = run_inference.prefill(model, ids)
+    lens, attention = run_inference.look_inside(model, ids)
+    hf_lens, hf_attention, _ = lens_and_attention_of_transformers(smollm.transformers_smollm(), vocab.to_smollm(ids))
+    # transformers has SmolLM2's 49,152 tokens: compare ours on those, renormalised (the converted checkpoint's
+    # extra rows, filler and Llama 3's special tokens, may hold some probability in early layers)
+    columns = vocab.from_smollm(list(range(vocab.smollm_size)))
+    ours = lens[:, columns] / lens[:, columns].sum(dim=-1, keepdim=True)
+    assert (ours - hf_lens).abs().max() < 1e-4
+    assert (attention - hf_attention).abs().max() < 1e-4
+    assert attention.shape == (30, 9, len(ids))
+    assert (lens[-1] - torch.softmax(logits.float(), dim=-1)).abs().max() < 1e-5
+    assert int(lens[-1].argmax()) == Tokenizer(model_dir / "tokenizer.model").encode(" Paris", bos=False, eos=False)[0]
