@@ -17,7 +17,8 @@ from llama_models.llama3.tokenizer import Tokenizer
 
 import run_inference
 from conftest import load, run_script
-from smollm import BASE_MODEL, INSTRUCT_MODEL, english_text, mean_nll, token_log_probs, transformers_smollm, vocabulary
+from smollm import BASE_MODEL, INSTRUCT_MODEL, english_text, mean_nll, one_thread, token_log_probs, transformers_smollm
+from smollm import vocabulary
 
 PARIS_PROMPT = "The capital of France is"
 # Prompts whose greedy continuations run 32 tokens without a stop token, in transformers as in the scripts.
@@ -65,9 +66,10 @@ def greedy_prompts(smollm_tokenizer, smollm_hf, vocab):
     cases = []
     for text in GREEDY_PROMPTS:
         prompt_ids = run_inference.encode_prompt(smollm_tokenizer, text, "", instruct=False)
-        out = smollm_hf.generate(torch.tensor([vocab.to_smollm(prompt_ids)]), max_new_tokens=GREEDY_TOKENS,
-                                 attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long), do_sample=False,
-                                 eos_token_id=vocab.smollm_stop_tokens, pad_token_id=vocab.smollm_stop_tokens[0])
+        with one_thread():  # the witness only; see smollm.one_thread
+            out = smollm_hf.generate(torch.tensor([vocab.to_smollm(prompt_ids)]), max_new_tokens=GREEDY_TOKENS,
+                                     attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long), do_sample=False,
+                                     eos_token_id=vocab.smollm_stop_tokens, pad_token_id=vocab.smollm_stop_tokens[0])
         cases.append((prompt_ids, vocab.from_smollm(out[0, len(prompt_ids):].tolist())))
     return cases
 
@@ -88,11 +90,12 @@ def test_beam_search_matches_transformers(distributed, smollm_dir, smollm_hf, sm
     prompt_ids = run_inference.encode_prompt(smollm_tokenizer, PARIS_PROMPT, "", instruct=False)
     model = load(run_inference, smollm_dir / BASE_MODEL, len(prompt_ids) + BEAM_TOKENS, batch=beam_width)
     ours = run_inference.beam_search(model, prompt_ids, BEAM_TOKENS, stop_tokens, beam_width, 1.0)
-    out = smollm_hf.generate(torch.tensor([vocab.to_smollm(prompt_ids)]), max_new_tokens=BEAM_TOKENS,
-                             attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long), do_sample=False,
-                             num_beams=beam_width, num_return_sequences=beam_width, length_penalty=1.0,
-                             eos_token_id=vocab.smollm_stop_tokens, pad_token_id=vocab.smollm_stop_tokens[0],
-                             output_scores=True, return_dict_in_generate=True)
+    with one_thread():
+        out = smollm_hf.generate(torch.tensor([vocab.to_smollm(prompt_ids)]), max_new_tokens=BEAM_TOKENS,
+                                 attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long), do_sample=False,
+                                 num_beams=beam_width, num_return_sequences=beam_width, length_penalty=1.0,
+                                 eos_token_id=vocab.smollm_stop_tokens, pad_token_id=vocab.smollm_stop_tokens[0],
+                                 output_scores=True, return_dict_in_generate=True)
     expected = [up_to_stop(vocab.from_smollm(ids), stop_tokens) for ids in out.sequences[:, len(prompt_ids):].tolist()]
     assert [token_ids for _, token_ids in ours] == expected
     # float32 sums of 16 log-probabilities from two implementations whose logits agree to 5e-5 (measured)
@@ -161,7 +164,8 @@ def test_rows_that_must_never_win_hold_no_probability(distributed, smollm_dir, v
 # The tokenizer file
 # ---------------------------------------------------------------------------------------------------------
 MIXED_TEXT = ("Hello (world), don't stop! 1234567 + 89 = 1234656; x[i] = {'key': None}\n\n\tdef f():\n"
-              "        return 3.14e-2  # comment\r\n   café, naïve, Ægir, 東京, Привет, 😀🚀 \x00\x04\x06\x7f ÿ "
+              "        return 3.14e-2  # comment\r\n   café, naïve, Ægir, 東京, Привет, 😀🚀 "
+              "\x00\x04\x06\x7f ÿ "
               "<|im_start|>user\n<|endoftext|> " + " " * 40 + "\n" * 5 + "end")
 
 
