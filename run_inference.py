@@ -295,37 +295,32 @@ def compare_layer_by_hand(model, prompt_ids):
 # measures every candidate on your machine).
 # The linear layers: most of the time, and most of the bytes. Decoding one token multiplies every weight
 # matrix by one vector: each weight is read from memory once and used for one multiply-add, so the time
-# per token is about the bytes of the weights divided by the memory bandwidth. A kernel is good when it
-# streams the weights as fast as memory delivers them, and which kernel does that depends on the CPU, the
-# number format and the number of rows: one (greedy decoding, sampling), a few (beam search's k beams) or
-# many (a prompt chunk). The fastest on one CPU was the slowest on another, so speedups.py times the
-# stock candidates (PyTorch's own matrix-vector code, oneDNN's kernels, oneDNN's with the weight laid out
-# once in its blocked format) on this machine, once, and keeps the fastest: the "fast path" line says
-# which, with the rates it measured.
+# per token is about the bytes of the weights divided by the memory bandwidth. Which kernel streams them
+# fastest depends on the CPU, the number format and the rows per product: one (greedy, sampling), a few
+# (beam search's k beams) or many (a prompt chunk). The fastest on one CPU was the slowest on another, so
+# speedups.py times the stock candidates (PyTorch's own matrix-vector code, torch.mv, oneDNN's kernels,
+# oneDNN's with the weight laid out once in its blocked format, the 8- and 4-bit kernels) on this machine
+# once, caches the timings, and keeps the fastest: the "fast path" line says which, with the rates.
 #
-# 8-bit and 4-bit weights (QUANTIZE). Fewer bytes per weight means less to stream per token, and less
-# memory (Llama 3.1 8B: 16 GB in bfloat16, about 8 in int8 and 5 in int4, so it fits a 16 GB laptop).
-#   int8, speedups.Int8Linear: each output channel (row) w gets its own scale,
-#     scale = max(|w|) / 127,   w_int8 = round(w / scale) in [-127, 127],   w ~ w_int8 * scale,
-#     an error of at most scale / 2 per weight; the product is x @ w_int8.T * scale.
-#   int4, speedups.Int4Linear: each run of 32 weights in a row gets a scale and an offset,
-#     scale = (max - min) / 15,   q = round((w - min) / scale) in [0, 15],   w ~ q * scale + min,
-#     two weights per byte: 16 levels per group instead of 255 per row, a coarser step over a smaller range.
-# The embedding table stays in bfloat16 and memory-mapped: a lookup reads one row per token. The weights'
-# relative error, |w - approximation| / |w|, is printed at load; README's table gives what each format
-# costs a real model's text.
-#
-# Memory while converting: each weight is converted a block of rows at a time, and speedups.release_pages
-# tells the operating system that the block's pages of the mapped file are no longer needed, so the
-# bfloat16 model is never resident alongside its converted copy.
+# 8-bit and 4-bit weights (QUANTIZE): fewer bytes to stream per token, and less memory (Llama 3.1 8B:
+# 16 GB in bfloat16, about 8 in int8 and 5 in int4, so it fits a 16 GB laptop).
+#   int8: each output row w gets a scale, scale = max(|w|) / 127, w_int8 = round(w / scale), so that
+#     w ~ w_int8 * scale with an error of at most scale / 2 per weight. The product is x @ w_int8.T * scale;
+#     where it measures faster, x is rounded to 8 bits too, with a scale per token (int8 x int8).
+#   int4: each run of 32 weights in a row gets a scale and an offset, scale = (max - min) / 15,
+#     q = round((w - min) / scale) in 0 .. 15, w ~ q * scale + min; two weights per byte.
+# The embedding table stays in bfloat16 and memory-mapped (a lookup reads one row per token). Each weight
+# is converted a block of rows at a time, and the block's pages of the mapped file are then released
+# (speedups.release_pages), so the bfloat16 model is never resident beside its converted copy. The
+# weights' relative error is printed at load; benchmarks/README.md gives what each format costs a real
+# model's text (`python benchmarks/bench_accuracy.py` measures it).
 #
 # Attention. llama-models' Attention copies each key-value head's cached keys and values 4 times
 # (repeat_kv), so that every query head has its own: copies that grow with the context, at every step.
-# speedups.GroupedQueryAttention lays its cache out (batch, kv_heads, seq, head_dim), each head's
-# positions in one block, and hands them to PyTorch's fused attention, which reads each key-value head in
-# place for the 4 query heads that share it, as layer_by_hand's grouping does. If you edit
-# Attention.forward in an editable llama-models (README: "Hacking the architecture"), run with
-# SPEEDUPS=0: with SPEEDUPS=1 your edit is replaced by speedups' attention.
+# speedups.GroupedQueryAttention lays its cache out (batch, kv_heads, seq, head_dim) and hands it to
+# PyTorch's fused attention, which reads each key-value head in place for the 4 query heads that share
+# it, as layer_by_hand's grouping does. If you edit Attention.forward in an editable llama-models (README:
+# "Hacking the architecture"), run with SPEEDUPS=0: with SPEEDUPS=1 speedups' attention replaces it.
 # ---------------------------------------------------------------------------------------------------------
 
 
