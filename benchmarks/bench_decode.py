@@ -335,7 +335,7 @@ def report(summary, depths, args, per_token):
               "a decode step reads in each format; each configuration's weights read per second at a short prompt:" if
               best[1] else "Roofline: not measured (add the bandwidth configuration)", "",
               "| configuration | format | GB/s of weights at a short prompt | share of the roofline |", "|---|---|---|---|"]
-    for name in [*timed, *peers]:
+    for name in timed:  # llama.cpp's configurations among them
         fmt = PEER_FORMATS.get(name.split()[-1]) if name in peers else FORMAT_OF.get(name)
         if fmt and get(name, 0):
             rate = get(name, 0) * peer_bytes.get(name, per_token[fmt])  # llama.cpp reads its file's tensors
