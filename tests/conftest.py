@@ -17,10 +17,14 @@ from llama_models.llama3.tokenizer import Tokenizer
 import minimal_run_inference
 import run_inference
 import smollm
+import speedups
 from support import checkpoint, devices
 from random_checkpoint import LLAMA_3_2_1B, TINY, TOKENIZER, fixed_distribution_weights, random_weights, write_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
+# Deterministic kernels in every test, in-process and in the scripts run as subprocesses (which inherit it):
+# speedups' fixed rule, no timing, nothing written to the user's cache. tests/test_kernels.py measures.
+os.environ[speedups.KERNELS_SETTING] = "rule"
 SCRIPTS = ["minimal_run_inference.py", "run_inference.py"]
 CPU = torch.device("cpu")
 # What must not leak from the caller's environment into a script run: the scripts' own settings, the
