@@ -31,6 +31,21 @@ The environment variable KERNELS overrides the measuring:
     KERNELS=mv,w8a8          these kernels (names in KERNELS) wherever they serve the format and rows;
                              the rule elsewhere
 
+Why the candidates differ. A one-row product reads each weight once for one multiply-add, so it is as
+fast as the kernel streams weights. oneDNN's kernels are built for many rows: they read the weight in a
+blocked layout of their own (tiles of output channels x inputs, neighbouring inputs side by side, as the
+CPU's bfloat16 dot-product instructions (AVX-512 bfloat16, AMX) consume them). Given the plain (out, in)
+weight, oneDNN rearranges it inside every call, which on a few rows costs more than the multiplying;
+PackedLinear rearranges it once at load time. PyTorch's own matrix-vector code widens each bfloat16
+weight to float32 and multiplies, so on a CPU with few cores arithmetic, not memory, can be its limit.
+Which wins depends on the CPU: measure, never assume.
+
+Memory while converting. Converted weights (8- or 4-bit, or packed) are built a block of rows at a time
+from the memory-mapped file; release_pages then madvise(MADV_DONTNEED)s the block's file pages, so the
+process never holds the bfloat16 model beside its converted copy (Linux; macOS keeps the pages). glibc's
+malloc keeps freed temporaries in per-thread pools it does not always reuse; trim_heap (malloc_trim) hands
+them back after each layer, which made the int8 load's peak the same from run to run.
+
 Nothing here changes what the model computes, except rounding, the 8- or 4-bit weights asked for, and
 (kernels w8a8, w8a8-onednn) activations rounded to 8 bits per token. DTYPE and QUANTIZE are never changed.
 run_inference.py explains each idea where its story reaches it; benchmarks/bench_kernels.py measures each
