@@ -153,7 +153,8 @@ def linear_layers(model):
 def describe(model):
     """One line: how many of each fast module the model holds, the error of 8- or 4-bit weights, and which
     kernels run, chosen how (with the measured rates)."""
-    counts, errors = {}, []
+    counts = {}
+    errors = []
     for module in model.modules():
         if isinstance(module, (GroupedQueryAttention, LastPositionLogits, FastLinear)):
             counts[type(module).__name__] = counts.get(type(module).__name__, 0) + 1
@@ -219,7 +220,8 @@ class LastPositionLogits(nn.Module):
 
     def __init__(self, layer, threads=None):
         super().__init__()
-        self.layer, self.threads = layer, threads
+        self.layer = layer
+        self.threads = threads
 
     def forward(self, h):  # (batch, seqlen, dim) -> (batch, 1, vocab)
         if self.threads:
@@ -236,12 +238,15 @@ class StepThreads:
     decode step's end to the next, so the prompt's chunks and what the script does between steps are left out
     as long as they are alike for both counts."""
 
-    PERIOD, TRIAL = 32, 4
+    PERIOD = 32  # decode steps between trials of the other thread count
+    TRIAL = 4  # steps of each trial
 
     def __init__(self, threads):
-        self.counts, self.current = (threads, 1), threads
+        self.counts = (threads, 1)
+        self.current = threads
         self.steps = {count: [] for count in self.counts}  # recent step times per count
-        self.last, self.taken = None, 0
+        self.last = None
+        self.taken = 0
 
     def step(self, decoding):
         now = time.perf_counter()
@@ -295,14 +300,16 @@ class FastLinear(nn.Module):
         super().__init__()
         self.out_features, self.in_features = layer.out_features, layer.in_features  # this process's slice
         self.reduce, self.gather = layer.reduce, layer.gather
-        self.kernels, self.few_rows = dict(DEFAULT_KERNEL[type(self)]), 1
+        self.kernels = dict(DEFAULT_KERNEL[type(self)])
+        self.few_rows = 1
 
     @property
     def shape(self):
         return self.out_features, self.in_features
 
     def use(self, kernels, few_rows):
-        self.kernels, self.few_rows = dict(kernels), few_rows
+        self.kernels = dict(kernels)
+        self.few_rows = few_rows
 
     def forward(self, x):  # x: (..., in), as many rows as its leading dimensions hold
         rows = x.reshape(-1, self.in_features)  # (rows, in)
@@ -422,7 +429,8 @@ class ErrorSum:
     """Accumulates |approximation - exact|^2 and |exact|^2 over blocks of a weight."""
 
     def __init__(self):
-        self.error, self.norm = 0.0, 0.0
+        self.error = 0.0
+        self.norm = 0.0
 
     def add(self, exact, approximation):
         exact = exact.float()
