@@ -98,8 +98,9 @@ def run_script(args, device, model_dir, depth, script, beams=1, use_speedups=Tru
         devices.init_distributed(device)
         ids = prompt_ids(model_dir, depth)
         start = clock(device)
-        model = module.load_model(model_dir, checkpoint.read_params(model_dir), device, DTYPE, len(ids) + args.new_tokens,
-                                  beams, use_speedups, quantize)
+        params = checkpoint.read_params(model_dir)
+        model = module.load_model(model_dir, params, device, DTYPE, len(ids) + args.new_tokens, beams, use_speedups,
+                                  quantize)
         load_s, marks = clock(device) - start, [clock(device)]
         if beams > 1:
             on_step = lambda *_: marks.append(clock(device))  # after each step but the last
@@ -171,8 +172,9 @@ def run_accuracy(args, device, model_dir, depth):
         logits[name] = torch.stack([run_inference.decode_step(model, [token], pos)[0].float().cpu()
                                     for pos, token in enumerate(ids)])
         del model
-    return {"relative_error": {reference: {name: ((value - logits[reference]).norm(dim=1) / logits[reference].norm(dim=1))
-                                           .mean().item() for name, value in logits.items() if name != reference}
+    return {"relative_error": {reference: {name: ((value - logits[reference]).norm(dim=1)
+                                                  / logits[reference].norm(dim=1)).mean().item()
+                                           for name, value in logits.items() if name != reference}
                                for reference in ("float32", "bfloat16")}}
 
 
@@ -281,14 +283,16 @@ def summarise(runs):
             numbers = {"errors": [r["error"] for r in results if "error" in r]}
             if good and "marks" in good[0]:
                 numbers.update(decode=statistics.median(decode_rate(r["marks"]) for r in good),
-                               prefill=statistics.median(r["prompt_tokens"] / (r["marks"][1] - r["marks"][0]) for r in good),
+                               prefill=statistics.median(r["prompt_tokens"] / (r["marks"][1] - r["marks"][0])
+                                                         for r in good),
                                decode_s=statistics.median(r["marks"][-1] - r["marks"][1] for r in good),
                                load_s=statistics.median(r["load_s"] for r in good),
                                peak_gib=statistics.median(r["peak_bytes"] for r in good) / GIB)
             elif good and "decode" in good[0]:  # llama.cpp
                 numbers.update(decode=statistics.median(r["decode"][depth] for r in good))
             elif good and "bandwidth" in good[0]:  # the best of the rounds, per method
-                numbers.update(bandwidth={method: max(r["bandwidth"][method] for r in good) for method in good[0]["bandwidth"]})
+                methods = good[0]["bandwidth"]
+                numbers.update(bandwidth={method: max(r["bandwidth"][method] for r in good) for method in methods})
             elif good:
                 numbers.update(good[0])
             summary.setdefault(name, {})[depth] = numbers
@@ -305,7 +309,8 @@ def report(summary, depths, args, per_token):
 
     timed = [name for name in summary if name not in ("accuracy", "bandwidth")]
     lines = [f"Decode benchmark: {args.machine}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-             f"device {args.device}, bf16 unless named, {args.new_tokens} new tokens, median of {args.rounds} rounds.", "",
+             f"device {args.device}, bf16 unless named, {args.new_tokens} new tokens, "
+             f"median of {args.rounds} rounds.", "",
              "| configuration | load s | decode tok/s, " + " | decode tok/s, ".join(
                  "short prompt" if d == 0 else f"{d} tokens of context" for d in depths) + " | peak GiB | errors |",
              "|---" * (4 + len(depths)) + "|"]
@@ -322,19 +327,22 @@ def report(summary, depths, args, per_token):
     pairs = [("minimal", "tutorial"), ("tutorial", "transformers"), ("minimal", "transformers"),
              ("minimal", "minimal-speedups-off"), ("tutorial-beam5", "transformers-beam5")]
     pairs += [(ours, peer) for peer in peers for ours in PEER_OF_FORMAT[PEER_FORMATS.get(peer.split()[-1])]]
-    lines += ["", "| ratio of decode tokens/s | " + " | ".join("short prompt" if d == 0 else f"at {d}" for d in depths) +
-              " |", "|---" * (len(depths) + 1) + "|"]
+    columns = " | ".join("short prompt" if d == 0 else f"at {d}" for d in depths)
+    lines += ["", f"| ratio of decode tokens/s | {columns} |", "|---" * (len(depths) + 1) + "|"]
     lines += [f"| {a} / {b} | " + " | ".join(ratio(get(a, d), get(b, d)) for d in depths) + " |"
               for a, b in pairs if get(a, 0) and get(b, 0)]
-    lines += [f"| {name}: at depth / short prompt | " + " | ".join(ratio(get(name, d), get(name, 0)) for d in depths) + " |"
+    lines += [f"| {name}: at depth / short prompt | "
+              + " | ".join(ratio(get(name, d), get(name, 0)) for d in depths) + " |"
               for name in timed if get(name, depths[-1])]
     lines += ["", "| other ratio | value |", "|---|---|",
-              f"| decode wall time, tutorial-beam5 / tutorial | {ratio(get('tutorial-beam5', 0, 'decode_s'), get('tutorial', 0, 'decode_s'))} |",
-              f"| decode wall time, transformers-beam5 / transformers | {ratio(get('transformers-beam5', 0, 'decode_s'), get('transformers', 0, 'decode_s'))} |"]
+              *(f"| decode wall time, {beams} / {greedy} | "
+                f"{ratio(get(beams, 0, 'decode_s'), get(greedy, 0, 'decode_s'))} |"
+                for beams, greedy in (("tutorial-beam5", "tutorial"), ("transformers-beam5", "transformers")))]
     lines += ["", f"Roofline: {best[1] / 1e9:.1f} GB/s ({best[0]}), the best read rate measured here, over the bytes "
               "a decode step reads in each format; each configuration's weights read per second at a short prompt:" if
               best[1] else "Roofline: not measured (add the bandwidth configuration)", "",
-              "| configuration | format | GB/s of weights at a short prompt | share of the roofline |", "|---|---|---|---|"]
+              "| configuration | format | GB/s of weights at a short prompt | share of the roofline |",
+              "|---|---|---|---|"]
     for name in timed:  # llama.cpp's configurations among them
         fmt = PEER_FORMATS.get(name.split()[-1]) if name in peers else FORMAT_OF.get(name)
         if fmt and get(name, 0):
@@ -352,7 +360,8 @@ def report(summary, depths, args, per_token):
                   "| format | " + " | ".join(f"against {reference}" for reference in accuracy) + " |",
                   "|---" * (len(accuracy) + 1) + "|"]
         names = sorted({name for errors in accuracy.values() for name in errors}, key=list(ACCURACY_ORDER).index)
-        lines += [f"| {name} | " + " | ".join(f"{errors[name]:.2%}" if name in errors else "—" for errors in accuracy.values())
+        lines += [f"| {name} | "
+                  + " | ".join(f"{errors[name]:.2%}" if name in errors else "—" for errors in accuracy.values())
                   + " |" for name in names]
     return "\n".join(lines)
 
@@ -381,10 +390,12 @@ def plot(summary, depths, path):
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--only", default=",".join(CONFIGURATIONS), help="comma-separated configurations (default: all)")
+    parser.add_argument("--only", default=",".join(CONFIGURATIONS),
+                        help="comma-separated configurations (default: all)")
     parser.add_argument("--depths", default="0,4096", help="tokens of context before decoding (default %(default)s)")
     parser.add_argument("--new-tokens", type=int, default=128, help="new tokens per run (default %(default)s)")
-    parser.add_argument("--original-new-tokens", type=int, default=8, help="the original approach's (default %(default)s)")
+    parser.add_argument("--original-new-tokens", type=int, default=8,
+                        help="the original approach's (default %(default)s)")
     parser.add_argument("--rounds", type=int, default=2, help="runs of each configuration (default %(default)s)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--llama-bench", help="llama.cpp's llama-bench binary, to measure llama.cpp in the same run")

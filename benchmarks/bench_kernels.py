@@ -7,8 +7,9 @@
     python benchmarks/bench_kernels.py --contexts 128,512,4096 # attention at other context lengths
 
 speedups.py measures the stock kernels briefly at load time and picks for each case (KERNELS=measure); this
-script measures every candidate at length on your CPU, so that you can check what it picked. Models are loaded by the scripts'
-own load_model from the random 1B checkpoint that benchmarks/bench_decode.py writes (and this script too).
+script measures every candidate at length on your CPU, so that you can check what it picked. Models are
+loaded by the scripts' own load_model from the random 1B checkpoint that benchmarks/bench_decode.py writes
+(and this script too).
 
 1. Linear layers: every linear layer of the model once, with each kernel in speedups.KERNELS forced, on
    `rows` random input rows: the weights' share of a decode step with that many
@@ -146,7 +147,8 @@ def main():
     parser.add_argument("--passes", type=int, default=3, help="timed passes; the fastest counts (default %(default)s)")
     parser.add_argument("--dtype", default="bfloat16", choices=list(DTYPES), help="default %(default)s")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
-    parser.add_argument("--contexts", default="512,4096", help="cached tokens for the attention table (default %(default)s)")
+    parser.add_argument("--contexts", default="512,4096",
+                        help="cached tokens for the attention table (default %(default)s)")
     parser.add_argument("--checkpoint-dir", default=CHECKPOINT_DIR, type=Path, help="default %(default)s")
     args = parser.parse_args()
     try:
@@ -190,8 +192,9 @@ def main():
           "| µs per operation of the rest |\n|---|---|---|---|---|---|")
     for quantize in ("", "int8", "int4"):
         step, linears, operations, in_linears = time_step(model_dir, dtype, quantize)
-        print(f"| {quantize or args.dtype} | {1000 * step:.1f} | {1000 * linears:.1f} | {1000 * (step - linears):.1f} | "
-              f"{operations} ({in_linears}) | {1e6 * (step - linears) / (operations - in_linears):.1f} |", flush=True)
+        rest = step - linears
+        print(f"| {quantize or args.dtype} | {1000 * step:.1f} | {1000 * linears:.1f} | {1000 * rest:.1f} | "
+              f"{operations} ({in_linears}) | {1e6 * rest / (operations - in_linears):.1f} |", flush=True)
     devices.close_distributed()
 
 

@@ -19,7 +19,8 @@ import run_inference
 import smollm
 import speedups
 from support import checkpoint, devices
-from random_checkpoint import LLAMA_3_2_1B, TINY, TOKENIZER, fixed_distribution_weights, random_weights, write_checkpoint
+from random_checkpoint import (LLAMA_3_2_1B, TINY, TOKENIZER, fixed_distribution_weights, random_weights,
+                               write_checkpoint)
 
 REPO = Path(__file__).resolve().parent.parent
 # Deterministic kernels in every test, in-process and in the scripts run as subprocesses (which inherit it):

@@ -112,5 +112,6 @@ def fixed_distribution_weights(params, logits, seed=0):
     output = torch.zeros(params["vocab_size"], dim)
     for token_id, logit in logits.items():
         output[token_id, 0] = logit / dim**0.5
-    weights["tok_embeddings.weight"], weights["output.weight"] = embeddings.to(torch.bfloat16), output.to(torch.bfloat16)
+    weights["tok_embeddings.weight"] = embeddings.to(torch.bfloat16)
+    weights["output.weight"] = output.to(torch.bfloat16)
     return weights

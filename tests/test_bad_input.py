@@ -242,7 +242,8 @@ def test_an_input_file_that_is_not_text_is_one_line(script_name, models_dir, tmp
 
 @pytest.mark.parametrize("setting, value", [("MAX_NEW_TOKENS", "nan"), ("PREFILL_CHUNK", "inf")])
 def test_numeric_settings_must_be_numbers(script_name, setting, value, models_dir):
-    fails_with(run_script(script_name, models_dir, "Tiny", **{setting: value}), f"{setting}={value!r} is not a valid int")
+    result = run_script(script_name, models_dir, "Tiny", **{setting: value})
+    fails_with(result, f"{setting}={value!r} is not a valid int")
 
 
 def test_float16_overflow_says_to_use_bfloat16(script_name, tmp_path, tiny_weights, distributed):
@@ -261,7 +262,7 @@ def test_an_unexpected_error_is_one_line_and_debug_shows_where(script_name, brok
     params = json.loads((broken / "params.json").read_text())
     (broken / "params.json").write_text(json.dumps({**params, "rope_theta": "fast"}))
     fails_with(run_script(script_name, broken.parent, "Broken"), "error: TypeError:", "(set DEBUG=1 to see where)")
-    if script_name != "run_inference.py":  # support.exits.run handles both scripts' errors: one run with DEBUG=1 is enough
+    if script_name != "run_inference.py":  # support.exits.run handles both scripts' errors: one DEBUG=1 run is enough
         return
     debug = run_script(script_name, broken.parent, "Broken", DEBUG=1)
     assert debug.returncode != 0 and "Traceback (most recent call last)" in debug.stderr

@@ -69,7 +69,8 @@ def stopping_dir(tmp_path_factory, models_dir, tiny_weights, tokenizer, distribu
     """The tiny Instruct model with <|eot_id|>'s output row made 3x that of the first reply's fifth token:
     the first reply ends on <|eot_id|> after four tokens, so a turn follows a reply that a stop token ended."""
     model = reference_model(models_dir / "Tiny-Instruct", 4096)
-    first_reply = greedy_without_cache(model, turn_ids(tokenizer, MESSAGES[0], True), REPLY_TOKENS, tokenizer.stop_tokens)
+    first_turn = turn_ids(tokenizer, MESSAGES[0], True)
+    first_reply = greedy_without_cache(model, first_turn, REPLY_TOKENS, tokenizer.stop_tokens)
     weights = dict(tiny_weights)
     weights["output.weight"] = weights["output.weight"].clone()
     weights["output.weight"][tokenizer.special_tokens["<|eot_id|>"]] = 3 * weights["output.weight"][first_reply[4]]
@@ -83,7 +84,8 @@ def test_each_reply_is_a_fresh_runs_and_each_turn_feeds_only_its_new_tokens(mode
                                                                             distributed):
     """Replies cut at MAX_NEW_TOKENS (the tiny model), and a reply ended by a stop token (the stopping one)."""
     folder = request.getfixturevalue("models_dir" if model == "tiny" else "stopping_dir")
-    replies, fed, _ = expected_chat(reference_model(folder / "Tiny-Instruct", 4096), tokenizer, MESSAGES[:3], context=4096)
+    model = reference_model(folder / "Tiny-Instruct", 4096)
+    replies, fed, _ = expected_chat(model, tokenizer, MESSAGES[:3], context=4096)
     if model == "stopping":
         assert len(replies[0]) < REPLY_TOKENS  # the case under test really occurs
     result = chat(folder, MESSAGES[:3], SPEEDUPS=speedups_on)
@@ -95,7 +97,8 @@ def test_each_reply_is_a_fresh_runs_and_each_turn_feeds_only_its_new_tokens(mode
 def test_a_conversation_longer_than_the_context_starts_over_from_the_latest_message(models_dir, tokenizer,
                                                                                     distributed):
     """CHAT_CONTEXT holds about two turns: the third starts over (said on stderr), the fourth continues."""
-    first_two = len(turn_ids(tokenizer, MESSAGES[0], True)) + len(turn_ids(tokenizer, MESSAGES[1], False)) + 2 * (REPLY_TOKENS + 1)
+    first_two = (len(turn_ids(tokenizer, MESSAGES[0], True)) + len(turn_ids(tokenizer, MESSAGES[1], False))
+                 + 2 * (REPLY_TOKENS + 1))
     context = first_two + REPLY_TOKENS + 5  # not enough for the third turn
     model = reference_model(models_dir / "Tiny-Instruct", context)
     replies, fed, restarts = expected_chat(model, tokenizer, MESSAGES, context)
@@ -122,7 +125,8 @@ def test_no_input_is_an_empty_session(models_dir):
 @pytest.mark.parametrize("model_name, settings, message", [
     ("Tiny", {}, "CHAT=1 needs an Instruct model"),
     ("Tiny-Instruct", {"BEAM_WIDTH": 2}, "beam search is for single runs"),
-    ("Tiny-Instruct", {"CHAT_CONTEXT": 200000}, "CHAT_CONTEXT=200000 is out of range: it must be at least 65 and at most 131072"),
+    ("Tiny-Instruct", {"CHAT_CONTEXT": 200000},
+     "CHAT_CONTEXT=200000 is out of range: it must be at least 65 and at most 131072"),
     ("Tiny-Instruct", {"CHAT_CONTEXT": 64}, "CHAT_CONTEXT=64 is out of range"),
     ("Tiny-Instruct", {"WORLD_SIZE": 2}, "CHAT=1 runs in one process"),
 ])

@@ -86,7 +86,8 @@ def test_beam_search_keeps_the_k_best_sequences_at_every_step(models_dir, prompt
     assert [score for score, _ in finished] == pytest.approx([score for _, score in expected], abs=1e-4)
 
 
-def test_num_return_sequences_prints_best_first_separated_by_a_blank_line(models_dir, tokenizer, prompt_ids, distributed):
+def test_num_return_sequences_prints_best_first_separated_by_a_blank_line(models_dir, tokenizer, prompt_ids,
+                                                                          distributed):
     k, new_tokens = 3, 10
     finished = run_inference.beam_search(load(models_dir, prompt_ids, new_tokens, batch=k), prompt_ids, new_tokens,
                                          tokenizer.stop_tokens, beam_width=k, length_penalty=1.0)
@@ -170,7 +171,8 @@ def test_the_script_samples_from_the_nucleus_at_its_temperature(temperature, top
 
 @pytest.mark.parametrize("settings, message", [
     ({"BEAM_WIDTH": 0}, "BEAM_WIDTH=0 is out of range: it must be at least 1"),
-    ({"BEAM_WIDTH": 2, "NUM_RETURN_SEQUENCES": 3}, "NUM_RETURN_SEQUENCES=3 is out of range: it must be at least 1 and at most 2"),
+    ({"BEAM_WIDTH": 2, "NUM_RETURN_SEQUENCES": 3},
+     "NUM_RETURN_SEQUENCES=3 is out of range: it must be at least 1 and at most 2"),
     ({"TOP_P": 1.5, "TEMPERATURE": 0.6}, "TOP_P=1.5 is out of range: it must be in (0, 1]"),
     ({"TEMPERATURE": -1}, "TEMPERATURE=-1.0 is out of range: it must be at least 0.0"),
     ({"BEAM_WIDTH": "two"}, "BEAM_WIDTH='two' is not a valid int"),

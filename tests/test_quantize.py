@@ -92,7 +92,8 @@ def test_quantized_logits_are_close_to_bfloat16(quantize, kernels, layout, confi
     """A 130-token prompt fed in chunks of 65 tokens, then one token at a time, both compared with bfloat16
     at the same positions."""
     ids = random_prompt(tokenizer, 2 * CHUNK, seed=7)
-    models = {q: load(run_inference, confident_dir / "Tiny", len(ids), torch.bfloat16, quantize=q) for q in ("", quantize)}
+    models = {q: load(run_inference, confident_dir / "Tiny", len(ids), torch.bfloat16, quantize=q)
+              for q in ("", quantize)}
     monkeypatch.setenv(speedups.KERNELS_SETTING, kernels)
     models[quantize] = load(run_inference, confident_dir / "Tiny", len(ids), torch.bfloat16, quantize=quantize)
     assert type(models[quantize].layers[0].feed_forward.w1) is layout
