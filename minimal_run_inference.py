@@ -21,7 +21,7 @@ from llama_models.llama3.args import ModelArgs
 from llama_models.llama3.chat_format import ChatFormat
 from llama_models.llama3.model import Transformer
 
-import speedups  # the fast path: speedups.py
+import speedups  # the fast path: speedups/
 from support import checkpoint, devices, exits, memory, report, settings  # support/: one file per concern
 
 # MODEL_NAME: a folder in LLAMA_MODELS_DIR: Llama3.2-1B, Llama3.2-3B, Llama3.1-8B, Llama3.3-70B, ...
@@ -36,7 +36,8 @@ DTYPE = "auto"  # "auto" (bfloat16; float16 on GPUs without bfloat16), "bfloat16
 MAX_NEW_TOKENS = 64  # generation stops here unless a stop token comes first
 PREFILL_CHUNK = 256  # prompt tokens per forward call: bounds the memory of a long prompt's attention
 QUANTIZE = ""  # "int8" or "int4": smaller linear weights, faster decoding (run_inference.py explains); "": as stored
-SPEEDUPS = 1  # 1: the fast path of speedups.py; 0: llama-models' Transformer exactly as written
+SPEEDUPS = 1  # 1: the fast path of speedups/; 0: llama-models' Transformer exactly as written
+KERNELS = "measure"  # the fast path's kernels: "measure" (timed on this CPU once, cached), "rule", or names
 
 def encode_prompt(tokenizer, text, system_prompt, instruct):
     if not instruct:
@@ -46,7 +47,8 @@ def encode_prompt(tokenizer, text, system_prompt, instruct):
     return ChatFormat(tokenizer).encode_dialog_prompt(messages).tokens
 
 
-def load_model(model_dir, params, device, dtype, max_seq_len, max_batch_size, use_speedups=True, quantize=""):
+def load_model(model_dir, params, device, dtype, max_seq_len, max_batch_size, use_speedups=True, quantize="",
+               kernels="measure"):
     args = ModelArgs(**params, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
     with torch.device("meta"), checkpoint.without_weight_init():
         model = Transformer(args)
@@ -56,7 +58,7 @@ def load_model(model_dir, params, device, dtype, max_seq_len, max_batch_size, us
     model.load_state_dict(weights, assign=True)
     checkpoint.tie_weights(model)
     if use_speedups:
-        speedups.apply(model, device, dtype, quantize, report.Progress("preparing weights"))
+        speedups.apply(model, device, dtype, quantize, kernels, report.Progress("preparing weights"))
     model.to(device=device, dtype=dtype)
     for layer in model.layers:  # the KV cache, sized to this job (its shape was set on the meta device)
         layer.attention.cache_k = torch.zeros_like(layer.attention.cache_k, device=device, dtype=dtype)
@@ -138,7 +140,8 @@ def main():
 
     devices.init_distributed(device)
     start = time.perf_counter()
-    model = load_model(model_dir, params, device, dtype, len(prompt_ids) + MAX_NEW_TOKENS, 1, SPEEDUPS, QUANTIZE)
+    max_seq_len = len(prompt_ids) + MAX_NEW_TOKENS
+    model = load_model(model_dir, params, device, dtype, max_seq_len, 1, SPEEDUPS, QUANTIZE, KERNELS)
     print(f"loaded {MODEL_NAME} on {device} in {dtype} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     timer = report.Timer()
     token_ids = generate(model, prompt_ids, MAX_NEW_TOKENS, tokenizer.stop_tokens)

@@ -35,7 +35,7 @@ from llama_models.llama3.args import ModelArgs
 from llama_models.llama3.chat_format import ChatFormat
 from llama_models.llama3.model import Transformer
 
-import speedups  # the fast path: speedups.py
+import speedups  # the fast path: speedups/
 from support import checkpoint, devices, exits, memory, report, settings, torchrun  # support/: one file per concern
 
 # ---------------------------------------------------------------------------------------------------------
@@ -54,7 +54,8 @@ DTYPE = "auto"  # "auto" (bfloat16; float16 on GPUs without bfloat16), "bfloat16
 MAX_NEW_TOKENS = 64  # generation stops here unless a stop token comes first (in chat: per reply)
 PREFILL_CHUNK = 256  # prompt tokens per forward call: bounds the memory of a long prompt's attention
 QUANTIZE = ""  # "int8", "int4": smaller linear weights, faster decoding (see "8-bit and 4-bit weights"); "": as stored
-SPEEDUPS = 1  # 1: the fast path of speedups.py; 0: llama-models' Transformer exactly as written
+SPEEDUPS = 1  # 1: the fast path of speedups/; 0: llama-models' Transformer exactly as written
+KERNELS = "measure"  # the fast path's kernels: "measure" (timed on this CPU once, cached), "rule", or names
 
 # How the next token is chosen. The default is greedy: always the most likely token.
 BEAM_WIDTH = 1  # > 1: beam search keeps this many candidate continuations (4 or 5 is usual); 1: greedy
@@ -137,7 +138,8 @@ def describe_tokenizer(path, tokenizer, prompt_ids):
 # x max_seq_len positions). ModelArgs' defaults (32 sequences x 2048 tokens) would take 4.3 GB in float32
 # for the 1B model, more than its weights: the original version of this project did exactly that.
 # ---------------------------------------------------------------------------------------------------------
-def load_model(model_dir, params, device, dtype, max_seq_len, max_batch_size, use_speedups=True, quantize=""):
+def load_model(model_dir, params, device, dtype, max_seq_len, max_batch_size, use_speedups=True, quantize="",
+               kernels="measure"):
     args = ModelArgs(**params, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
     with torch.device("meta"), checkpoint.without_weight_init():
         model = Transformer(args)  # shapes only
@@ -147,7 +149,7 @@ def load_model(model_dir, params, device, dtype, max_seq_len, max_batch_size, us
     model.load_state_dict(weights, assign=True)  # the parameters are now the memory-mapped tensors
     checkpoint.tie_weights(model)
     if use_speedups:
-        speedups.apply(model, device, dtype, quantize, report.Progress("preparing weights"))
+        speedups.apply(model, device, dtype, quantize, kernels, report.Progress("preparing weights"))
     model.to(device=device, dtype=dtype)  # floating-point tensors only: 8- and 4-bit weights stay as they are
     for layer in model.layers:  # the KV cache, sized to this job (its shape was set on the meta device)
         layer.attention.cache_k = torch.zeros_like(layer.attention.cache_k, device=device, dtype=dtype)
@@ -779,7 +781,7 @@ def main():
     # close_distributed, at the end, stops the groups' threads while Python is still whole.
     devices.init_distributed(device)
     start = time.perf_counter()
-    model = load_model(model_dir, params, device, dtype, max_seq_len, BEAM_WIDTH, SPEEDUPS, QUANTIZE)
+    model = load_model(model_dir, params, device, dtype, max_seq_len, BEAM_WIDTH, SPEEDUPS, QUANTIZE, KERNELS)
     describe_model(model, model.params)
     threads = f" with {torch.get_num_threads()} threads" if device.type == "cpu" else ""
     seconds = time.perf_counter() - start

@@ -37,8 +37,13 @@ def apply_settings(settings):
     for name, choices in CHOICES.items():
         if name in settings and settings[name] not in choices:
             fail(f"{name}={settings[name]!r} is not supported; choose one of: {', '.join(map(repr, choices))}")
+    if "KERNELS" in settings:
+        try:
+            speedups.kernel_choice(settings["KERNELS"])
+        except ValueError as error:
+            fail(f"KERNELS={settings['KERNELS']!r}: {error}")
     if settings.get("QUANTIZE") and not settings.get("SPEEDUPS", 1):
-        fail(f"QUANTIZE={settings['QUANTIZE']!r} needs SPEEDUPS=1: 8- and 4-bit weights live in speedups.py")
+        fail(f"QUANTIZE={settings['QUANTIZE']!r} needs SPEEDUPS=1: 8- and 4-bit weights live in speedups/")
 
 
 def check_range(name, value, low=None, high=None):

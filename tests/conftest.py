@@ -23,9 +23,11 @@ from random_checkpoint import (LLAMA_3_2_1B, TINY, TOKENIZER, fixed_distribution
                                write_checkpoint)
 
 REPO = Path(__file__).resolve().parent.parent
-# Deterministic kernels in every test, in-process and in the scripts run as subprocesses (which inherit it):
-# speedups' fixed rule, no timing, nothing written to the user's cache. tests/test_kernels.py measures.
-os.environ[speedups.KERNELS_SETTING] = "rule"
+# Deterministic kernels in most tests, in-process (load) and in the scripts run as subprocesses (which inherit
+# it): speedups' fixed rule, no timing, nothing written to the user's cache. The tests that run what users run
+# (KERNELS unset: measured) set their own: tests/test_kernels.py, tests/test_defaults.py.
+FIXED_KERNELS = "rule"
+os.environ["KERNELS"] = FIXED_KERNELS
 SCRIPTS = ["minimal_run_inference.py", "run_inference.py"]
 CPU = torch.device("cpu")
 # What must not leak from the caller's environment into a script run: the scripts' own settings, the
@@ -37,14 +39,17 @@ LAUNCHER_NAMES = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTE
 
 
 def clean_environment(**settings):
-    """os.environ without the scripts' settings and torchrun's variables, plus `settings` as text."""
+    """os.environ without the scripts' settings and torchrun's variables, plus `settings` as text (None: unset);
+    KERNELS is the fixed rule unless `settings` say otherwise."""
     env = {name: value for name, value in os.environ.items() if name not in SETTING_NAMES | LAUNCHER_NAMES}
-    env.update({name: str(value) for name, value in settings.items()})
+    env.update({name: str(value) for name, value in {"KERNELS": FIXED_KERNELS, **settings}.items()
+                if value is not None})
     return env
 
 
 def run_script(script, models_dir, model_name, stdin=None, **settings):
-    """Run a script as a user would: `python SCRIPT` with its settings overridden by environment variables."""
+    """Run a script as a user would: `python SCRIPT` with its settings overridden by environment variables
+    (KERNELS=None: unset, the default that measures)."""
     env = clean_environment(**{"LLAMA_MODELS_DIR": models_dir, "MODEL_NAME": model_name, "DEVICE": "cpu", **settings})
     result = subprocess.run([sys.executable, str(REPO / script)], env=env, capture_output=True, timeout=600,
                             input=stdin.encode() if stdin is not None else None)
@@ -83,7 +88,9 @@ def read_until(pipe, done, timeout=120):
 
 
 def load(script, model_dir, max_seq_len, dtype=torch.float32, batch=1, device=CPU, **options):
-    """A script's own load_model (on the CPU unless told), params.json read as the script reads it."""
+    """A script's own load_model (on the CPU unless told), params.json read as the script reads it; the fixed
+    kernel rule unless told."""
+    options.setdefault("kernels", FIXED_KERNELS)
     return script.load_model(model_dir, checkpoint.read_params(model_dir), device, dtype, max_seq_len, batch, **options)
 
 

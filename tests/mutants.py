@@ -21,6 +21,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 MINIMAL, TUTORIAL, SPEEDUPS = "minimal_run_inference.py", "run_inference.py", "speedups/__init__.py"
+LAYOUTS, KERNELS, CALIBRATION = "speedups/layouts.py", "speedups/kernels.py", "speedups/calibration.py"
 CHECKPOINT, DEVICES, EXITS = "support/checkpoint.py", "support/devices.py", "support/exits.py"
 # Tests, by what they check: pytest node ids ([...] picks parameters) or a file and a -k expression.
 SPEEDUPS_TESTS = "tests/test_speedups.py::"
@@ -35,6 +36,8 @@ ROPE_TABLES = ["tests/test_independent.py::test_rope_table_uses_the_published_fa
 ROPE_1B = "tests/test_independent.py::test_llama_3_2_1b_matches_factor_32"  # [minimal] or [tutorial]
 LOGITS = ["tests/test_independent.py::test_logits_through_the_kv_cache_match_transformers"]
 QUANTIZED = ["tests/test_quantize.py", "-k", "by_hand or both_sides or close_to_bfloat16"]
+UNBUILDABLE = ["tests/test_kernels.py", "-k", "cannot_be_built"]
+WRONG = ["tests/test_kernels.py", "-k", "wrong_kernel_is_never_chosen or forced_kernel_that_fails"]
 SAMPLING = ["tests/test_generation.py::test_the_script_samples_from_the_nucleus_at_its_temperature"]
 CHAT = ["tests/test_chat.py::test_each_reply_is_a_fresh_runs_and_each_turn_feeds_only_its_new_tokens"]
 PLATFORM = ["tests/test_platform.py"]
@@ -71,10 +74,10 @@ MUTANTS = {
                                              PREFILL["minimal"]),
     "prefill-chunks-at-position-0-tutorial": (TUTORIAL, "start_pos=start_pos + start)", "start_pos=start_pos)",
                                               PREFILL["tutorial"]),
-    "int8-copy-path-drops-scales": (SPEEDUPS, "return F.linear(x, weight.to(x.dtype)) * scales",
+    "int8-copy-path-drops-scales": (KERNELS, "return F.linear(x, weight.to(x.dtype)) * scales",
                                     "return F.linear(x, weight.to(x.dtype))", QUANTIZED),
-    "int4-offset-forgotten": (SPEEDUPS, "zero = low + INT4_MIDPOINT * scale", "zero = low", QUANTIZED),
-    "int8-scale-off": (SPEEDUPS, "torch.maximum(-low, high).clamp_(min=torch.finfo(torch.float32).tiny) / INT8_MAX",
+    "int4-offset-forgotten": (LAYOUTS, "zero = low + INT4_MIDPOINT * scale", "zero = low", QUANTIZED),
+    "int8-scale-off": (LAYOUTS, "torch.maximum(-low, high).clamp_(min=torch.finfo(torch.float32).tiny) / INT8_MAX",
                        "torch.maximum(-low, high).clamp_(min=torch.finfo(torch.float32).tiny) / (INT8_MAX + 1)",
                        QUANTIZED),
     "top-p-mask-removed": (TUTORIAL, "sorted_probs[outside_nucleus] = 0.0", "sorted_probs[outside_nucleus] *= 1.0",
@@ -120,6 +123,14 @@ MUTANTS = {
                                     [REAL_NLL + "[tutorial]"]),
     "rope-theta-ignored-minimal": (MINIMAL, "freqs = 1.0 / (args.rope_theta ** (", "freqs = 1.0 / (500000.0 ** (",
                                    [REAL_NLL + "[minimal]"]),
+    # A kernel must build, run and be right before it is used (an AVX2-only CPU crashed at load, and oneDNN's
+    # int8 x int8 was 7-9% off there).
+    "layout-build-unguarded": (CALIBRATION, "    except Exception as error:  # an instruction set or a build",
+                               "    except ZeroDivisionError as error:  # an instruction set or a build",
+                               UNBUILDABLE),
+    "wrong-kernel-not-excluded": (CALIBRATION, 'return f"wrong here: {error:.1%} off"', "return None", WRONG),
+    "kernel-that-raises-not-caught": (CALIBRATION, '        return None, f"fails: {reason(error)}"',
+                                      "        raise", WRONG),
     "closed-pipe-is-an-error": (EXITS, "return isinstance(error, BrokenPipeError) or", "return False and",
                                 ["tests/test_scripts.py", "-k", "closed_pipe and minimal"]),
 }

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import minimal_run_inference
 import run_inference
-import speedups
+from speedups import calibration
 from conftest import (CPU, DICE_LOGITS, dice_probabilities, greedy_without_cache, load as load_script, reference_model,
                       run_script, shown_token_ids)
 
@@ -103,7 +103,7 @@ def test_packed_weights_give_the_plain_weights_beams(dtype, models_dir, confiden
     """On x86 CPUs load_model packs the weights for oneDNN when several sequences run per step; beam search must
     find what it finds with the plain weights (in bfloat16 on the confident model, where rounding cannot
     reorder near-equal candidates)."""
-    if not speedups.packs_weights(CPU, dtype, 4):
+    if not calibration.packs_weights(CPU, dtype, 4):
         pytest.skip(f"this CPU has no oneDNN {dtype} kernels to pack for: beam search uses the plain weights")
     new_tokens, k = 16, 4
     folder = models_dir if dtype == torch.float32 else confident_dir
@@ -114,7 +114,7 @@ def test_packed_weights_give_the_plain_weights_beams(dtype, models_dir, confiden
         return model.output.layer.weight.is_mkldnn, [ids for _, ids in finished], [score for score, _ in finished]
 
     packed, packed_ids, packed_scores = beams()
-    monkeypatch.setattr(speedups, "packs_weights", lambda device, dtype, rows: False)
+    monkeypatch.setattr(calibration, "packs_weights", lambda device, dtype, rows: False)
     plain, plain_ids, plain_scores = beams()
     assert packed and not plain
     assert packed_ids == plain_ids

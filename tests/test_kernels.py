@@ -3,13 +3,18 @@ other devices, a forced choice (KERNELS=...), and the cache file of timings (key
 file ignored). One test measures for real on the tiny model, to check that measuring runs and is cached."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import run_inference
 import speedups
-from conftest import CPU, load
+from speedups import calibration, kernels, layouts
+from conftest import CPU, SCRIPTS, load, run_script
+from smollm import BASE_MODEL
 
 EPYC_ONE_ROW = {"linear-native": 0.061, "linear": 0.090, "mv": 0.070, "packed": 0.25}  # REFERENCE.md's table
 XEON_ONE_ROW = {"mv": 0.075, "linear-native": 0.088, "linear": 0.103, "packed": 0.67}  # this project's Xeon, AMX
@@ -17,24 +22,24 @@ XEON_ONE_ROW = {"mv": 0.075, "linear-native": 0.088, "linear": 0.103, "packed": 
 
 @pytest.mark.parametrize("one_row, chunk, expected", [
     (EPYC_ONE_ROW, {"linear": 0.02, "linear-native": 0.9, "packed": 0.01},
-     (speedups.PlainLinear, {"one": "linear-native", "few": "linear", "chunk": "linear"})),  # packed is another layout
+     (layouts.PlainLinear, {"one": "linear-native", "few": "linear", "chunk": "linear"})),  # packed is another layout
     (XEON_ONE_ROW, {"linear": 0.02, "linear-native": 0.9},
-     (speedups.PlainLinear, {"one": "mv", "few": "linear", "chunk": "linear"})),
+     (layouts.PlainLinear, {"one": "mv", "few": "linear", "chunk": "linear"})),
     ({"packed": 0.05, "mv": 0.07}, {"linear": 0.01, "packed": 0.02},
-     (speedups.PackedLinear, {"one": "packed", "few": "packed", "chunk": "packed"})),
+     (layouts.PackedLinear, {"one": "packed", "few": "packed", "chunk": "packed"})),
     ({"w8": 0.149, "w8a8": 0.107, "w8a8-onednn": 0.095}, {"w8-copy": 0.2, "w8a8-onednn": 0.1},
-     (speedups.PackedInt8Linear, dict.fromkeys(speedups.ROW_CLASSES, "w8a8-onednn"))),
+     (layouts.PackedInt8Linear, dict.fromkeys(layouts.ROW_CLASSES, "w8a8-onednn"))),
     ({"w8": 0.081, "w8a8": 0.116, "w8a8-onednn": 0.095}, {"w8": 0.5, "w8-copy": 0.2, "w8a8": 0.1},
-     (speedups.Int8Linear, {"one": "w8", "few": "w8", "chunk": "w8a8"})),
+     (layouts.Int8Linear, {"one": "w8", "few": "w8", "chunk": "w8a8"})),
 ])
 def test_the_choice_is_the_fastest_layout_for_decoding_then_the_fastest_kernel_per_row_class(one_row, chunk, expected):
-    assert speedups.choose({"one": one_row, "chunk": chunk}, "one") == expected
+    assert calibration.choose({"one": one_row, "chunk": chunk}, "one") == expected
 
 
 def test_beam_search_chooses_the_layout_by_its_few_rows():
     seconds = {"one": {"mv": 0.07, "packed": 0.5}, "few": {"linear": 0.3, "packed": 0.1}, "chunk": {"linear": 1.0}}
-    assert speedups.choose(seconds, "few") == (speedups.PackedLinear, dict.fromkeys(speedups.ROW_CLASSES, "packed"))
-    assert speedups.choose(seconds, "one")[1] == {"one": "mv", "few": "linear", "chunk": "linear"}
+    assert calibration.choose(seconds, "few") == (layouts.PackedLinear, dict.fromkeys(layouts.ROW_CLASSES, "packed"))
+    assert calibration.choose(seconds, "one")[1] == {"one": "mv", "few": "linear", "chunk": "linear"}
 
 
 @pytest.mark.parametrize("quantize, device, expected", [
@@ -42,63 +47,63 @@ def test_beam_search_chooses_the_layout_by_its_few_rows():
     ("int8", "cuda", {"one": "w8-copy", "few": "w8-copy", "chunk": "w8-copy"}),
     ("int8", "mps", {"one": "w8", "few": "w8", "chunk": "w8-copy"}),
     ("int8", "cpu", {"one": "w8", "few": "w8", "chunk": "w8-copy"}),
-    ("int4", "cpu", dict.fromkeys(speedups.ROW_CLASSES, "int4")),
+    ("int4", "cpu", dict.fromkeys(layouts.ROW_CLASSES, "int4")),
     ("", "cpu", {"one": "linear-native", "few": "linear", "chunk": "linear"}),
 ])
 def test_the_fixed_rule(quantize, device, expected):
-    seconds = speedups.rule_seconds(quantize, torch.device(device), torch.bfloat16, 1)
-    assert speedups.choose(seconds, "one")[1] == expected
+    seconds = calibration.rule_seconds(quantize, torch.device(device), torch.bfloat16, 1)
+    assert calibration.choose(seconds, "one")[1] == expected
 
 
 def test_a_forced_kernel_runs_where_it_serves_and_the_rule_elsewhere():
-    seconds = speedups.forced_seconds(["mv", "w8a8"], "", CPU, torch.float32, 1)  # w8a8 is not for plain weights
-    assert speedups.choose(seconds, "one") == (speedups.PlainLinear, {"one": "mv", "few": "linear", "chunk": "linear"})
-    seconds = speedups.forced_seconds(["w8a8"], "int8", CPU, torch.bfloat16, 1)
-    assert speedups.choose(seconds, "one")[1] == dict.fromkeys(speedups.ROW_CLASSES, "w8a8")
+    seconds = calibration.forced_seconds(["mv", "w8a8"], "", CPU, torch.float32, 1)  # w8a8 is not for plain weights
+    assert calibration.choose(seconds, "one") == (layouts.PlainLinear, {"one": "mv", "few": "linear", "chunk": "linear"})
+    seconds = calibration.forced_seconds(["w8a8"], "int8", CPU, torch.bfloat16, 1)
+    assert calibration.choose(seconds, "one")[1] == dict.fromkeys(layouts.ROW_CLASSES, "w8a8")
 
 
 @pytest.mark.parametrize("value, expected", [("", "measure"), ("rule", "rule"), ("mv, w8a8", ["mv", "w8a8"])])
-def test_the_kernels_setting(value, expected, monkeypatch):
-    monkeypatch.setenv(speedups.KERNELS_SETTING, value)
-    assert speedups.kernels_setting() == expected
+def test_the_kernels_setting(value, expected):
+    assert calibration.kernel_choice(value) == expected
 
 
-def test_an_unknown_kernel_name_is_one_line(monkeypatch):
-    monkeypatch.setenv(speedups.KERNELS_SETTING, "mv,fast")
-    with pytest.raises(SystemExit, match="unknown kernel fast; choose measure, rule, or names from: mv, linear"):
-        speedups.kernels_setting()
+def test_an_unknown_kernel_name_is_one_line():
+    with pytest.raises(ValueError, match="unknown kernel fast; choose measure, rule, or names from: mv, linear"):
+        calibration.kernel_choice("mv,fast")
 
 
 def test_the_cache_key_names_the_machine_format_rows_shape_and_version():
-    key = speedups.cache_key((8192, 2048), "few", torch.bfloat16, "int8", 5)
+    key = calibration.cache_key((8192, 2048), "few", torch.bfloat16, "int8", 5)
     assert f"torch {torch.__version__} threads {torch.get_num_threads()}" in key and "flags:" in key
-    assert f"bfloat16/int8 | few rows 5 | weight 8192x2048 | choice v{speedups.CALIBRATION_VERSION}" in key
+    assert f"bfloat16/int8 | few rows 5 | weight 8192x2048 | choice v{calibration.CALIBRATION_VERSION}" in key
 
 
-@pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"key": {"mv": "fast"}}'])
+ENTRY = {"seconds": {"mv": 0.5}, "skipped": {"packed": "cannot build PackedLinear"}}
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"key": {"mv": "fast"}}', '{"key": {"mv": 0.5}}'])
 def test_a_corrupt_cache_file_is_ignored_and_replaced(content, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    path = speedups.cache_path()
+    path = calibration.cache_path()
     path.parent.mkdir(parents=True)
     path.write_text(content)
-    assert speedups.read_cache() == {}
-    speedups.write_cache({"a key": {"mv": 0.5}})
-    assert json.loads(path.read_text()) == {"a key": {"mv": 0.5}}
+    assert calibration.read_cache() == {}
+    assert calibration.write_cache({"a key": ENTRY}) == f"cached in {path}"
+    assert json.loads(path.read_text()) == {"a key": ENTRY}
     assert [file.name for file in path.parent.iterdir()] == [path.name]  # no temporary file left
 
 
 def test_measuring_on_the_tiny_model_is_cached_and_describes_the_rates(models_dir, tmp_path, monkeypatch, distributed):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setenv(speedups.KERNELS_SETTING, "measure")
     timed = []
-    original = speedups.time_candidates
-    monkeypatch.setattr(speedups, "time_candidates", lambda *args: timed.append(1) or original(*args))
-    model = load(run_inference, models_dir / "Tiny", 8, torch.bfloat16)
+    original = calibration.time_candidates
+    monkeypatch.setattr(calibration, "time_candidates", lambda *args: timed.append(1) or original(*args))
+    model = load(run_inference, models_dir / "Tiny", 8, torch.bfloat16, kernels="measure")
     first = speedups.describe(model)
     assert "kernels measured on this CPU in" in first and "1 row: " in first and " GB/s -> " in first
-    shapes = {module.shape for module in model.modules() if isinstance(module, speedups.FastLinear)}
-    assert len(json.loads(speedups.cache_path().read_text())) == len(shapes) * 2  # one row, a chunk
-    second = speedups.describe(load(run_inference, models_dir / "Tiny", 8, torch.bfloat16))
+    shapes = {module.shape for module in model.modules() if isinstance(module, layouts.FastLinear)}
+    assert len(json.loads(calibration.cache_path().read_text())) == len(shapes) * 2  # one row, a chunk
+    second = speedups.describe(load(run_inference, models_dir / "Tiny", 8, torch.bfloat16, kernels="measure"))
     assert "kernels measured on this CPU earlier" in second and timed == [1]
 
 
@@ -111,14 +116,147 @@ def test_step_threads_keeps_the_count_whose_steps_are_shorter(slow_count, kept, 
     def now():
         return clock[0]
 
-    monkeypatch.setattr(speedups.time, "perf_counter", now)
-    threads = speedups.StepThreads(2)
+    monkeypatch.setattr(calibration.time, "perf_counter", now)
+    threads = calibration.StepThreads(2)
     try:
         torch.set_num_threads(2)
         threads.step(decoding=False)  # a prompt chunk: not a decode step
-        for _ in range(3 * speedups.StepThreads.TRIAL):
+        for _ in range(3 * calibration.StepThreads.TRIAL):
             clock[0] += 1.0 if torch.get_num_threads() == slow_count else 0.3
             threads.step(decoding=True)
         assert threads.current == kept and torch.get_num_threads() == kept
     finally:
         torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A kernel must build, run, and be right before it can be fast (issue: an AVX2-only CPU crashed at load).
+# ---------------------------------------------------------------------------------------------------------
+def other_layouts():
+    """Every layout a kernel reads that no format is first converted to."""
+    return {kernel.layout for kernel in kernels.KERNELS.values()} - set(kernels.BASE_LAYOUT.values())
+
+
+def break_other_layouts(monkeypatch):
+    """Every layout but the base ones raises while it is built, as oneDNN's packed bfloat16 layout does on a CPU
+    without AVX-512."""
+    def refuse(self, *args, **kwargs):
+        raise RuntimeError("bf16 path needs the cpu support avx_ne_convert or avx512bw, avx512vl and avx512dq")
+
+    for layout in other_layouts():
+        monkeypatch.setattr(layout, "__init__", refuse)
+
+
+@pytest.mark.parametrize("quantize", ["", "int8"])
+@pytest.mark.parametrize("setting", ["measure", "packed,w8a8-onednn"])
+def test_a_layout_that_cannot_be_built_is_skipped_and_the_run_completes(quantize, setting, models_dir, tokenizer,
+                                                                        tmp_path, monkeypatch, distributed):
+    """Measured (KERNELS unset) or forced: beam search's few rows would take the packed layouts; they raise, so
+    every layer keeps its base layout, the fast-path line says why, and the text is that of the rule."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    prompt_ids = tokenizer.encode("Once upon a time", bos=True, eos=False)
+    expected = list(run_inference.generate(load(run_inference, models_dir / "Tiny", 30, quantize=quantize),
+                                           prompt_ids, 12, tokenizer.stop_tokens))
+    break_other_layouts(monkeypatch)
+    model = load(run_inference, models_dir / "Tiny", 30, batch=4, quantize=quantize, kernels=setting)
+    assert {type(m) for m in model.modules() if isinstance(m, layouts.FastLinear)} == {kernels.BASE_LAYOUT[quantize]}
+    assert "skipped here: " in speedups.describe(model) and "cannot build Packed" in speedups.describe(model)
+    assert list(run_inference.generate(model, prompt_ids, 12, tokenizer.stop_tokens)) == expected
+
+
+def fast_and_wrong(module, x):
+    """A candidate faster than any real kernel, and wrong: it multiplies by nothing."""
+    return torch.zeros(x.shape[0], module.out_features, dtype=x.dtype)
+
+
+def slightly_wrong(module, x):
+    return torch.nn.functional.linear(x, module.weight) * 1.03
+
+
+@pytest.mark.parametrize("run, off", [(fast_and_wrong, "100.0% off"), (slightly_wrong, "3.0% off")])
+def test_a_wrong_kernel_is_never_chosen_however_fast(run, off, models_dir, tokenizer, tmp_path, monkeypatch,
+                                                     distributed):
+    """A fake candidate for one row is tried on the model's weights before it is timed: it is skipped, named
+    with how far off it was, remembered in the cache, and the text is right."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setitem(kernels.KERNELS, "fake", kernels.Kernel("fake", layouts.PlainLinear, ("one",), ("cpu",), run))
+    prompt_ids = tokenizer.encode("Once upon a time", bos=True, eos=False)
+    expected = list(run_inference.generate(load(run_inference, models_dir / "Tiny", 30), prompt_ids, 12,
+                                           tokenizer.stop_tokens))
+    for how in ("measured on this CPU in", "measured on this CPU earlier"):  # the second load reads the cache
+        model = load(run_inference, models_dir / "Tiny", 30, kernels="measure")
+        line = speedups.describe(model)
+        assert how in line and f"skipped here: fake (wrong here: {off})" in line
+        assert all(kernel.name != "fake" for m in model.modules() if isinstance(m, layouts.FastLinear)
+                   for kernel in m.kernels.values())
+        assert list(run_inference.generate(model, prompt_ids, 12, tokenizer.stop_tokens)) == expected
+
+
+def test_a_forced_kernel_that_fails_keeps_the_base_layouts_own(models_dir, tokenizer, monkeypatch, distributed):
+    """KERNELS=name forces a kernel without timing it; one that raises when run is still tried first."""
+    def raises(module, x):
+        raise NotImplementedError("no kernel for this CPU")
+
+    monkeypatch.setitem(kernels.KERNELS, "broken", kernels.Kernel("broken", layouts.PlainLinear, ("one",), ("cpu",),
+                                                                  raises))
+    model = load(run_inference, models_dir / "Tiny", 30, kernels="broken")
+    assert "plan (fails: no kernel for this CPU: kept the base layout)" in speedups.describe(model)
+    prompt_ids = tokenizer.encode("Once upon a time", bos=True, eos=False)
+    assert len(list(run_inference.generate(model, prompt_ids, 12, tokenizer.stop_tokens))) == 12
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The cache file: written truthfully, where the XDG specification says, never leaving a temporary file.
+# ---------------------------------------------------------------------------------------------------------
+def test_a_cache_that_cannot_be_written_says_so(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "a file"))
+    (tmp_path / "a file").write_text("not a folder")
+    said = calibration.write_cache({"a key": ENTRY})
+    assert said.startswith("not cached (") and "cached in" not in said
+    assert [path.name for path in tmp_path.iterdir()] == ["a file"]
+
+
+def test_a_relative_xdg_cache_home_is_ignored(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")
+    assert calibration.cache_folder() == Path.home() / ".cache" / calibration.CACHE_FOLDER
+
+
+def test_a_temporary_file_left_by_a_killed_writer_is_removed(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    path = calibration.cache_path()
+    path.parent.mkdir(parents=True)
+    abandoned = path.with_name(f"{path.name}.{dead.stdout.strip()}.tmp")
+    abandoned.write_text("{half a fi")
+    assert calibration.write_cache({"a key": ENTRY}) == f"cached in {path}"
+    assert sorted(file.name for file in path.parent.iterdir()) == [path.name]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What users run: the default settings, kernels measured on the machine that runs the suite.
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("script_name", SCRIPTS)
+def test_each_script_with_its_default_settings_measures_and_prints_the_confident_text(script_name, confident_dir,
+                                                                                    successor, tokenizer, tmp_path):
+    """Every setting at its default (bfloat16, KERNELS unset: measured here), the cache in a fresh folder: the
+    confident model's successor chain, whichever kernels this CPU picked."""
+    result = run_script(script_name, confident_dir, "Tiny", KERNELS=None, XDG_CACHE_HOME=tmp_path, DEVICE=None)
+    assert result.returncode == 0, result.stderr
+    last = tokenizer.encode(run_inference.INPUT_STRING, bos=True, eos=False)[-1]
+    chain = [successor[last].item()]
+    while len(chain) < run_inference.MAX_NEW_TOKENS:
+        chain.append(successor[chain[-1]].item())
+    assert result.stdout == tokenizer.decode(chain)
+    assert (tmp_path / calibration.CACHE_FOLDER / calibration.CACHE_FILE).is_file()
+    if script_name == "run_inference.py":
+        assert "kernels measured on this CPU in" in result.stderr
+
+
+@pytest.mark.parametrize("script_name", SCRIPTS)
+def test_each_script_with_its_default_settings_knows_paris(script_name, smollm_dir, tmp_path):
+    """The stand-in's real weights, every setting at its default but the model: the answer a user expects."""
+    result = run_script(script_name, smollm_dir, BASE_MODEL, KERNELS=None, XDG_CACHE_HOME=tmp_path, DEVICE=None,
+                        MAX_NEW_TOKENS=8)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(" Paris")

@@ -1,4 +1,4 @@
-"""8- and 4-bit weights (QUANTIZE=int8 / int4, speedups.Int8Linear / Int4Linear): the quantisation arithmetic
+"""8- and 4-bit weights (QUANTIZE=int8 / int4, Int8Linear / Int4Linear): the quantisation arithmetic
 by hand, logits within a stated error of bfloat16's on both sides of the int8 kernel's row limit, the same
 greedy text and beams on a model with confident predictions, and the scripts run as a user runs them."""
 
@@ -7,7 +7,7 @@ import torch
 
 import minimal_run_inference
 import run_inference
-import speedups
+from speedups import kernels, layouts
 from conftest import CPU, load, run_script
 import fairscale.nn.model_parallel.layers as fairscale_layers
 from test_independent import random_prompt
@@ -20,15 +20,9 @@ LOGIT_ERROR_BOUND = {"int8": 0.03, "int4": 0.25}
 CHUNK = 65  # rows in a prompt chunk here: more than the few rows of beam search
 
 
-@pytest.fixture(autouse=True)
-def fixed_kernels(monkeypatch):
-    """The fixed rule instead of kernels measured on this machine (tests that force a kernel set their own)."""
-    monkeypatch.setenv(speedups.KERNELS_SETTING, "rule")
-
-
 def test_quantize_int8_by_hand():
     weight = torch.tensor([[1.0, -0.5, 0.25], [2.0, 4.0, -8.0]])
-    int8, scales, relative_error = speedups.quantize_int8(weight)
+    int8, scales, relative_error = layouts.quantize_int8(weight)
     assert scales.tolist() == pytest.approx([1 / 127, 8 / 127])
     # row 0: 1, -0.5, 0.25 times 127 = 127, -63.5, 31.75; row 1 times 127 / 8 = 31.75, 63.5, -127
     # (torch.round rounds halves to even: -63.5 -> -64, 63.5 -> 64)
@@ -44,13 +38,13 @@ def test_quantize_int4_by_hand():
     """One row of 32 weights 0, 1, ..., 31 (minimum 0, scale 31 / 15): codes round(w * 15 / 31); the kernel
     multiplies by (code - 8) * scale + zero, zero = minimum + 8 * scale."""
     weight = torch.arange(32.0).repeat(16, 1)  # the kernel packs 16 rows at a time
-    packed, scales_and_zeros, _ = speedups.quantize_int4(weight)
+    packed, scales_and_zeros, _ = layouts.quantize_int4(weight)
     scale = 31 / 15
     assert scales_and_zeros.shape == (1, 16, 2)
     assert scales_and_zeros[0, 0].tolist() == pytest.approx([scale, 8 * scale])
     codes = (weight[0] / scale).round()
     x = torch.eye(32)  # the kernel on the identity: every weight, dequantised
-    dequantised = torch._weight_int4pack_mm_for_cpu(x, packed, speedups.INT4_GROUP, scales_and_zeros)[:, 0]
+    dequantised = torch._weight_int4pack_mm_for_cpu(x, packed, layouts.INT4_GROUP, scales_and_zeros)[:, 0]
     assert dequantised.tolist() == pytest.approx((codes * scale).tolist(), abs=1e-5)
     assert (dequantised - weight[0]).abs().max() <= scale / 2 + 1e-5
 
@@ -64,13 +58,13 @@ def test_every_int8_kernel_gives_the_product_of_the_8_bit_weights(kernel, rows, 
     layer = fairscale_layers.ColumnParallelLinear(64, 96, bias=False, gather_output=False)
     layer.weight = torch.nn.Parameter(torch.randn(96, 64, generator=generator), requires_grad=False)
     x = torch.randn(rows, 64, generator=generator)
-    module = int8 = speedups.Int8Linear(layer).to(torch.bfloat16)
-    if speedups.KERNELS[kernel].layout is speedups.PackedInt8Linear:
+    module = int8 = layouts.Int8Linear(layer).to(torch.bfloat16)
+    if kernels.KERNELS[kernel].layout is layouts.PackedInt8Linear:
         if not torch.backends.mkldnn.is_available():
             pytest.skip("no oneDNN in this PyTorch build")
-        module = speedups.PackedInt8Linear(int8, torch.bfloat16, rows)
+        module = layouts.PackedInt8Linear(int8, torch.bfloat16, rows)
     expected = x @ (int8.weight.float() * int8.scales.float()[:, None]).T
-    module.use(dict.fromkeys(speedups.ROW_CLASSES, kernel), 5)
+    kernels.use(module, dict.fromkeys(layouts.ROW_CLASSES, kernel), 5)
     out = module(x.to(torch.bfloat16)).float()
     bound = 0.01 if kernel in ("w8", "w8-copy") else 0.02  # activations' 8 bits: about 0.5% per entry
     assert ((out - expected).norm() / expected.norm()).item() < bound
@@ -82,20 +76,19 @@ def logits_along(model, script, ids, chunk):
                         for start in range(0, len(ids), chunk)])
 
 
-@pytest.mark.parametrize("quantize, kernels, layout", [
-    ("int8", "rule", speedups.Int8Linear),  # the int8-weight kernel, a 16-bit copy for chunks
-    ("int8", "w8a8", speedups.Int8Linear),  # int8 x int8, activations rounded per token
-    ("int8", "w8a8-onednn", speedups.PackedInt8Linear),
-    ("int4", "rule", speedups.Int4Linear)])
-def test_quantized_logits_are_close_to_bfloat16(quantize, kernels, layout, confident_dir, tokenizer, distributed,
-                                                monkeypatch):
+@pytest.mark.parametrize("quantize, forced, layout", [
+    ("int8", "rule", layouts.Int8Linear),  # the int8-weight kernel, a 16-bit copy for chunks
+    ("int8", "w8a8", layouts.Int8Linear),  # int8 x int8, activations rounded per token
+    ("int8", "w8a8-onednn", layouts.PackedInt8Linear),
+    ("int4", "rule", layouts.Int4Linear)])
+def test_quantized_logits_are_close_to_bfloat16(quantize, forced, layout, confident_dir, tokenizer, distributed):
     """A 130-token prompt fed in chunks of 65 tokens, then one token at a time, both compared with bfloat16
     at the same positions."""
     ids = random_prompt(tokenizer, 2 * CHUNK, seed=7)
     models = {q: load(run_inference, confident_dir / "Tiny", len(ids), torch.bfloat16, quantize=q)
               for q in ("", quantize)}
-    monkeypatch.setenv(speedups.KERNELS_SETTING, kernels)
-    models[quantize] = load(run_inference, confident_dir / "Tiny", len(ids), torch.bfloat16, quantize=quantize)
+    models[quantize] = load(run_inference, confident_dir / "Tiny", len(ids), torch.bfloat16, quantize=quantize,
+                            kernels=forced)
     assert type(models[quantize].layers[0].feed_forward.w1) is layout
     for chunk in (CHUNK, 1):  # each pass writes the cache from position 0 again
         exact, approx = (logits_along(models[q], run_inference, ids, chunk) for q in ("", quantize))

@@ -1,4 +1,4 @@
-"""speedups.py, the fast path both scripts apply: what it swaps in, what SPEEDUPS=0 leaves alone, and that the
+"""speedups/, the fast path both scripts apply: what it swaps in, what SPEEDUPS=0 leaves alone, and that the
 text and the logits do not change (float32, against llama-models as written and a cache-free recomputation)."""
 
 import fairscale.nn.model_parallel.layers as fairscale_layers
@@ -9,16 +9,11 @@ from llama_models.llama3 import model as llama_model
 import minimal_run_inference
 import run_inference
 import speedups
+from speedups import calibration, layouts
 from conftest import CPU, SCRIPTS, greedy_without_cache, load, reference_model, run_script
 from test_independent import random_prompt
 
 FAIRSCALE_LINEAR = (fairscale_layers.ColumnParallelLinear, fairscale_layers.RowParallelLinear)
-
-
-@pytest.fixture(autouse=True)
-def fixed_kernels(monkeypatch):
-    """The fixed rule instead of kernels measured on this machine: the same modules on every machine."""
-    monkeypatch.setenv(speedups.KERNELS_SETTING, "rule")
 
 
 def no_patched_forwards(model):
@@ -36,14 +31,14 @@ def test_speedups_off_runs_llama_models_as_written(script, models_dir, distribut
         assert layer.attention.cache_k.shape == (3, 20, 2, 16)  # llama-models' layout, sized to this job
     linears = [m for m in model.modules() if isinstance(m, FAIRSCALE_LINEAR)]
     assert len(linears) == 7 * 2 + 1 and type(model.output) is fairscale_layers.ColumnParallelLinear
-    assert not any(isinstance(m, (speedups.FastLinear, speedups.GroupedQueryAttention)) for m in model.modules())
+    assert not any(isinstance(m, (layouts.FastLinear, speedups.GroupedQueryAttention)) for m in model.modules())
     assert no_patched_forwards(model)
 
 
-@pytest.mark.parametrize("batch, linear", [(1, speedups.PlainLinear), (4, speedups.PackedLinear)])
+@pytest.mark.parametrize("batch, linear", [(1, layouts.PlainLinear), (4, layouts.PackedLinear)])
 def test_speedups_swap_named_modules(script, batch, linear, models_dir, distributed):
-    if linear is speedups.PackedLinear and not speedups.packs_weights(CPU, torch.float32, batch):
-        linear = speedups.PlainLinear  # no oneDNN kernels to pack for on this CPU
+    if linear is layouts.PackedLinear and not calibration.packs_weights(CPU, torch.float32, batch):
+        linear = layouts.PlainLinear  # no oneDNN kernels to pack for on this CPU
     model = load(script, models_dir / "Tiny", 20, batch=batch)
     for layer in model.layers:
         assert type(layer.attention) is speedups.GroupedQueryAttention

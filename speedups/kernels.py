@@ -1,0 +1,168 @@
+"""The kernels: every product a linear layer can run, which weight layout each reads, and for which rows.
+
+A kernel computes x @ weight.T for x (rows, in) on one layout of layouts.py. Which is fastest depends on
+the CPU, the number format and the rows per product, so calibration.py times them where they run; KERNELS
+is the table it chooses from, and what KERNELS=name,... (the setting) can name.
+
+Why the candidates differ. A one-row product reads each weight once for one multiply-add, so it is as
+fast as the kernel streams weights. oneDNN's kernels are built for many rows: they read the weight in a
+blocked layout of their own (tiles of output channels x inputs, neighbouring inputs side by side, as the
+CPU's bfloat16 dot-product instructions (AVX-512 bfloat16, AMX) consume them). Given the plain (out, in)
+weight, oneDNN rearranges it inside every call, which on a few rows costs more than the multiplying;
+PackedLinear rearranges it once at load time. PyTorch's own matrix-vector code widens each bfloat16
+weight to float32 and multiplies, so on a CPU with few cores arithmetic, not memory, can be its limit.
+Which wins depends on the CPU: measure, never assume.
+"""
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from speedups.layouts import (INT4_GROUP, INT8_MAX, ROW_CLASSES, Int4Linear, Int8Linear, PackedInt8Linear,
+                              PackedLinear, PlainLinear)
+
+
+@dataclass(frozen=True)
+class Kernel:
+    name: str
+    layout: type  # the FastLinear subclass whose weight it reads
+    rows: tuple  # the row classes it serves
+    devices: tuple  # device types it runs on
+    run: object  # (module, x (rows, in)) -> (rows, out)
+    timed_rows: tuple = ()  # the row classes it is timed for, where fewer than it serves (default: all it serves)
+    input_rounding: object = None  # x -> x as the kernel rounds it before multiplying (None: not rounded)
+
+    @property
+    def candidate_rows(self):
+        return self.timed_rows or self.rows
+
+
+@contextmanager
+def onednn_disabled():
+    """Within: PyTorch's own CPU kernels instead of oneDNN's (a process-wide switch, restored on exit)."""
+    enabled = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = enabled
+
+
+def mv_product(module, x):
+    return torch.mv(module.weight, x[0]).unsqueeze(0)
+
+
+def native_product(module, x):
+    with onednn_disabled():
+        return F.linear(x, module.weight)
+
+
+def int8_matmul(x, weight, scales):
+    """x @ (weight * scales[:, None]).T for an int8 weight (out, in) and x (rows, in): PyTorch's int8-weight
+    kernel where it has one (CPU, mps), else a temporary 16-bit copy of the weight."""
+    if x.device.type in ("cpu", "mps"):
+        return torch._weight_int8pack_mm(x, weight, scales)  # reads 1 byte per weight
+    return int8_copy_matmul(x, weight, scales)
+
+
+def int8_copy_matmul(x, weight, scales):
+    return F.linear(x, weight.to(x.dtype)) * scales  # a prompt chunk, or a device without the kernel
+
+
+def per_token_int8(x):
+    """x (rows, in) as int8 codes and one float32 scale per row (token): x ~= codes * scale."""
+    scales = x.abs().amax(dim=1, keepdim=True).float().clamp_(min=torch.finfo(torch.float32).tiny) / INT8_MAX
+    return (x / scales).round_().to(torch.int8), scales  # (rows, in), (rows, 1)
+
+
+def int8_int8_matmul(x, weight, scales):
+    """x @ (weight * scales[:, None]).T with x rounded to 8 bits per token: PyTorch's int8 x int8 product
+    (int32 sums: 127 * 127 * in fits for in < 133,000) on the weight as stored, (out, in)."""
+    codes, x_scales = per_token_int8(x)
+    return (torch._int_mm(codes, weight.t()) * x_scales * scales).to(x.dtype)
+
+
+def per_token_rounding(x):
+    """x as int8_int8_matmul multiplies it: rounded to 8 bits per token."""
+    codes, scales = per_token_int8(x)
+    return codes.float() * scales
+
+
+def round_activations(kernel, x):
+    """The input x (rows, in) as the kernel rounds it before multiplying, in float32."""
+    return kernel.input_rounding(x) if kernel.input_rounding else x.float()
+
+
+class WideningBuffer:
+    """The float32 copy of the one weight being multiplied in float32 (prompt chunks): one buffer, reused by
+    every layer, as large as the largest weight widened so far."""
+
+    def __init__(self):
+        self.buffer = torch.empty(0)
+
+    def view(self, shape):
+        if self.buffer.numel() < shape[0] * shape[1]:
+            self.buffer = torch.empty(0)  # the old one goes before the new one comes
+            self.buffer = torch.empty(shape[0] * shape[1])
+        return self.buffer[: shape[0] * shape[1]].view(shape)
+
+
+WIDENED = WideningBuffer()
+
+
+def float32_product(module, x):
+    """A prompt chunk in float32: the 16-bit weight widened once into WIDENED, then float32's matrix product,
+    which on CPUs without bfloat16 instructions is several times faster than a bfloat16 one."""
+    weight = WIDENED.view(module.shape).copy_(module.weight)
+    return F.linear(x.float(), weight).to(x.dtype)
+
+
+def int8_float32_product(module, x):
+    """The same for 8-bit weights: int8 * scale widened once into WIDENED (one pass), then float32's product."""
+    weight = torch.mul(module.weight, module.scales.float()[:, None], out=WIDENED.view(module.shape))
+    return F.linear(x.float(), weight).to(x.dtype)
+
+
+def onednn_int8_matmul(module, x):
+    """The same product through oneDNN's quantized linear on PackedInt8Linear's weight: its activation scale
+    is one number, so each row is first divided by its own scale (the product is linear in each row)."""
+    codes, x_scales = per_token_int8(x)
+    out = torch.ops.onednn.qlinear_pointwise(codes, 1.0, 0, module.weight, module.weight_scales,
+                                             module.zero_points, None, 1.0, 0, torch.float32, "none", [], "")
+    return (out * x_scales).to(x.dtype)
+
+
+ALL_ROWS, ANY_DEVICE = ROW_CLASSES, ("cpu", "cuda", "mps")
+KERNELS = {kernel.name: kernel for kernel in (  # the candidates
+    Kernel("mv", PlainLinear, ("one",), ANY_DEVICE, mv_product),  # torch.mv: PyTorch's matrix-vector kernel
+    Kernel("linear", PlainLinear, ALL_ROWS, ANY_DEVICE, lambda m, x: F.linear(x, m.weight)),  # oneDNN on x86
+    Kernel("linear-native", PlainLinear, ALL_ROWS, ("cpu",), native_product),  # F.linear with oneDNN off
+    Kernel("packed", PackedLinear, ALL_ROWS, ("cpu",),
+           lambda m, x: torch.ops.mkldnn._linear_pointwise(x, m.weight, None, "none", [], "")),
+    Kernel("w8", Int8Linear, ALL_ROWS, ("cpu", "mps"), lambda m, x: int8_matmul(x, m.weight, m.scales)),
+    Kernel("w8-copy", Int8Linear, ALL_ROWS, ANY_DEVICE, lambda m, x: int8_copy_matmul(x, m.weight, m.scales),
+           ("chunk",)),  # copying the weight to read it once loses to every kernel but for chunks
+    Kernel("linear-f32", PlainLinear, ("chunk",), ("cpu",), float32_product),
+    Kernel("w8a8", Int8Linear, ALL_ROWS, ("cpu",), lambda m, x: int8_int8_matmul(x, m.weight, m.scales),
+           input_rounding=per_token_rounding),
+    Kernel("w8a8-onednn", PackedInt8Linear, ALL_ROWS, ("cpu",), onednn_int8_matmul,
+           input_rounding=per_token_rounding),
+    Kernel("w8-f32", Int8Linear, ("chunk",), ("cpu",), int8_float32_product),
+    Kernel("int4", Int4Linear, ALL_ROWS, ("cpu",), lambda m, x: torch._weight_int4pack_mm_for_cpu(
+        x, m.weight, INT4_GROUP, m.scales_and_zeros)),
+)}
+BASE_LAYOUT = {"": PlainLinear, "int8": Int8Linear, "int4": Int4Linear}  # what each format converts to first
+DEFAULT_KERNEL = {  # a layout's kernel for a row class that nothing was timed for
+    PlainLinear: {"one": "linear", "few": "linear", "chunk": "linear"},
+    PackedLinear: dict.fromkeys(ROW_CLASSES, "packed"),
+    Int8Linear: {"one": "w8", "few": "w8", "chunk": "w8-copy"},
+    PackedInt8Linear: dict.fromkeys(ROW_CLASSES, "w8a8-onednn"),
+    Int4Linear: dict.fromkeys(ROW_CLASSES, "int4"),
+}
+
+
+def use(module, names, few_rows):
+    """Give a layer the kernels named per row class ({row class: name})."""
+    module.use({rows: KERNELS[name] for rows, name in names.items()}, few_rows)

@@ -1,0 +1,289 @@
+"""The linear layers' weight layouts, and the quantizing that builds them.
+
+Each class below replaces one of fairscale's linear layers and holds its weight in one layout; the
+kernels that read each layout are in kernels.py, which FastLinear.use hands to the layer, one per row
+class (one row, a few rows, a prompt chunk).
+
+Memory while converting. Converted weights (8- or 4-bit, or packed) are built a block of rows at a time
+from the memory-mapped file; release_pages then madvise(MADV_DONTNEED)s the block's file pages, so the
+process never holds the bfloat16 model beside its converted copy (Linux; macOS keeps the pages). glibc's
+malloc keeps freed temporaries in per-thread pools it does not always reuse; trim_heap (malloc_trim) hands
+them back after each layer, which made the int8 load's peak the same from run to run.
+"""
+
+import ctypes
+import functools
+import mmap
+from dataclasses import dataclass
+
+import torch
+from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from fairscale.nn.model_parallel.mappings import gather_from_model_parallel_region, reduce_from_model_parallel_region
+from torch import nn
+
+QUANTIZE_BLOCK_ROWS = 4096  # rows of a weight converted at a time: bounds the conversion's temporary memory
+INT4_PACK_ROWS = 64  # PyTorch's CPU int4 packing interleaves blocks of up to 64 rows: ours must hold whole ones
+assert QUANTIZE_BLOCK_ROWS % INT4_PACK_ROWS == 0
+INT8_MAX = 127  # symmetric 8-bit: -127 .. 127, one scale per output row (weights) or per token (activations)
+ERROR_SAMPLE = 8  # the quantisation error is measured on every 8th row: enough for two significant digits
+INT4_GROUP = 32  # 4-bit: one scale and one offset per 32 consecutive weights of a row
+INT4_LEVELS = 15  # 0 .. 15
+INT4_MIDPOINT = 8  # PyTorch's int4 kernel computes (q - 8) * scale + zero
+
+
+@dataclass(frozen=True)
+class Format:
+    """What a QUANTIZE format costs and where it runs. support/'s checks (settings.py, memory.py) read this table."""
+    bits: int  # bits per weight in memory, for the memory check (0: the dtype's own)
+    devices: tuple  # device types with kernels for it
+    load: str  # what loading costs
+
+
+FORMATS = {
+    "": Format(0, ("cpu", "cuda", "mps"), "nothing: the file's weights are used in place (memory-mapped), or "
+               "copied once where DTYPE or the device differ"),
+    "int8": Format(8, ("cpu", "cuda", "mps"), "every weight read once and rounded to 8 bits, one scale per row: "
+                   "about 1 s per GB of weights on 2 cores"),
+    "int4": Format(5, ("cpu",), "every weight read once and rounded to 4 bits with a 16-bit scale and offset per 32 "
+                   "weights (5 bits a weight in all), packed for PyTorch's CPU kernel: about 2 s per GB"),
+}
+
+ROW_CLASSES = ("one", "few", "chunk")  # 1 row; 2 .. max_batch_size rows (beam search); more (a prompt chunk)
+
+
+def row_class(rows, few_rows):
+    if rows == 1:
+        return "one"
+    return "few" if rows <= few_rows else "chunk"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The layouts: fairscale's linear layers, with one weight layout each and a kernel per row class.
+# ---------------------------------------------------------------------------------------------------------
+class FastLinear(nn.Module):
+    """A fairscale linear layer's forward with another product, then the same collective: a row-parallel
+    layer sums the processes' partial products, the output layer gathers the processes' slices. Each
+    subclass is a weight layout; `kernels` holds the kernel (kernels.Kernel) used for each row class."""
+
+    FORMAT = ""  # the QUANTIZE format the layout holds
+
+    def __init__(self, layer):
+        super().__init__()
+        self.out_features, self.in_features = layer.out_features, layer.in_features  # this process's slice
+        self.reduce, self.gather = layer.reduce, layer.gather
+        self.kernels = {}
+        self.few_rows = 1
+
+    @property
+    def shape(self):
+        return self.out_features, self.in_features
+
+    def dequantized(self, rows):
+        """The values of the first `rows` output rows, in float32: what a right product multiplies by."""
+        raise NotImplementedError(f"{type(self).__name__} is not a base layout")
+
+    def use(self, kernels, few_rows):
+        """kernels: {row class: kernels.Kernel}."""
+        self.kernels = dict(kernels)
+        self.few_rows = few_rows
+
+    def forward(self, x):  # x: (..., in), as many rows as its leading dimensions hold
+        rows = x.reshape(-1, self.in_features)  # (rows, in)
+        out = self.kernels[row_class(rows.shape[0], self.few_rows)].run(self, rows)
+        out = out.view(*x.shape[:-1], -1)  # (..., out)
+        if self.reduce:
+            return reduce_from_model_parallel_region(out)
+        return gather_from_model_parallel_region(out) if self.gather else out
+
+    def extra_repr(self):
+        kernels = ", ".join(f"{rows}: {kernel.name}" for rows, kernel in self.kernels.items())
+        return f"in={self.in_features}, out={self.out_features}, kernels=({kernels})"
+
+
+def fairscale_facts(layer):
+    """The fairscale layer's shape and collective, as FastLinear keeps them."""
+    layer.out_features, layer.in_features = layer.weight.shape
+    layer.reduce = isinstance(layer, RowParallelLinear)
+    layer.gather = isinstance(layer, ColumnParallelLinear) and layer.gather_output
+    return layer
+
+
+class PlainLinear(FastLinear):
+    """The weight as stored (16 or 32 bits): PyTorch's matrix-vector kernel, its own matrix kernel, or
+    oneDNN's, as measured."""
+
+    def __init__(self, layer):
+        super().__init__(fairscale_facts(layer))
+        self.weight = layer.weight  # the same Parameter: a tied weight stays tied
+
+    def dequantized(self, rows):
+        return self.weight[:rows].float()
+
+
+class PackedLinear(FastLinear):
+    """The weight rearranged once into oneDNN's blocked layout for `rows` rows per product; the plain
+    weight's file pages are let go, so the model stays resident once."""
+
+    def __init__(self, plain, dtype, rows, release=True):
+        super().__init__(plain)
+        weight = plain.weight.detach()
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight.to(dtype), rows)  # an opaque "mkldnn" tensor
+        self.weight = nn.Parameter(packed, requires_grad=False)
+        if release:
+            release_pages(weight)
+
+
+class Int8Linear(FastLinear):
+    """8-bit weights (out, in), one scale per output row: weight ~= int8 * scale. Kernels: PyTorch's
+    int8-weight kernel, int8 x int8 with the activations rounded per token, or a temporary 16-bit copy."""
+
+    FORMAT = "int8"
+
+    def __init__(self, layer):
+        super().__init__(fairscale_facts(layer))
+        weight, scales, self.relative_error = quantize_int8(layer.weight.detach())
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.register_buffer("scales", scales)  # a buffer: model.to(dtype) converts it with the rest
+
+    def dequantized(self, rows):
+        return self.weight[:rows].float() * self.scales[:rows, None].float()
+
+
+class PackedInt8Linear(FastLinear):
+    """Int8Linear's 8-bit weights rearranged once for oneDNN's int8 x int8 kernel (AMX or VNNI on x86); the
+    activations are rounded to 8 bits per token (kernel w8a8-onednn)."""
+
+    FORMAT = "int8"
+
+    def __init__(self, int8, dtype, rows, release=True):  # the 8-bit weight is not a file's: nothing to release
+        super().__init__(int8)
+        self.relative_error = int8.relative_error
+        packed = torch.ops.onednn.qlinear_prepack(int8.weight, [1, self.in_features])
+        self.weight = nn.Parameter(packed, requires_grad=False)
+        self.weight_scales = int8.scales.float()  # float32 as oneDNN wants it: an attribute, not a buffer
+        self.zero_points = torch.zeros(self.out_features, dtype=torch.int64)
+
+
+def quantize_int8(weight):
+    """(int8 weight, one float32 scale per row, relative error) such that weight ~= int8 * scale[:, None],
+    converted a block of rows at a time, each block's file pages let go once done. The relative error
+    |weight - int8 * scale| / |weight| (Frobenius norms, measured on every ERROR_SAMPLE-th row) is also the
+    layer's expected relative output error for inputs with independent entries."""
+    scales = torch.empty(weight.shape[0])
+    quantized = torch.empty(weight.shape, dtype=torch.int8)
+    error = ErrorSum()
+    for start in range(0, weight.shape[0], QUANTIZE_BLOCK_ROWS):
+        block = weight[start : start + QUANTIZE_BLOCK_ROWS]
+        rows = block.to(torch.float32, copy=True)  # a copy even if float32: changed in place below
+        low, high = torch.aminmax(rows, dim=1)
+        block_scales = torch.maximum(-low, high).clamp_(min=torch.finfo(torch.float32).tiny) / INT8_MAX
+        codes = rows.div_(block_scales[:, None]).round_()  # whole numbers in -127 .. 127: exact in int8
+        quantized[start : start + QUANTIZE_BLOCK_ROWS] = codes
+        scales[start : start + QUANTIZE_BLOCK_ROWS] = block_scales
+        error.add(block[::ERROR_SAMPLE], codes[::ERROR_SAMPLE] * block_scales[::ERROR_SAMPLE, None])
+        release_pages(block)
+    return quantized, scales, error.relative()
+
+
+class ErrorSum:
+    """Accumulates |approximation - exact|^2 and |exact|^2 over blocks of a weight."""
+
+    def __init__(self):
+        self.error = 0.0
+        self.norm = 0.0
+
+    def add(self, exact, approximation):
+        exact = exact.float()
+        self.error += torch.linalg.vector_norm(approximation - exact).item() ** 2
+        self.norm += torch.linalg.vector_norm(exact).item() ** 2
+
+    def relative(self):
+        return (self.error / self.norm) ** 0.5 if self.norm else 0.0
+
+
+class Int4Linear(FastLinear):
+    """4-bit weights in groups of INT4_GROUP along each row, each group with its own scale and offset
+    (weight ~= q * scale + minimum, q in 0..15), packed for PyTorch's CPU int4 kernel."""
+
+    FORMAT = "int4"
+
+    def __init__(self, layer):
+        super().__init__(fairscale_facts(layer))
+        weight, scales_and_zeros, self.relative_error = quantize_int4(layer.weight.detach())
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.register_buffer("scales_and_zeros", scales_and_zeros)  # converted to the model's dtype by .to()
+        self.source = layer.weight.detach()  # the weight it was made from: see dequantized
+
+    def dequantized(self, rows):
+        """PyTorch's packing cannot be read back cheaply: the first rows are quantized again from the weight
+        the layer was made from (the memory-mapped file), with the scales and zeros rounded as the kernel
+        reads them. apply() drops the source once the kernels are chosen."""
+        codes, scale, low = int4_groups(self.source[:rows])
+        zero = (low + INT4_MIDPOINT * scale).to(self.scales_and_zeros.dtype).float()
+        scale = scale.to(self.scales_and_zeros.dtype).float()
+        return ((codes - INT4_MIDPOINT) * scale[..., None] + zero[..., None]).view(rows, -1)
+
+
+def quantize_int4(weight):
+    """(packed 4-bit weight, scales and zeros (in / INT4_GROUP, out, 2), relative error as in quantize_int8),
+    in the layout of PyTorch's kernel."""
+    out_features, in_features = weight.shape
+    packed = torch.empty(out_features, in_features // 2, dtype=torch.uint8)  # two 4-bit codes per byte
+    scales_and_zeros = torch.empty(out_features, in_features // INT4_GROUP, 2)
+    error = ErrorSum()
+    for start in range(0, out_features, QUANTIZE_BLOCK_ROWS):
+        block = weight[start : start + QUANTIZE_BLOCK_ROWS]
+        codes, scale, low = int4_groups(block)
+        packed[start : start + QUANTIZE_BLOCK_ROWS] = torch._convert_weight_to_int4pack_for_cpu(
+            codes.view(block.shape).to(torch.int32), 1)  # whole packing blocks: see INT4_PACK_ROWS
+        zero = low + INT4_MIDPOINT * scale  # the kernel's offset is the value of the middle code
+        scales_and_zeros[start : start + QUANTIZE_BLOCK_ROWS] = torch.stack([scale, zero], dim=2)
+        sample = slice(None, None, ERROR_SAMPLE)
+        dequantized = codes[sample] * scale[sample, :, None] + low[sample, :, None]
+        error.add(block[sample], dequantized.view(-1, in_features))
+        release_pages(block)
+    # the kernel's layout: (groups, out, 2)
+    return packed, scales_and_zeros.transpose(0, 1).contiguous(), error.relative()
+
+
+def int4_groups(block):
+    """(codes (rows, groups, INT4_GROUP) in 0 .. 15 as floats, scale and minimum (rows, groups)) of a block of
+    rows: weight ~= codes * scale + minimum."""
+    groups = block.to(torch.float32, copy=True).view(block.shape[0], -1, INT4_GROUP)  # (rows, groups, 32)
+    low, high = torch.aminmax(groups, dim=2)
+    scale = ((high - low) / INT4_LEVELS).clamp_(min=torch.finfo(torch.float32).tiny)
+    codes = groups.sub_(low[..., None]).div_(scale[..., None]).round_().clamp_(0, INT4_LEVELS)
+    return codes, scale, low
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Memory: pages of the memory-mapped checkpoint, and the C heap.
+# ---------------------------------------------------------------------------------------------------------
+@functools.cache
+def c_library():
+    """The C library's functions (madvise, malloc_trim), or None where it cannot be opened this way (Windows)."""
+    try:
+        return ctypes.CDLL(None)
+    except (OSError, TypeError):
+        return None
+
+
+def release_pages(tensor):
+    """madvise(mmap.MADV_DONTNEED): the memory-mapped pages wholly inside `tensor` leave this process's resident
+    memory (Linux; macOS keeps them resident). Reading them again fetches them from the file (only a tied
+    embedding table is read again, a row per token)."""
+    libc = c_library()
+    if libc is None or not hasattr(libc, "madvise") or tensor.device.type != "cpu":
+        return
+    start = -(-tensor.data_ptr() // mmap.PAGESIZE) * mmap.PAGESIZE  # first whole page
+    end = (tensor.data_ptr() + tensor.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+    if end > start:
+        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED)
+
+
+def trim_heap():
+    """glibc's malloc_trim(0): freed memory that malloc kept for reuse goes back to the operating system
+    (glibc keeps a pool per thread and does not always reuse it; elsewhere there is nothing to do)."""
+    libc = c_library()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
