@@ -4,7 +4,9 @@ Both scripts call `speedups.apply(model, device, dtype, quantize, kernels)` once
 weights are loaded and before the model moves to its device. It is the one entry point: it swaps the
 module classes below into llama-models' Transformer, so `print(model)` shows what runs:
 
-    GroupedQueryAttention   llama-models' Attention, without copying the shared key-value heads
+    GroupedQueryAttention   llama-models' Attention, without copying the shared key-value heads, and wq, wk and
+                            wv as one weight wqkv (one product, one pass over the input)
+    FusedFeedForward        llama-models' FeedForward, with w1 and w3 as one weight w13
     LastPositionLogits      the output layer, for the last position only
     PlainLinear             a linear layer with its weight as stored (16 or 32 bits)
     PackedLinear            the weight laid out once for oneDNN's kernels
@@ -39,9 +41,10 @@ from torch import nn
 from speedups.calibration import (StepThreads, build_layout, copy_in_dtype, kernel_choice, plan_kernels, row_classes,
                                   vet)
 from speedups.kernels import BASE_LAYOUT, DEFAULT_KERNEL, KERNELS
-from speedups.layouts import FORMATS, FastLinear, trim_heap
+from speedups.layouts import FORMATS, Concatenated, FastLinear, row_class, trim_heap
 
-__all__ = ["FORMATS", "GroupedQueryAttention", "LastPositionLogits", "apply", "describe", "kernel_choice"]
+__all__ = ["FORMATS", "FusedFeedForward", "GroupedQueryAttention", "LastPositionLogits", "apply", "describe",
+           "kernel_choice"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -54,6 +57,7 @@ def apply(model, device, dtype, quantize="", kernels="measure", progress=None):
     args = model.params
     for layer in model.layers:
         layer.attention = GroupedQueryAttention(layer.attention, args.max_batch_size, args.max_seq_len)
+        layer.feed_forward = FusedFeedForward(layer.feed_forward)
     layers = linear_layers(model)
     base = BASE_LAYOUT[quantize]
     for done, (parent, name, layer) in enumerate(layers):  # the largest first, while little else is converted
@@ -114,9 +118,12 @@ def skipped_report(skipped, kept):
 
 
 def linear_layers(model):
-    """(parent module, attribute name, layer) for every fairscale linear layer, the largest weight first."""
-    found = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-             if isinstance(child, (ColumnParallelLinear, RowParallelLinear))]
+    """(parent module, attribute name, layer) for every fairscale linear layer and every Concatenated one, the
+    largest weight first."""
+    found = [(parent, name, child) for parent in model.modules() for name, child in vars(parent).items()
+             if isinstance(child, Concatenated)]
+    found += [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+              if isinstance(child, (ColumnParallelLinear, RowParallelLinear))]
     return sorted(found, key=lambda item: -item[2].weight.numel())
 
 
@@ -126,7 +133,7 @@ def describe(model):
     counts = {}
     errors = []
     for module in model.modules():
-        if isinstance(module, (GroupedQueryAttention, LastPositionLogits, FastLinear)):
+        if isinstance(module, (GroupedQueryAttention, FusedFeedForward, LastPositionLogits, FastLinear)):
             counts[type(module).__name__] = counts.get(type(module).__name__, 0) + 1
         if hasattr(module, "relative_error"):
             errors.append(module.relative_error)
@@ -154,16 +161,23 @@ class GroupedQueryAttention(nn.Module):
         super().__init__()
         self.n_local_heads, self.n_local_kv_heads = attention.n_local_heads, attention.n_local_kv_heads
         self.n_rep, self.head_dim = attention.n_rep, attention.head_dim
-        self.wq, self.wk, self.wv, self.wo = attention.wq, attention.wk, attention.wv, attention.wo
+        self.wqkv = Concatenated([attention.wq, attention.wk, attention.wv])  # apply() makes it a FastLinear
+        self.sizes = self.wqkv.sizes  # rows of wq, wk, wv in wqkv
+        self.wo = attention.wo
         cache_shape = (max_batch_size, self.n_local_kv_heads, max_seq_len, self.head_dim)
         self.cache_k = torch.empty(cache_shape, device="meta")  # a shape: load_model allocates it
         self.cache_v = torch.empty(cache_shape, device="meta")
 
+    wq = property(lambda self: RowsOf(self.wqkv, self.sizes, 0))  # for code that calls them one by one
+    wk = property(lambda self: RowsOf(self.wqkv, self.sizes, 1))
+    wv = property(lambda self: RowsOf(self.wqkv, self.sizes, 2))
+
     def forward(self, x, start_pos, freqs_cis, mask):
         batch, seqlen, _ = x.shape
-        xq = self.wq(x).view(batch, seqlen, self.n_local_heads, self.head_dim)
-        xk = self.wk(x).view(batch, seqlen, self.n_local_kv_heads, self.head_dim)
-        xv = self.wv(x).view(batch, seqlen, self.n_local_kv_heads, self.head_dim)
+        xq, xk, xv = self.wqkv(x).split(self.sizes, dim=-1)  # one product for the three projections
+        xq = xq.view(batch, seqlen, self.n_local_heads, self.head_dim)
+        xk = xk.view(batch, seqlen, self.n_local_kv_heads, self.head_dim)
+        xv = xv.view(batch, seqlen, self.n_local_kv_heads, self.head_dim)
         xq, xk = apply_rotary_emb(xq, xk, freqs_cis=freqs_cis)  # llama-models' own RoPE
         end = start_pos + seqlen
         self.cache_k[:batch, :, start_pos:end] = xk.transpose(1, 2)  # (batch, kv_heads, seqlen, head_dim)
@@ -181,6 +195,43 @@ class GroupedQueryAttention(nn.Module):
     def extra_repr(self):
         return (f"heads={self.n_local_heads}, kv_heads={self.n_local_kv_heads}, head_dim={self.head_dim}, "
                 f"cache={tuple(self.cache_k.shape)} (batch, kv_heads, seq, head_dim)")
+
+
+class FusedFeedForward(nn.Module):
+    """llama-models' FeedForward, w2(silu(w1(x)) * w3(x)), with w1 and w3 as one weight w13: one product (and,
+    for the 8-bit kernels, one rounding of the input) where there were two."""
+
+    def __init__(self, feed_forward):
+        super().__init__()
+        self.w13 = Concatenated([feed_forward.w1, feed_forward.w3])  # apply() makes it a FastLinear
+        self.sizes = self.w13.sizes
+        self.w2 = feed_forward.w2
+
+    w1 = property(lambda self: RowsOf(self.w13, self.sizes, 0))  # for code that calls them one by one
+    w3 = property(lambda self: RowsOf(self.w13, self.sizes, 1))
+
+    def forward(self, x):
+        gate, up = self.w13(x).split(self.sizes, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+class RowsOf(nn.Module):
+    """One of the projections a fused layer computes together (wq of wqkv, w1 of w13), as a layer of its own
+    for code that calls them one at a time (run_inference.layer_by_hand): the fused layer's kernel on its
+    rows only, where the layout can be cut by rows, else the fused product, cut."""
+
+    def __init__(self, fused, sizes, index):
+        super().__init__()
+        self.fused = fused
+        self.start, self.end = sum(sizes[:index]), sum(sizes[: index + 1])
+
+    def forward(self, x):
+        view = self.fused.rows_view(self.start, self.end)
+        if view is None:
+            return self.fused(x)[..., self.start : self.end]
+        rows = x.reshape(-1, self.fused.in_features)
+        kernel = self.fused.kernels[row_class(rows.shape[0], self.fused.few_rows)]
+        return kernel.run(view, rows).view(*x.shape[:-1], -1)  # column-parallel, kept local: no collective
 
 
 class LastPositionLogits(nn.Module):

@@ -15,6 +15,7 @@ import ctypes
 import functools
 import mmap
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallelLinear
@@ -82,6 +83,15 @@ class FastLinear(nn.Module):
         """The values of the first `rows` output rows, in float32: what a right product multiplies by."""
         raise NotImplementedError(f"{type(self).__name__} is not a base layout")
 
+    def rows_view(self, start, end):
+        """The output rows start .. end - 1 as an object the kernels read like this layer (its tensors are
+        views: no copy), or None where the layout cannot be cut by rows (oneDNN's and PyTorch's packings)."""
+        return None
+
+    def view_of(self, start, end, **tensors):
+        return SimpleNamespace(out_features=end - start, in_features=self.in_features, shape=(end - start,
+                               self.in_features), **tensors)
+
     def use(self, kernels, few_rows):
         """kernels: {row class: kernels.Kernel}."""
         self.kernels = dict(kernels)
@@ -100,8 +110,26 @@ class FastLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, kernels=({kernels})"
 
 
+class Concatenated:
+    """Several of fairscale's column-parallel layers of one block (wq, wk, wv; or w1, w3) as one: their weights
+    (this process's slices) one after the other by rows, so that one product computes all of them. The
+    copy is made from the memory-mapped file, whose pages are then let go."""
+
+    def __init__(self, layers):
+        self.weight = nn.Parameter(torch.cat([layer.weight.detach() for layer in layers]), requires_grad=False)
+        self.sizes = [layer.weight.shape[0] for layer in layers]
+        for layer in layers:
+            release_pages(layer.weight)
+
+
+def from_file(layer):
+    """Whether the layer's weight may be the memory-mapped file, whose pages can be let go once read (a
+    Concatenated weight is a copy in memory: letting its pages go would zero them)."""
+    return not isinstance(layer, Concatenated)
+
+
 def fairscale_facts(layer):
-    """The fairscale layer's shape and collective, as FastLinear keeps them."""
+    """The fairscale layer's shape and collective, as FastLinear keeps them (a Concatenated one has none)."""
     layer.out_features, layer.in_features = layer.weight.shape
     layer.reduce = isinstance(layer, RowParallelLinear)
     layer.gather = isinstance(layer, ColumnParallelLinear) and layer.gather_output
@@ -119,6 +147,9 @@ class PlainLinear(FastLinear):
     def dequantized(self, rows):
         return self.weight[:rows].float()
 
+    def rows_view(self, start, end):
+        return self.view_of(start, end, weight=self.weight[start:end])
+
 
 class PackedLinear(FastLinear):
     """The weight rearranged once into oneDNN's blocked layout for `rows` rows per product; the plain
@@ -129,7 +160,7 @@ class PackedLinear(FastLinear):
         weight = plain.weight.detach()
         packed = torch.ops.mkldnn._reorder_linear_weight(weight.to(dtype), rows)  # an opaque "mkldnn" tensor
         self.weight = nn.Parameter(packed, requires_grad=False)
-        if release:
+        if release and from_file(plain):
             release_pages(weight)
 
 
@@ -141,12 +172,15 @@ class Int8Linear(FastLinear):
 
     def __init__(self, layer):
         super().__init__(fairscale_facts(layer))
-        weight, scales, self.relative_error = quantize_int8(layer.weight.detach())
+        weight, scales, self.relative_error = quantize_int8(layer.weight.detach(), from_file(layer))
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.register_buffer("scales", scales)  # a buffer: model.to(dtype) converts it with the rest
 
     def dequantized(self, rows):
         return self.weight[:rows].float() * self.scales[:rows, None].float()
+
+    def rows_view(self, start, end):
+        return self.view_of(start, end, weight=self.weight[start:end], scales=self.scales[start:end])
 
 
 class PackedInt8Linear(FastLinear):
@@ -164,7 +198,7 @@ class PackedInt8Linear(FastLinear):
         self.zero_points = torch.zeros(self.out_features, dtype=torch.int64)
 
 
-def quantize_int8(weight):
+def quantize_int8(weight, release=True):
     """(int8 weight, one float32 scale per row, relative error) such that weight ~= int8 * scale[:, None],
     converted a block of rows at a time, each block's file pages let go once done. The relative error
     |weight - int8 * scale| / |weight| (Frobenius norms, measured on every ERROR_SAMPLE-th row) is also the
@@ -181,7 +215,8 @@ def quantize_int8(weight):
         quantized[start : start + QUANTIZE_BLOCK_ROWS] = codes
         scales[start : start + QUANTIZE_BLOCK_ROWS] = block_scales
         error.add(block[::ERROR_SAMPLE], codes[::ERROR_SAMPLE] * block_scales[::ERROR_SAMPLE, None])
-        release_pages(block)
+        if release:
+            release_pages(block)
     return quantized, scales, error.relative()
 
 
@@ -209,10 +244,16 @@ class Int4Linear(FastLinear):
 
     def __init__(self, layer):
         super().__init__(fairscale_facts(layer))
-        weight, scales_and_zeros, self.relative_error = quantize_int4(layer.weight.detach())
+        weight, scales_and_zeros, self.relative_error = quantize_int4(layer.weight.detach(), from_file(layer))
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.register_buffer("scales_and_zeros", scales_and_zeros)  # converted to the model's dtype by .to()
         self.source = layer.weight.detach()  # the weight it was made from: see dequantized
+
+    def rows_view(self, start, end):
+        if start % INT4_PACK_ROWS or end % INT4_PACK_ROWS:  # PyTorch's packing interleaves blocks of rows
+            return None
+        return self.view_of(start, end, weight=self.weight[start:end],
+                            scales_and_zeros=self.scales_and_zeros[:, start:end].contiguous())
 
     def dequantized(self, rows):
         """PyTorch's packing cannot be read back cheaply: the first rows are quantized again from the weight
@@ -224,7 +265,7 @@ class Int4Linear(FastLinear):
         return ((codes - INT4_MIDPOINT) * scale[..., None] + zero[..., None]).view(rows, -1)
 
 
-def quantize_int4(weight):
+def quantize_int4(weight, release=True):
     """(packed 4-bit weight, scales and zeros (in / INT4_GROUP, out, 2), relative error as in quantize_int8),
     in the layout of PyTorch's kernel."""
     out_features, in_features = weight.shape
@@ -241,7 +282,8 @@ def quantize_int4(weight):
         sample = slice(None, None, ERROR_SAMPLE)
         dequantized = codes[sample] * scale[sample, :, None] + low[sample, :, None]
         error.add(block[sample], dequantized.view(-1, in_features))
-        release_pages(block)
+        if release:
+            release_pages(block)
     # the kernel's layout: (groups, out, 2)
     return packed, scales_and_zeros.transpose(0, 1).contiguous(), error.relative()
 

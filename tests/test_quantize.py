@@ -7,7 +7,8 @@ import torch
 
 import minimal_run_inference
 import run_inference
-from speedups import kernels, layouts
+import speedups
+from speedups import calibration, kernels, layouts
 from conftest import CPU, load, run_script
 import fairscale.nn.model_parallel.layers as fairscale_layers
 from test_independent import random_prompt
@@ -50,10 +51,12 @@ def test_quantize_int4_by_hand():
 
 
 @pytest.mark.parametrize("rows", [1, 5, CHUNK])
-@pytest.mark.parametrize("kernel", ["w8", "w8-copy", "w8a8", "w8a8-onednn"])
-def test_every_int8_kernel_gives_the_product_of_the_8_bit_weights(kernel, rows, distributed):
+@pytest.mark.parametrize("kernel", ["w8", "w8-copy", "w8-f32", "w8a8", "w8a8-onednn"])
+def test_every_int8_kernel_gives_the_product_of_the_8_bit_weights_or_is_never_chosen(kernel, rows, distributed):
     """Each int8 kernel that speedups may choose computes x @ (int8 * scale).T: the int8-weight kernel and the
-    16-bit copy to bfloat16's rounding, int8 x int8 within the 8-bit rounding of the activations."""
+    16-bit copy to bfloat16's rounding, int8 x int8 within the 8-bit rounding of the activations. Where one
+    is wrong on this CPU (int8 x int8 through oneDNN without VNNI sums pairs of products in 16 bits, which
+    saturate: 7-9% off), speedups' trial before timing must find it wrong, so that it is never chosen."""
     generator = torch.Generator().manual_seed(0)
     layer = fairscale_layers.ColumnParallelLinear(64, 96, bias=False, gather_output=False)
     layer.weight = torch.nn.Parameter(torch.randn(96, 64, generator=generator), requires_grad=False)
@@ -66,8 +69,11 @@ def test_every_int8_kernel_gives_the_product_of_the_8_bit_weights(kernel, rows, 
     expected = x @ (int8.weight.float() * int8.scales.float()[:, None]).T
     kernels.use(module, dict.fromkeys(layouts.ROW_CLASSES, kernel), 5)
     out = module(x.to(torch.bfloat16)).float()
-    bound = 0.01 if kernel in ("w8", "w8-copy") else 0.02  # activations' 8 bits: about 0.5% per entry
-    assert ((out - expected).norm() / expected.norm()).item() < bound
+    bound = 0.02 if kernels.KERNELS[kernel].input_rounding else 0.01  # activations' 8 bits: about 0.5% an entry
+    error = ((out - expected).norm() / expected.norm()).item()
+    if error >= bound:
+        trial = calibration.vet(kernels.KERNELS[kernel], module, int8, rows, torch.bfloat16)
+        assert trial and trial.startswith("wrong here"), f"{error:.1%} off, and the trial says {trial}"
 
 
 def logits_along(model, script, ids, chunk):
@@ -89,7 +95,9 @@ def test_quantized_logits_are_close_to_bfloat16(quantize, forced, layout, confid
               for q in ("", quantize)}
     models[quantize] = load(run_inference, confident_dir / "Tiny", len(ids), torch.bfloat16, quantize=quantize,
                             kernels=forced)
-    assert type(models[quantize].layers[0].feed_forward.w1) is layout
+    fused = models[quantize].layers[0].feed_forward.w13
+    if type(fused) is not layout:  # a forced kernel is tried first: oneDNN's int8 x int8 is wrong without VNNI
+        assert forced == "w8a8-onednn" and "wrong here" in speedups.describe(models[quantize])
     for chunk in (CHUNK, 1):  # each pass writes the cache from position 0 again
         exact, approx = (logits_along(models[q], run_inference, ids, chunk) for q in ("", quantize))
         relative_error = ((approx - exact).norm(dim=1) / exact.norm(dim=1)).mean().item()

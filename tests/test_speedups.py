@@ -11,6 +11,7 @@ import run_inference
 import speedups
 from speedups import calibration, layouts
 from conftest import CPU, SCRIPTS, greedy_without_cache, load, reference_model, run_script
+from random_checkpoint import TINY, ffn_hidden_dim
 from test_independent import random_prompt
 
 FAIRSCALE_LINEAR = (fairscale_layers.ColumnParallelLinear, fairscale_layers.RowParallelLinear)
@@ -44,8 +45,10 @@ def test_speedups_swap_named_modules(script, batch, linear, models_dir, distribu
         assert type(layer.attention) is speedups.GroupedQueryAttention
         assert layer.attention.cache_k.shape == (batch, 2, 20, 16)  # (batch, kv_heads, seq, head_dim): this job's
         assert layer.attention.cache_v.dtype == torch.float32 and not layer.attention.cache_v.is_meta
+        assert type(layer.feed_forward) is speedups.FusedFeedForward
+        assert layer.attention.wqkv.shape == (64 + 2 * 32, 64) and layer.feed_forward.w13.shape == (2 * ffn_hidden_dim(TINY), 64)
     assert type(model.output) is speedups.LastPositionLogits and type(model.output.layer) is linear
-    assert sum(type(m) is linear for m in model.modules()) == 7 * 2 + 1
+    assert sum(type(m) is linear for m in model.modules()) == 4 * 2 + 1  # wqkv, wo, w13, w2 per layer; output
     assert not any(isinstance(m, FAIRSCALE_LINEAR) for m in model.modules())
     assert no_patched_forwards(model)
     assert f"{linear.__name__}(in=64, out=64, kernels=(" in repr(model) and "GroupedQueryAttention(" in repr(model)
@@ -116,7 +119,7 @@ def test_a_float32_load_of_tied_1b_weights_holds_the_table_once(llama_1b_dir):
 
 def test_one_row_uses_pytorchs_own_kernel_and_restores_onednn(models_dir, distributed):
     """The fixed rule's PlainLinear switches oneDNN off for single-row products only, and back on afterwards."""
-    layer = load(run_inference, models_dir / "Tiny", 8, torch.bfloat16).layers[0].feed_forward.w1
+    layer = load(run_inference, models_dir / "Tiny", 8, torch.bfloat16).layers[0].feed_forward.w13
     x = torch.randn(5, 1, 64, dtype=torch.bfloat16)
     seen = []
     original = torch.nn.functional.linear
