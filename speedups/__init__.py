@@ -66,14 +66,16 @@ def apply(model, device, dtype, quantize="", kernels="measure", progress=None):
         if progress:
             progress(done + 1, len(layers))
     in_order = [module for module in model.modules() if isinstance(module, FastLinear)]  # the model's order
-    plans, skipped, report = plan_kernels(in_order, device, dtype, quantize, args.max_batch_size, kernels)
+    plans, skipped, report, timings_check = plan_kernels(in_order, device, dtype, quantize, args.max_batch_size,
+                                                         kernels)
     kept = convert_layers(layers, plans, device, dtype, args.max_batch_size)
     model.kernel_report = report + skipped_report(skipped, kept)
     for module in in_order:
         vars(module).pop("source", None)  # the weight a layout was made from: needed while choosing only
     threads = torch.get_num_threads()
     choosing = device.type == "cpu" and threads > 1 and kernel_choice(kernels) == "measure"
-    model.output = LastPositionLogits(model.output, StepThreads(threads) if choosing else None)
+    watchers = ([StepThreads(threads)] if choosing else []) + ([timings_check] if timings_check else [])
+    model.output = LastPositionLogits(model.output, watchers)
     return model
 
 
@@ -236,17 +238,17 @@ class RowsOf(nn.Module):
 
 class LastPositionLogits(nn.Module):
     """The output layer applied to the last position only: generation reads no other position's scores.
-    It ends every forward pass, so it also keeps the decode steps' clock for `threads` (a StepThreads, or
-    None where the thread count is left alone)."""
+    It ends every forward pass, so it also tells `watchers` (calibration.StepThreads, which picks the
+    number of threads, and calibration.TimingsCheck) when a decode step or a prompt chunk passes."""
 
-    def __init__(self, layer, threads=None):
+    def __init__(self, layer, watchers=()):
         super().__init__()
         self.layer = layer
-        self.threads = threads
+        self.watchers = list(watchers)
 
     def forward(self, h):  # (batch, seqlen, dim) -> (batch, 1, vocab)
-        if self.threads:
-            self.threads.step(decoding=h.shape[1] == 1)
+        for watcher in self.watchers:
+            watcher.step(decoding=h.shape[1] == 1)
         return self.layer(h[:, -1:])
 
 

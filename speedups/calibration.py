@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -70,14 +71,18 @@ def kernel_choice(value):
 
 def plan_kernels(modules, device, dtype, quantize, few_rows, setting="measure"):
     """({weight shape: (layout, {row class: kernel name})}, {kernel: why it was skipped}, a short report of
-    what was chosen and how). modules: the model's linear layers in their base layout, in the model's order."""
+    what was chosen and how, a TimingsCheck or None). modules: the model's linear layers in their base
+    layout, in the model's order."""
     setting = kernel_choice(setting) if isinstance(setting, str) else setting
     decode_class = "one" if few_rows == 1 else "few"
     shapes = {module.shape for module in modules}
     if setting == "measure" and device.type == "cpu":
         seconds, skipped, how = calibrate(modules, dtype, quantize, few_rows)
         plans = {shape: choose(seconds[shape], decode_class) for shape in shapes}
-        return plans, skipped, how + "; " + rates_report(seconds, modules, plans, dtype, quantize, few_rows)
+        linears = sum(seconds[m.shape][decode_class].get(plans[m.shape][1][decode_class], 0) for m in modules)
+        keys = [cache_key(shape, rows, dtype, quantize, few_rows) for shape in shapes for rows in row_classes(few_rows)]
+        report = how + "; " + rates_report(seconds, modules, plans, dtype, quantize, few_rows)
+        return plans, skipped, report, TimingsCheck(linears, keys)
     seconds = rule_seconds(quantize, device, dtype, few_rows)
     how = f"kernels by the fixed rule on {device.type}"
     if setting == "rule":
@@ -87,7 +92,7 @@ def plan_kernels(modules, device, dtype, quantize, few_rows, setting="measure"):
         how = f"kernels forced by KERNELS={','.join(setting)}"
     plan = choose(seconds, decode_class)
     used = ", ".join(f"{rows} {plan[1][rows]}" for rows in ROW_CLASSES)
-    return dict.fromkeys(shapes, plan), {}, f"{how}: {used}"
+    return dict.fromkeys(shapes, plan), {}, f"{how}: {used}", None
 
 
 def choose(seconds, decode_class):
@@ -411,16 +416,17 @@ def well_formed(entry):
             and all(name in KERNELS and isinstance(why, str) for name, why in skipped.items()))
 
 
-def write_cache(entries):
-    """Add entries to the cache file atomically (a temporary file renamed over it): readers never see half a
-    file, and a corrupt one is replaced. Returns what happened, in words: "cached in PATH", or "not cached
-    (why)". A temporary file left by a process that was killed while writing is removed."""
+def write_cache(entries, dropped=()):
+    """Add entries to the cache file (and drop the keys `dropped`) atomically (a temporary file renamed over
+    it): readers never see half a file, and a corrupt one is replaced. Returns what happened, in words:
+    "cached in PATH", or "not cached (why)". A temporary file left by a process killed while writing is removed."""
     path = cache_path()
     temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         remove_abandoned(path)
-        temporary.write_text(json.dumps({**read_cache(), **entries}, indent=1, sort_keys=True))
+        kept = {key: entry for key, entry in read_cache().items() if key not in dropped}
+        temporary.write_text(json.dumps({**kept, **entries}, indent=1, sort_keys=True))
         os.replace(temporary, path)
         return f"cached in {path}"
     except OSError as error:
@@ -448,6 +454,38 @@ def process_exists(pid):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# While decoding: do the cached timings still hold, and how many threads.
+# ---------------------------------------------------------------------------------------------------------
+class TimingsCheck:
+    """Whether the kernel timings this load used (measured now or cached earlier) still describe this machine.
+    A calibration taken while another job kept the cores busy times every kernel slow and may choose
+    wrongly, and the cache would keep that choice for good. The timings say how long one decode step's linear
+    layers take; a whole step takes longer than that. So when the median of the first STEPS decode steps
+    (at the thread count that was timed) is shorter than FASTER times it, the machine was busier when it was
+    measured: the entries are dropped from the cache, and the next load measures again (said on stderr)."""
+
+    STEPS = 8  # decode steps compared
+    FASTER = 0.7  # steps this much shorter than the timings' linear layers alone: measured on a busier machine
+
+    def __init__(self, linear_seconds, keys):
+        self.linear_seconds, self.keys = linear_seconds, keys
+        self.threads = torch.get_num_threads()
+        self.steps = []
+        self.last = None
+
+    def step(self, decoding):
+        now = time.perf_counter()
+        if decoding and self.last is not None and torch.get_num_threads() == self.threads:
+            self.steps.append(now - self.last)
+            if len(self.steps) == self.STEPS and median(self.steps) < self.FASTER * self.linear_seconds:
+                said = write_cache({}, dropped=self.keys)
+                print(f"(the kernel timings were taken while this machine was busier than now: "
+                      f"{1000 * median(self.steps):.0f} ms decode steps, {1000 * self.linear_seconds:.0f} ms "
+                      f"timed for their linear layers alone; measured again at the next load; {said})",
+                      file=sys.stderr)
+        self.last = time.perf_counter() if decoding and len(self.steps) < self.STEPS else None
+
+
 # The number of threads while decoding.
 # ---------------------------------------------------------------------------------------------------------
 class StepThreads:

@@ -131,6 +131,9 @@ MUTANTS = {
     "wrong-kernel-not-excluded": (CALIBRATION, 'return f"wrong here: {error:.1%} off"', "return None", WRONG),
     "kernel-that-raises-not-caught": (CALIBRATION, '        return None, f"fails: {reason(error)}"',
                                       "        raise", WRONG),
+    "busy-calibration-kept": (CALIBRATION, "median(self.steps) < self.FASTER * self.linear_seconds",
+                              "median(self.steps) < 0 * self.linear_seconds",
+                              ["tests/test_kernels.py", "-k", "busier_machine"]),
     "closed-pipe-is-an-error": (EXITS, "return isinstance(error, BrokenPipeError) or", "return False and",
                                 ["tests/test_scripts.py", "-k", "closed_pipe and minimal"]),
 }

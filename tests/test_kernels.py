@@ -129,6 +129,25 @@ def test_step_threads_keeps_the_count_whose_steps_are_shorter(slow_count, kept, 
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("step_seconds, dropped", [(0.5, True), (1.2, False)])
+def test_timings_taken_on_a_busier_machine_are_measured_again(step_seconds, dropped, tmp_path, monkeypatch, capsys):
+    """The timings said a step's linear layers take 1 s; steps of 0.5 s mean they were measured while the machine
+    was busier than now: the cache forgets them (and says so), so that the next load measures again. Steps of
+    1.2 s are what the timings predict."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    calibration.write_cache({"this model's key": ENTRY, "another model's key": ENTRY})
+    clock = [0.0]
+    monkeypatch.setattr(calibration.time, "perf_counter", lambda: clock[0])
+    check = calibration.TimingsCheck(1.0, ["this model's key"])
+    check.step(decoding=False)  # a prompt chunk: not a decode step
+    for _ in range(calibration.TimingsCheck.STEPS + 1):
+        clock[0] += step_seconds
+        check.step(decoding=True)
+    assert ("this model's key" not in calibration.read_cache()) == dropped
+    assert "another model's key" in calibration.read_cache()
+    assert ("measured again at the next load" in capsys.readouterr().err) == dropped
+
+
 # ---------------------------------------------------------------------------------------------------------
 # A kernel must build, run, and be right before it can be fast (issue: an AVX2-only CPU crashed at load).
 # ---------------------------------------------------------------------------------------------------------
