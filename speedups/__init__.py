@@ -38,8 +38,8 @@ from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallel
 from llama_models.llama3.model import apply_rotary_emb
 from torch import nn
 
-from speedups.calibration import (StepThreads, build_layout, copy_in_dtype, kernel_choice, plan_kernels, row_classes,
-                                  vet)
+from speedups.calibration import (SAMPLE_MAX_WEIGHTS, StepThreads, build_layout, copy_in_dtype, kernel_choice,
+                                  plan_kernels, row_classes, vet)
 from speedups.kernels import BASE_LAYOUT, DEFAULT_KERNEL, KERNELS
 from speedups.layouts import FORMATS, Concatenated, FastLinear, row_class, trim_heap
 
@@ -62,6 +62,8 @@ def apply(model, device, dtype, quantize="", kernels="measure", progress=None):
     base = BASE_LAYOUT[quantize]
     for done, (parent, name, layer) in enumerate(layers):  # the largest first, while little else is converted
         setattr(parent, name, base(layer))
+        if isinstance(layer, Concatenated):
+            layer.joined = None  # the copy of the weights it joined: the new layer holds what it needs of it
         trim_heap()  # freed temporaries of the conversion go back to the operating system
         if progress:
             progress(done + 1, len(layers))
@@ -71,7 +73,7 @@ def apply(model, device, dtype, quantize="", kernels="measure", progress=None):
     kept = convert_layers(layers, plans, device, dtype, args.max_batch_size)
     model.kernel_report = report + skipped_report(skipped, kept)
     for module in in_order:
-        vars(module).pop("source", None)  # the weight a layout was made from: needed while choosing only
+        vars(module).pop("first_rows", None)  # rows of the weight a layout was made from: for choosing only
     threads = torch.get_num_threads()
     choosing = device.type == "cpu" and threads > 1 and kernel_choice(kernels) == "measure"
     watchers = ([StepThreads(threads)] if choosing else []) + ([timings_check] if timings_check else [])
@@ -108,7 +110,8 @@ def try_plan(module, layout, names, dtype, few_rows):
         converted, why = build_layout(layout, module, dtype, few_rows, release=False)
     rows_count = {"one": 1, "few": few_rows, "chunk": few_rows + 1}
     for rows in row_classes(few_rows):
-        why = why or vet(KERNELS[names[rows]], converted, sample, rows_count[rows], dtype)
+        if rows != "chunk" or module.shape[0] * module.shape[1] <= SAMPLE_MAX_WEIGHTS:  # the output layer
+            why = why or vet(KERNELS[names[rows]], converted, sample, rows_count[rows], dtype)
     return why
 
 
@@ -126,7 +129,8 @@ def linear_layers(model):
              if isinstance(child, Concatenated)]
     found += [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
               if isinstance(child, (ColumnParallelLinear, RowParallelLinear))]
-    return sorted(found, key=lambda item: -item[2].weight.numel())
+    return sorted(found, key=lambda item: -(item[2].numel() if isinstance(item[2], Concatenated)
+                                            else item[2].weight.numel()))
 
 
 def describe(model):

@@ -265,6 +265,7 @@ def time_candidates(modules, dtype, quantize, few_rows):
     for module in sweep:
         samples.setdefault(module.shape, module)
     copies, skipped = other_layouts(candidates, base, samples, dtype, few_rows)
+    chunk_samples = [sample for shape, sample in samples.items() if shape[0] * shape[1] <= SAMPLE_MAX_WEIGHTS]
     rows_in = {"one": 1, "few": few_rows, "chunk": CHUNK_ROWS}
     inputs = {(rows, n): torch.randn(rows_in[rows], n, dtype=dtype) for rows in row_classes(few_rows)
               for n in {module.in_features for module in sweep}}
@@ -277,7 +278,7 @@ def time_candidates(modules, dtype, quantize, few_rows):
 
     def one_pass(kernel, rows):  # {shape: seconds per product}
         total, calls = {}, {}
-        for module in sweep if rows != "chunk" else samples.values():
+        for module in sweep if rows != "chunk" else chunk_samples:
             x = inputs[rows, module.in_features]
             layer = target(kernel, module)
             if layer is None:
@@ -298,7 +299,7 @@ def time_candidates(modules, dtype, quantize, few_rows):
             for kernel in candidates:
                 if rows not in kernel.candidate_rows or kernel.name in skipped:
                     continue
-                for sample in samples.values():  # once per shape: also builds oneDNN's kernels
+                for sample in samples.values() if rows != "chunk" else chunk_samples:  # also builds oneDNN's
                     layer = target(kernel, sample)
                     why = vet(kernel, layer, sample, rows_in[rows], dtype) if layer is not None else None
                     if why:

@@ -95,34 +95,46 @@ def round_activations(kernel, x):
     return kernel.input_rounding(x) if kernel.input_rounding else x.float()
 
 
+WIDEN_ELEMENTS = 2**21  # weights widened to float32 at a time (8 MiB: a block that stays in the CPU's caches)
+
+
 class WideningBuffer:
-    """The float32 copy of the one weight being multiplied in float32 (prompt chunks): one buffer, reused by
-    every layer, as large as the largest weight widened so far."""
+    """Where a block of a weight is widened to float32 (prompt chunks): one buffer of WIDEN_ELEMENTS floats,
+    reused by every layer."""
 
     def __init__(self):
-        self.buffer = torch.empty(0)
+        self.buffer = None
 
-    def view(self, shape):
-        if self.buffer.numel() < shape[0] * shape[1]:
-            self.buffer = torch.empty(0)  # the old one goes before the new one comes
-            self.buffer = torch.empty(shape[0] * shape[1])
-        return self.buffer[: shape[0] * shape[1]].view(shape)
+    def view(self, rows, columns):
+        if self.buffer is None:
+            self.buffer = torch.empty(WIDEN_ELEMENTS)
+        return self.buffer[: rows * columns].view(rows, columns)
 
 
 WIDENED = WideningBuffer()
 
 
+def widened_product(x, module, widen):
+    """x @ weight.T in float32, the weight widened a block of rows at a time by widen(start, end, buffer), which
+    fills the buffer with rows start .. end - 1 as float32: on CPUs without bfloat16 instructions float32's
+    matrix product is several times faster than a bfloat16 one, and a prompt chunk's rows share the widening."""
+    x32 = x.float()
+    out = torch.empty(x.shape[0], module.out_features)
+    step = max(1, WIDEN_ELEMENTS // module.in_features)
+    for start in range(0, module.out_features, step):
+        end = min(start + step, module.out_features)
+        out[:, start:end] = F.linear(x32, widen(start, end, WIDENED.view(end - start, module.in_features)))
+    return out.to(x.dtype)
+
+
 def float32_product(module, x):
-    """A prompt chunk in float32: the 16-bit weight widened once into WIDENED, then float32's matrix product,
-    which on CPUs without bfloat16 instructions is several times faster than a bfloat16 one."""
-    weight = WIDENED.view(module.shape).copy_(module.weight)
-    return F.linear(x.float(), weight).to(x.dtype)
+    return widened_product(x, module, lambda start, end, buffer: buffer.copy_(module.weight[start:end]))
 
 
 def int8_float32_product(module, x):
-    """The same for 8-bit weights: int8 * scale widened once into WIDENED (one pass), then float32's product."""
-    weight = torch.mul(module.weight, module.scales.float()[:, None], out=WIDENED.view(module.shape))
-    return F.linear(x.float(), weight).to(x.dtype)
+    scales = module.scales.float()[:, None]
+    return widened_product(x, module, lambda start, end, buffer: torch.mul(module.weight[start:end],
+                                                                           scales[start:end], out=buffer))
 
 
 def onednn_int8_matmul(module, x):

@@ -113,13 +113,25 @@ class FastLinear(nn.Module):
 class Concatenated:
     """Several of fairscale's column-parallel layers of one block (wq, wk, wv; or w1, w3) as one: their weights
     (this process's slices) one after the other by rows, so that one product computes all of them. The
-    copy is made from the memory-mapped file, whose pages are then let go."""
+    copy is made from the memory-mapped file when the layer is converted (one layer at a time), and the
+    file's pages are then let go."""
 
     def __init__(self, layers):
-        self.weight = nn.Parameter(torch.cat([layer.weight.detach() for layer in layers]), requires_grad=False)
+        self.layers = layers
         self.sizes = [layer.weight.shape[0] for layer in layers]
-        for layer in layers:
-            release_pages(layer.weight)
+        self.joined = None
+
+    def numel(self):
+        return sum(layer.weight.numel() for layer in self.layers)
+
+    @property
+    def weight(self):
+        if self.joined is None:
+            self.joined = nn.Parameter(torch.cat([layer.weight.detach() for layer in self.layers]),
+                                       requires_grad=False)
+            for layer in self.layers:
+                release_pages(layer.weight)
+        return self.joined
 
 
 def from_file(layer):
@@ -247,7 +259,7 @@ class Int4Linear(FastLinear):
         weight, scales_and_zeros, self.relative_error = quantize_int4(layer.weight.detach(), from_file(layer))
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.register_buffer("scales_and_zeros", scales_and_zeros)  # converted to the model's dtype by .to()
-        self.source = layer.weight.detach()  # the weight it was made from: see dequantized
+        self.first_rows = layer.weight.detach()[:INT4_PACK_ROWS].clone()  # see dequantized
 
     def rows_view(self, start, end):
         if start % INT4_PACK_ROWS or end % INT4_PACK_ROWS:  # PyTorch's packing interleaves blocks of rows
@@ -256,10 +268,11 @@ class Int4Linear(FastLinear):
                             scales_and_zeros=self.scales_and_zeros[:, start:end].contiguous())
 
     def dequantized(self, rows):
-        """PyTorch's packing cannot be read back cheaply: the first rows are quantized again from the weight
-        the layer was made from (the memory-mapped file), with the scales and zeros rounded as the kernel
-        reads them. apply() drops the source once the kernels are chosen."""
-        codes, scale, low = int4_groups(self.source[:rows])
+        """PyTorch's packing cannot be read back cheaply: the first rows (at most INT4_PACK_ROWS), kept from the
+        weight the layer was made from, are quantized again, the scales and zeros rounded as the kernel reads
+        them. apply() drops them once the kernels are chosen."""
+        assert rows <= len(self.first_rows)
+        codes, scale, low = int4_groups(self.first_rows[:rows])
         zero = (low + INT4_MIDPOINT * scale).to(self.scales_and_zeros.dtype).float()
         scale = scale.to(self.scales_and_zeros.dtype).float()
         return ((codes - INT4_MIDPOINT) * scale[..., None] + zero[..., None]).view(rows, -1)
