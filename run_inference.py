@@ -404,8 +404,8 @@ def decode_step(model, token_ids, pos):
 # 4,096 positions of the 1B model, 16 layers x 4,096 x 128,256 float32 numbers would be 33.6 GB).
 # The output layer is the largest matrix, and the lens applies it once per layer and position, n_layers
 # times what the model's own pass spends on it: so the script looks only at the positions it shows, the
-# prompt's last LOOK_INSIDE_POSITIONS, which costs less than a prefill (README's "A look inside" gives the
-# measured cost); look_inside(..., first=0) looks at every position.
+# prompt's last LOOK_INSIDE_POSITIONS, which costs less than a prefill of the prompt, and look_inside(...,
+# first=0) looks at every position (`python benchmarks/bench_look_inside.py` measures both).
 #
 # What is shown comes from that one pass. On stderr, a table for the prompt's last position, a row per
 # layer: the lens's top tokens, and the prompt tokens read most (the mean of the heads). With

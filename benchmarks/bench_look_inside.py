@@ -10,7 +10,7 @@ and as a multiple of the prefill's median in the same run:
   look (script)     look_inside at the positions the script shows: the prompt's last LOOK_INSIDE_POSITIONS
   look (every one)  look_inside(first=0): every position; the lens applies the output layer once per layer
                     and position, which a prefill does once per prompt
-  picture           draw_look_inside and the PNG file, from the script's look (matplotlib)
+  picture           draw_look_inside and save_picture, from the script's look (matplotlib, Pillow)
 The checkpoint is bench_decode.py's (written once into --checkpoint-dir, 2.5 GB). The kernels are speedups'
 fixed rule (KERNELS=rule), so that no trial of another thread count runs between the things compared.
 """
@@ -25,12 +25,12 @@ from pathlib import Path
 
 import torch
 
-from bench_decode import CHECKPOINT_DIR, CHECKPOINT_NAME, DTYPE, ensure_checkpoint, prompt_ids
+from bench_decode import CHECKPOINT_DIR, CHECKPOINT_NAME, DTYPE, ensure_checkpoint, prompt_ids  # puts the scripts
+from llama_models.llama3.tokenizer import Tokenizer  # on the path, and the tests' helpers
 
-import run_inference  # noqa: E402  (bench_decode put the scripts on the path)
-from llama_models.llama3.tokenizer import Tokenizer  # noqa: E402
-import speedups  # noqa: E402
-from support import checkpoint, devices  # noqa: E402
+import run_inference
+import speedups
+from support import checkpoint, devices
 
 
 def timed(work):
@@ -47,8 +47,7 @@ def measure(model, tokenizer, ids, rounds, folder):
     looks = {}
 
     def draw():
-        figure = run_inference.draw_look_inside(looks["script"], tokenizer, ids, layer)
-        figure.savefig(picture, format="png")
+        run_inference.save_picture(run_inference.draw_look_inside(looks["script"], tokenizer, ids, layer), picture)
 
     work = {"prefill": lambda: run_inference.prefill(model, ids),
             "look (script)": lambda: looks.update(script=run_inference.look_inside(model, ids, layer, first)),
