@@ -404,8 +404,9 @@ def decode_step(model, token_ids, pos):
 # 4,096 positions of the 1B model, 16 layers x 4,096 x 128,256 float32 numbers would be 33.6 GB).
 # The output layer is the largest matrix, and the lens applies it once per layer and position, n_layers
 # times what the model's own pass spends on it: so the script looks only at the positions it shows, the
-# prompt's last LOOK_INSIDE_POSITIONS, which costs less than a prefill of the prompt, and look_inside(...,
-# first=0) looks at every position (`python benchmarks/bench_look_inside.py` measures both).
+# prompt's last LOOK_INSIDE_POSITIONS, which bounds its cost whatever the prompt's length, and
+# look_inside(..., first=0) looks at every position. `python benchmarks/bench_look_inside.py` measures both
+# against a prefill of the same prompt (benchmarks/README.md).
 #
 # What is shown comes from that one pass. On stderr, a table for the prompt's last position, a row per
 # layer: the lens's top tokens, and the prompt tokens read most (the mean of the heads). With
@@ -595,7 +596,7 @@ def draw_lens(part, look, tokenizer, labels, colours):
     """The logit-lens grid: layers (rows, 1 at the top) by positions; each cell the top token, coloured by its
     probability."""
     n_layers, positions, _ = look.probs.shape
-    top = look.probs[:, :, 0].numpy()  # (n_layers, positions): the top token's probability
+    top = look.probs[:, :, 0].cpu().numpy()  # (n_layers, positions): the top token's probability
     axes = part.subplots()
     image = axes.imshow(top, cmap=colours, vmin=0, vmax=1, aspect="auto")
     for layer in range(n_layers):
@@ -625,7 +626,7 @@ def draw_heads(part, look, tokens, layer, per_row, colours):
         if head >= len(maps):
             axes.set_axis_off()
             continue
-        image = axes.imshow(maps[head].numpy(), cmap=colours, vmin=0, vmax=1, interpolation="nearest")
+        image = axes.imshow(maps[head].cpu().numpy(), cmap=colours, vmin=0, vmax=1, interpolation="nearest")
         axes.set_title(f"head {head + 1}", fontsize="small")
         labelled = head == len(grid.flat) - per_row  # the bottom left map: the others share its positions
         axes.set_yticks(range(0, len(rows), step) if labelled else [], rows[::step] if labelled else [],

@@ -156,8 +156,8 @@ MUTANTS = {
                                      "image = axes.imshow(top.T, cmap=colours", LOOK_PICTURE),
     "look-picture-cell-texts-transposed": (TUTORIAL, "axes.text(position, layer, token_label(",
                                            "axes.text(layer, position, token_label(", LOOK_PICTURE),
-    "look-picture-heads-transposed": (TUTORIAL, "image = axes.imshow(maps[head].numpy(),",
-                                      "image = axes.imshow(maps[head].numpy().T,", LOOK_PICTURE),
+    "look-picture-heads-transposed": (TUTORIAL, "image = axes.imshow(maps[head].cpu().numpy(),",
+                                      "image = axes.imshow(maps[head].cpu().numpy().T,", LOOK_PICTURE),
     "look-picture-heads-of-the-layer-below": (TUTORIAL, "look = look_inside(model, prompt_ids, layer, max(",
                                               "look = look_inside(model, prompt_ids, layer - 1, max(", LOOK_PICTURE),
     "look-picture-summed-column-misses-position-1": (
