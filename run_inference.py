@@ -23,9 +23,13 @@ get the checkpoints and how to run the tests.
 import base64
 import codecs
 import math
+import os
 import sys
 import time
+import warnings
 from functools import partial
+from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -70,6 +74,8 @@ CHAT_CONTEXT = 4096  # chat: tokens the KV cache holds for the whole conversatio
 SHOW_TOKENS = 1  # 1: a stderr line per new token (id, probability, runners-up); 0: off (always off in chat)
 SHOWN_ALTERNATIVES = 3  # runners-up printed per token when SHOW_TOKENS is on
 LOOK_INSIDE = 1  # 1: after the text, a table of what each layer predicts and reads at the prompt's last token; 0: off
+LOOK_INSIDE_PNG = ""  # a .png file: the look inside also drawn as a picture (needs matplotlib); "": none
+LOOK_INSIDE_LAYER = 0  # the layer whose heads the picture shows, 1 .. n_layers; 0: three quarters of the way up
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -384,56 +390,287 @@ def decode_step(model, token_ids, pos):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# A look inside: what each layer would predict, and where the last position looks.
+# A look inside: what each layer would predict at each position, and where each head looks.
 # The hidden vector that flows from layer to layer (the "residual stream") is in the same space at every
 # depth: each layer adds to it. So the final RMSNorm and the output layer, which turn the last layer's
 # vector into logits, can be applied after any layer, as if the model stopped there. This "logit lens"
 # shows the prediction forming: early layers often propose frequent tokens, later ones the answer.
-# Beside it, each layer's attention weights for the last position say which earlier tokens it read most
-# (the mean over the heads; single heads are often sharper). Many heads park their weight on the first
-# token when nothing else is relevant.
-# look_inside runs the prompt's last position again, through every layer with layer_by_hand, reading the
-# keys and values the prompt's pass left in the cache, and writing nothing: one decode step's work. The
-# output layer, the largest matrix, is applied once to all the layers' vectors together.
+# Beside it, each layer's attention weights say which earlier tokens a position read. Many heads park
+# their weight on the first token when nothing else is relevant (an "attention sink").
+#
+# look_inside runs prompt positions again through every layer with layer_by_hand, PREFILL_CHUNK positions
+# at a time, reading the keys and values that the prompt's pass left in the cache for the positions before
+# each chunk, and writing nothing. After each layer the chunk's vectors go through the final norm and the
+# output layer, and only the LOOK_INSIDE_TOP most likely tokens at each position are kept: the logits of
+# one chunk after one layer exist for a moment, never those of every layer and position at once (for
+# 4,096 positions of the 1B model, 16 layers x 4,096 x 128,256 float32 numbers would be 33.6 GB).
+# The output layer is the largest matrix, and the lens applies it once per layer and position, n_layers
+# times what the model's own pass spends on it: so the script looks only at the positions it shows, the
+# prompt's last LOOK_INSIDE_POSITIONS, which bounds its cost whatever the prompt's length, and
+# look_inside(..., first=0) looks at every position. `python benchmarks/bench_look_inside.py` measures both
+# against a prefill of the same prompt (benchmarks/README.md).
+#
+# What is shown comes from that one pass. On stderr, a table for the prompt's last position, a row per
+# layer: the lens's top tokens, and the prompt tokens read most (the mean of the heads). With
+# LOOK_INSIDE_PNG=look.png, also a picture of the same numbers (matplotlib, imported only then):
+#   top     the logit-lens grid: layers (rows, 1 at the top as in the table) by positions (columns,
+#           labelled with the token at that position); each cell is the most likely next token after that
+#           layer, coloured by its probability. The last column is the table's first lens column. Read a
+#           column downwards to watch one prediction form.
+#   bottom  one heat map per head of layer LOOK_INSIDE_LAYER: row i holds position i's weights over the
+#           positions it reads (columns; the upper triangle is empty, no position reads a later one). A bright
+#           first column is the sink; a bright line just below the diagonal, a head that reads the previous
+#           token. Why one layer, head by head, rather than the heads' mean for every layer: the table
+#           already gives that mean, and a mean blurs what the heads do apart (one reads the previous token,
+#           another the subject, the rest the sink). The default layer is three quarters of the way up: in
+#           the last layers most heads read only the sink, and the first ones read what is near; between,
+#           heads read the facts the answer needs (README's picture: in layer 23 of 30, two heads at "of"
+#           read "iffel" of "The Eiffel Tower is in the city of"). When the prompt is longer than the
+#           picture, the heat maps keep two more columns at the left, the first token and the sum over the
+#           positions between it and the picture's, so that every row still sums to 1.
 # ---------------------------------------------------------------------------------------------------------
 LOOK_INSIDE_TOP = 3  # tokens shown per layer, for the lens and for attention
+LOOK_INSIDE_POSITIONS = 32  # the picture's columns at most: the prompt's last positions, each cell still readable
+LOOK_INSIDE_DPI = 100  # the picture's pixels per inch
+LOOK_INSIDE_PALETTE = 256  # colours in the PNG file
+LOOK_INSIDE_CELL_WIDTH, LOOK_INSIDE_CELL_HEIGHT = 0.6, 0.22  # inches per cell of the lens grid
+LOOK_INSIDE_MARGIN = 2.0  # inches for the titles, labels and colour bar around a panel
+LOOK_INSIDE_MIN_WIDTH = 8.0  # inches: room for the titles when the prompt is short
+LOOK_INSIDE_HEAD_MAP = 1.6  # inches per attention heat map, at least, where the picture is wide
+LOOK_INSIDE_LABEL_CHARS = 9  # a token's text is cut to this many characters in a cell or a label
+LOOK_INSIDE_TOKEN_LABELS = 16  # the heat maps are labelled by tokens up to this many positions, beyond by numbers
+LOOK_INSIDE_HEAD_TICKS = 8  # numbered labels on a heat map's side, about
+LOOK_INSIDE_COLOURS = "viridis"  # matplotlib's colour map for probabilities and weights, 0 dark to 1 bright
+LOOK_INSIDE_LEVELS = 10  # colours of the map, each for a tenth: easy to match with the colour bar by eye
+LOOK_INSIDE_DARK_BELOW = 0.5  # the colour map's dark half: cells there get white text
+
+
+class Look(NamedTuple):
+    """What look_inside finds at positions first ... len(prompt_ids) - 1 (`positions` of them)."""
+    probs: torch.Tensor  # (n_layers, positions, LOOK_INSIDE_TOP) the lens's top probabilities, best first
+    token_ids: torch.Tensor  # (n_layers, positions, LOOK_INSIDE_TOP) their token ids
+    last_attention: torch.Tensor  # (n_layers, heads, len(prompt_ids)) every layer's weights at the last position
+    head_maps: torch.Tensor  # (heads, positions, len(prompt_ids)) one layer's weights at each position looked at
+    first: int
+
+
+def lens_top(model, x):
+    """The logit lens's LOOK_INSIDE_TOP tokens at each of x's vectors (positions, dim): (probabilities, ids),
+    each (positions, LOOK_INSIDE_TOP). Each position goes through the output layer as a sequence of its own,
+    (positions, 1, dim), since the fast path's output layer keeps only a sequence's last position."""
+    logits = model.output(model.norm(x)[:, None])[:, -1].float()  # (positions, vocab)
+    top_logits, top_ids = logits.topk(LOOK_INSIDE_TOP, dim=-1)  # (positions, LOOK_INSIDE_TOP)
+    # softmax for the top tokens only: exp(logit - log of the sum of exp(every logit of the position))
+    return (top_logits - logits.logsumexp(dim=-1, keepdim=True)).exp(), top_ids
+
+
+def look_at_chunk(model, prompt_ids, start, end, layer):
+    """Positions start ... end - 1 through every layer by hand: the lens's top probabilities and ids after
+    each layer (n_layers, chunk, LOOK_INSIDE_TOP) each, every layer's attention weights at the chunk's last
+    position (n_layers, heads, end) and layer `layer`'s (1 = the first) at every position (heads, chunk, end)."""
+    tokens = torch.tensor([prompt_ids[start:end]], device=model_device(model))  # (1, chunk)
+    x = model.tok_embeddings(tokens)  # (1, chunk, dim)
+    probs, ids, last_rows = [], [], []
+    for number, block in enumerate(model.layers, start=1):
+        x, weights = layer_by_hand(block, x, start, model.freqs_cis)  # (1, chunk, dim), (1, heads, chunk, end)
+        top_probs, top_ids = lens_top(model, x[0])
+        probs.append(top_probs)
+        ids.append(top_ids)
+        last_rows.append(weights[0, :, -1])  # (heads, end)
+        if number == layer:
+            maps = weights[0]  # (heads, chunk, end)
+    return torch.stack(probs), torch.stack(ids), torch.stack(last_rows), maps
 
 
 @torch.inference_mode()
-def look_inside(model, prompt_ids):
-    """For the prompt's last position, after each layer: (logit-lens probabilities (n_layers, vocab),
-    attention weights over the prompt's positions (n_layers, heads, len(prompt_ids))). Needs the prompt's
-    keys and values in the cache (row 0), as the prompt's pass leaves them."""
-    position = len(prompt_ids) - 1
-    x = model.tok_embeddings(torch.tensor([prompt_ids[-1:]], device=model_device(model)))  # (1, 1, dim)
-    streams, attended = [], []
-    for block in model.layers:
-        x, weights = layer_by_hand(block, x, position, model.freqs_cis)  # (1, 1, dim), (1, heads, 1, positions)
-        streams.append(x[0, -1])
-        attended.append(weights[0, :, -1])
-    normed = model.norm(torch.stack(streams))  # (n_layers, dim)
-    lens = model.output(normed[:, None])[:, -1]  # (n_layers, vocab): one product for all layers
-    return torch.softmax(lens.float(), dim=-1), torch.stack(attended)
+def look_inside(model, prompt_ids, layer, first=0):
+    """The logit lens and attention at positions first ... len(prompt_ids) - 1, in one pass that reads the
+    prompt's keys and values in the cache (row 0, as the prompt's pass leaves them) and writes nothing.
+    Memory: the head maps hold heads x positions x len(prompt_ids) numbers, the rest far less."""
+    end = len(prompt_ids)
+    probs, ids, maps = [], [], []
+    for start in range(first, end, PREFILL_CHUNK):
+        chunk_probs, chunk_ids, last_attention, chunk_maps = look_at_chunk(
+            model, prompt_ids, start, min(start + PREFILL_CHUNK, end), layer)
+        probs.append(chunk_probs)
+        ids.append(chunk_ids)
+        maps.append(F.pad(chunk_maps, (0, end - chunk_maps.shape[-1])))  # 0 for the positions after the chunk
+    return Look(torch.cat(probs, dim=1), torch.cat(ids, dim=1), last_attention, torch.cat(maps, dim=1), first)
+
+
+def shown_layer(n_layers):
+    """The layer whose heads the picture shows (1 = the first): LOOK_INSIDE_LAYER, or the one three quarters of
+    the way up (rounded up)."""
+    return LOOK_INSIDE_LAYER or -(-3 * n_layers // 4)
+
+
+def check_look_inside(params):
+    """LOOK_INSIDE_LAYER and LOOK_INSIDE_PNG, checked before the model loads; matplotlib imported here, only
+    when there is a picture to draw."""
+    settings.check_range("LOOK_INSIDE_LAYER", LOOK_INSIDE_LAYER, 0, params["n_layers"])
+    if not LOOK_INSIDE_PNG:
+        return
+    if not LOOK_INSIDE or CHAT or torchrun.processes()[0] > 1:
+        exits.fail(f"LOOK_INSIDE_PNG={LOOK_INSIDE_PNG!r} draws the look inside of a single run in one process: it "
+                   "needs LOOK_INSIDE=1, and no CHAT or torchrun")
+    path = Path(LOOK_INSIDE_PNG).expanduser()
+    if path.suffix.lower() != ".png" or path.is_dir() or not os.access(path.parent, os.W_OK):
+        exits.fail(f"LOOK_INSIDE_PNG={LOOK_INSIDE_PNG!r}: give a .png file name in a folder you can write to")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        exits.fail("LOOK_INSIDE_PNG needs matplotlib, which is not installed: pip install -r requirements.txt "
+                   "(it pins the version), or leave LOOK_INSIDE_PNG empty")
 
 
 def show_look_inside(model, tokenizer, prompt_ids):
-    """One aligned stderr table: per layer, the logit lens's top tokens and the most attended prompt tokens."""
+    """The table for the prompt's last position on stderr and, with LOOK_INSIDE_PNG, the picture."""
     if torchrun.processes()[0] > 1:
         print("(LOOK_INSIDE needs one process: under torchrun each process holds only some heads)", file=sys.stderr)
         return
-    lens, attention = look_inside(model, prompt_ids)
-    top_probs, top_ids = lens.topk(LOOK_INSIDE_TOP)  # (n_layers, LOOK_INSIDE_TOP)
-    mean_weights = attention.mean(dim=1)  # (n_layers, positions): the heads' mean
+    layer = shown_layer(len(model.layers))
+    look = look_inside(model, prompt_ids, layer, max(0, len(prompt_ids) - LOOK_INSIDE_POSITIONS))
+    print_look_table(look, tokenizer, prompt_ids)
+    if LOOK_INSIDE_PNG:
+        save_picture(draw_look_inside(look, tokenizer, prompt_ids, layer), Path(LOOK_INSIDE_PNG).expanduser())
+
+
+def print_look_table(look, tokenizer, prompt_ids):
+    """One aligned stderr table: per layer, the logit lens's top tokens and the most attended prompt tokens,
+    at the prompt's last position."""
+    top_probs, top_ids = look.probs[:, -1], look.token_ids[:, -1]  # (n_layers, LOOK_INSIDE_TOP) each
+    mean_weights = look.last_attention.mean(dim=1)  # (n_layers, positions): the heads' mean
     top_weights, top_positions = mean_weights.topk(min(LOOK_INSIDE_TOP, len(prompt_ids)))
     print(f"\nlook inside, at the prompt's last token {tokenizer.decode(prompt_ids[-1:])!r}:\n"
           f"{'layer':>5}  {'logit lens: the next token if the model stopped here':<54}"
-          f"attention: the prompt tokens read most (mean of {attention.shape[1]} heads)", file=sys.stderr)
-    for layer in range(len(lens)):
+          f"attention: the prompt tokens read most (mean of {look.last_attention.shape[1]} heads)", file=sys.stderr)
+    for layer in range(len(top_probs)):
         predicted = "  ".join(f"{tokenizer.decode([i])!r} {p:.2f}"
                               for p, i in zip(top_probs[layer].tolist(), top_ids[layer].tolist()))
         read = "  ".join(f"{tokenizer.decode([prompt_ids[i]])!r} {w:.2f}"
                          for w, i in zip(top_weights[layer].tolist(), top_positions[layer].tolist()))
         print(f"{layer + 1:>5}  {predicted:<54}{read}", file=sys.stderr)
+
+
+def token_label(text):
+    """A token's text as a short label: with escapes, as in the table, without the quotes unless it is only
+    spaces (so that they show), cut to LOOK_INSIDE_LABEL_CHARS."""
+    label = repr(text)[1:-1] if text.strip() else repr(text)
+    return label if len(label) <= LOOK_INSIDE_LABEL_CHARS else label[: LOOK_INSIDE_LABEL_CHARS - 1] + "…"
+
+
+def draw_look_inside(look, tokenizer, prompt_ids, layer):
+    """The picture, a matplotlib Figure (drawn by Agg, in memory: no screen needed): the logit-lens grid at
+    the top, layer `layer`'s heads below. Sizes in inches, from the numbers of cells."""
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    n_layers, positions, _ = look.probs.shape
+    heads = look.head_maps.shape[0]
+    width = max(LOOK_INSIDE_MIN_WIDTH, LOOK_INSIDE_MARGIN + LOOK_INSIDE_CELL_WIDTH * positions)
+    # heat maps side by side: at least twice as many columns as rows, more where the width has room
+    per_row = min(heads, max(math.ceil(math.sqrt(2 * heads)), int(width // LOOK_INSIDE_HEAD_MAP)))
+    lens_height = LOOK_INSIDE_MARGIN + LOOK_INSIDE_CELL_HEIGHT * n_layers
+    heads_height = LOOK_INSIDE_MARGIN / 2 + math.ceil(heads / per_row) * width / per_row
+    figure = Figure(figsize=(width, lens_height + heads_height), dpi=LOOK_INSIDE_DPI, layout="constrained")
+    FigureCanvasAgg(figure)
+    colours = colormaps[LOOK_INSIDE_COLOURS].resampled(LOOK_INSIDE_LEVELS)
+    labels, numbered = position_labels(look, tokenizer, prompt_ids)
+    lens_part, heads_part = figure.subfigures(2, 1, height_ratios=[lens_height, heads_height])
+    draw_lens(lens_part, look, tokenizer, labels, colours)
+    draw_heads(heads_part, look, None if numbered else labels, layer, per_row, colours)
+    return figure
+
+
+def position_labels(look, tokenizer, prompt_ids):
+    """The positions looked at, as labels, and whether they are numbered: their tokens, with their numbers
+    when there are more than LOOK_INSIDE_TOKEN_LABELS or the picture starts later than position 0 (the heat
+    maps, too small for tokens then, show the numbers)."""
+    positions = range(look.first, len(prompt_ids))
+    tokens = [token_label(tokenizer.decode([prompt_ids[position]])) for position in positions]
+    if look.first == 0 and len(tokens) <= LOOK_INSIDE_TOKEN_LABELS:
+        return tokens, False
+    return [f"{position} {token}" for position, token in zip(positions, tokens)], True
+
+
+def draw_lens(part, look, tokenizer, labels, colours):
+    """The logit-lens grid: layers (rows, 1 at the top) by positions; each cell the top token, coloured by its
+    probability."""
+    n_layers, positions, _ = look.probs.shape
+    top = look.probs[:, :, 0].cpu().numpy()  # (n_layers, positions): the top token's probability
+    axes = part.subplots()
+    image = axes.imshow(top, cmap=colours, vmin=0, vmax=1, aspect="auto")
+    for layer in range(n_layers):
+        for position in range(positions):
+            dark = top[layer, position] < LOOK_INSIDE_DARK_BELOW  # white text on the dark end of the colours
+            axes.text(position, layer, token_label(tokenizer.decode([int(look.token_ids[layer, position, 0])])),
+                      ha="center", va="center", fontsize="small", color="white" if dark else "black")
+    axes.set_xticks(range(positions), labels, rotation=90)
+    axes.set_yticks(range(n_layers), range(1, n_layers + 1))
+    length = look.head_maps.shape[-1]  # the prompt's positions
+    shown = f"the last {positions} of {length} positions" if look.first else "every position"
+    axes.set(xlabel=f"the prompt's tokens ({shown})", ylabel="layer",
+             title="logit lens: each layer's most likely next token at each position")
+    part.colorbar(image, ax=axes, label="its probability")
+
+
+def draw_heads(part, look, tokens, layer, per_row, colours):
+    """One heat map per head of layer `layer`: rows the positions looked at, columns the positions read. The
+    bottom left map is labelled: by `tokens` when given (the whole prompt, short), else by position numbers."""
+    maps, columns = head_map_columns(look)  # (heads, positions, columns), the positions each column stands for
+    rows = columns[-maps.shape[1] :]
+    if tokens:
+        rows = columns = tokens
+    step = 1 if tokens else math.ceil(len(columns) / LOOK_INSIDE_HEAD_TICKS)  # a label every `step` positions
+    grid = part.subplots(math.ceil(len(maps) / per_row), per_row, squeeze=False)
+    for head, axes in enumerate(grid.flat):
+        if head >= len(maps):
+            axes.set_axis_off()
+            continue
+        image = axes.imshow(maps[head].cpu().numpy(), cmap=colours, vmin=0, vmax=1, interpolation="nearest")
+        axes.set_title(f"head {head + 1}", fontsize="small")
+        labelled = head == len(grid.flat) - per_row  # the bottom left map: the others share its positions
+        axes.set_yticks(range(0, len(rows), step) if labelled else [], rows[::step] if labelled else [],
+                        fontsize="xx-small")
+        axes.set_xticks(range(0, len(columns), step) if labelled else [], columns[::step] if labelled else [],
+                        fontsize="xx-small", rotation=90)
+    part.suptitle(f"attention in layer {layer}, head by head:\nhow much each position (row) reads each earlier one "
+                  "(column)")
+    part.colorbar(image, ax=grid, label="attention weight", shrink=0.6)
+
+
+def head_map_columns(look):
+    """The head maps' columns as drawn, with the positions each stands for (as text): the positions looked at
+    and, when they start later, first position 0 and then the sum over the positions in between."""
+    length = look.head_maps.shape[-1]
+    maps = look.head_maps[:, :, look.first :]  # (heads, positions, positions)
+    columns = [str(position) for position in range(look.first, length)]
+    if look.first > 1:  # the positions between 0 and the picture's, as one column
+        maps = torch.cat([look.head_maps[:, :, 1 : look.first].sum(dim=-1, keepdim=True), maps], dim=-1)
+        columns = [f"1-{look.first - 1}"] + columns
+    if look.first > 0:
+        maps = torch.cat([look.head_maps[:, :, :1], maps], dim=-1)
+        columns = ["0"] + columns
+    return maps, columns
+
+
+def save_picture(figure, path):
+    """Write the picture as a PNG file in LOOK_INSIDE_PALETTE colours (a third of the bytes of full colour, alike
+    to the eye; Pillow comes with matplotlib), and say where, with its size."""
+    from PIL import Image
+
+    with warnings.catch_warnings():  # a character the font lacks is drawn as a box, without a warning each
+        warnings.filterwarnings("ignore", "Glyph .* missing from font")
+        figure.canvas.draw()
+    width, height = figure.canvas.get_width_height()
+    image = Image.frombuffer("RGBA", (width, height), figure.canvas.buffer_rgba()).convert("RGB")
+    try:
+        image.quantize(LOOK_INSIDE_PALETTE).save(path, format="PNG", optimize=True)
+    except OSError as error:
+        exits.fail(f"LOOK_INSIDE_PNG: cannot write {path} ({error.strerror or type(error).__name__})")
+    print(f"look inside: the picture is in {path} ({width} x {height} pixels, {path.stat().st_size / 1000:.0f} KB)",
+          file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -758,6 +995,7 @@ def main():
     tokenizer = checkpoint.load_tokenizer(model_dir, params)
     instruct = "instruct" in MODEL_NAME.lower()
     check_settings(tokenizer, params, instruct)
+    check_look_inside(params)
     prompt = settings.read_prompt(INPUT_STRING, INPUT_FILE)
     prompt_ids = encode_prompt(tokenizer, prompt, SYSTEM_PROMPT, instruct)
     if not CHAT:

@@ -2,7 +2,8 @@
 
 An independent witness for the scripts. transformers implements Llama with its own code (its own attention,
 RoPE and RMSNorm), so a model built here and the scripts' llama-models model agree only if both read the
-checkpoint the same way. Used by tests/test_independent.py (fp32) and by the benchmark (bf16):
+checkpoint the same way. Used by tests/test_independent.py (fp32), by the look inside's tests
+(lens_and_attention) and by the benchmark (bf16):
 
     model = transformers_llama(model_dir, dtype=torch.bfloat16)
     out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=64, do_sample=False,
@@ -133,3 +134,17 @@ def transformers_llama(model_dir, dtype=torch.float32, rope_factor=None):
     if leftover:
         raise RuntimeError(f"not loaded from the checkpoint: {leftover}")
     return model.eval()
+
+
+def lens_and_attention(model, ids):
+    """transformers' own look inside a LlamaForCausalLM, float32: the logit lens after each layer at every
+    position, softmax(lm_head(norm(hidden state))) (n_layers, positions, vocab), and every layer's attention
+    weights (n_layers, heads, positions, positions). Switches the model to eager attention, the
+    implementation that returns its weights."""
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        out = model(torch.tensor([ids]), output_hidden_states=True, output_attentions=True)
+        # hidden_states: the embeddings, then each layer's output; the last one has been through the final norm
+        after_layers = [model.model.norm(h[0]) for h in out.hidden_states[1:-1]] + [out.hidden_states[-1][0]]
+        lens = torch.softmax(model.lm_head(torch.stack(after_layers)).float(), dim=-1)
+    return lens, torch.stack([weights[0] for weights in out.attentions]).float()

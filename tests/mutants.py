@@ -41,9 +41,16 @@ WRONG = ["tests/test_kernels.py", "-k", "wrong_kernel_is_never_chosen or forced_
 SAMPLING = ["tests/test_generation.py::test_the_script_samples_from_the_nucleus_at_its_temperature"]
 CHAT = ["tests/test_chat.py::test_each_reply_is_a_fresh_runs_and_each_turn_feeds_only_its_new_tokens"]
 PLATFORM = ["tests/test_platform.py"]
-LAYER = ["tests/test_layer.py", "-k", "float32 or transformers"]
+LAYER = ["tests/test_layer.py", "-k", "float32"]
 # Real trained weights (SmolLM2-135M, RoPE theta 100,000): every random checkpoint has Llama 3's theta, 500,000.
 REAL_NLL = "tests/test_real_weights.py::test_english_is_predictable_in_float32"  # [minimal] or [tutorial]
+LOOK = "tests/test_look_inside.py::"
+LOOK_NUMBERS = [LOOK + "test_look_inside_is_transformers_at_every_position"]
+LOOK_CHUNKS = [LOOK_NUMBERS[0] + "[speedups-on-chunks-of-4-from-position-5]"]
+LOOK_TABLE = [LOOK + "test_every_column_of_the_table_and_the_picture_file"]
+LOOK_PICTURE = [LOOK + "test_the_picture_shows_the_tables_numbers_and_transformers"]
+LOOK_LONG_PICTURE = [LOOK + "test_a_long_prompts_picture_shows_its_last_positions_and_where_the_rest_went"]
+LOOK_MEMORY = [LOOK + "test_the_lens_of_every_position_of_a_long_prompt_stays_within_a_memory_bound"]
 MODULES = [SPEEDUPS_TESTS + "test_speedups_off_runs_llama_models_as_written",
            SPEEDUPS_TESTS + "test_speedups_swap_named_modules"]
 
@@ -115,8 +122,52 @@ MUTANTS = {
         "q = q.float().view(batch, seqlen, heads // kv_heads, kv_heads, head_dim).transpose(2, 3)", LAYER),
     "by-hand-causal-mask-dropped": (TUTORIAL, "scores = scores.masked_fill(~causal, float(\"-inf\"))",
                                     "scores = scores", LAYER),
-    "lens-without-the-final-norm": (TUTORIAL, "normed = model.norm(torch.stack(streams))",
-                                    "normed = torch.stack(streams)", LAYER),
+    "lens-without-the-final-norm": (TUTORIAL, "logits = model.output(model.norm(x)[:, None])[:, -1].float()",
+                                    "logits = model.output(x[:, None])[:, -1].float()", LOOK_NUMBERS),
+    # The look inside (tests/test_look_inside.py): its numbers, each column of its table, its picture, its memory.
+    "look-lens-softmax-over-positions": (TUTORIAL, "(top_logits - logits.logsumexp(dim=-1, keepdim=True)).exp()",
+                                         "(top_logits - logits.logsumexp(dim=0, keepdim=True)).exp()", LOOK_NUMBERS),
+    "look-chunks-at-position-0": (TUTORIAL, "x, weights = layer_by_hand(block, x, start, model.freqs_cis)",
+                                  "x, weights = layer_by_hand(block, x, 0, model.freqs_cis)", LOOK_CHUNKS),
+    "look-heads-of-the-next-layer": (TUTORIAL, "        if number == layer:", "        if number == layer + 1:",
+                                     LOOK_NUMBERS),
+    "look-attention-of-the-position-before": (TUTORIAL, "last_rows.append(weights[0, :, -1])",
+                                              "last_rows.append(weights[0, :, -2])", LOOK_NUMBERS),
+    "look-attention-softmax-over-queries": (TUTORIAL, "weights = torch.softmax(scores, dim=-1)",
+                                            "weights = torch.softmax(scores, dim=-2)", LOOK_TABLE),
+    "look-in-one-chunk": (TUTORIAL, "range(first, end, PREFILL_CHUNK):\n        chunk_probs, chunk_ids, "
+                          "last_attention, chunk_maps = look_at_chunk(\n            model, prompt_ids, start, "
+                          "min(start + PREFILL_CHUNK, end)",
+                          "range(first, end, end):\n        chunk_probs, chunk_ids, last_attention, "
+                          "chunk_maps = look_at_chunk(\n            model, prompt_ids, start, end", LOOK_MEMORY),
+    "look-table-layers-numbered-from-0": (TUTORIAL, 'print(f"{layer + 1:>5}  {predicted:<54}{read}"',
+                                          'print(f"{layer:>5}  {predicted:<54}{read}"', LOOK_TABLE),
+    "look-table-lens-of-the-first-position": (TUTORIAL, "top_probs, top_ids = look.probs[:, -1], look.token_ids[:, -1]",
+                                              "top_probs, top_ids = look.probs[:, 0], look.token_ids[:, 0]",
+                                              LOOK_TABLE),
+    "look-table-lens-probabilities-of-other-tokens": (
+        TUTORIAL, "for p, i in zip(top_probs[layer].tolist(), top_ids[layer].tolist()))",
+        "for p, i in zip(top_probs[layer].tolist(), top_ids[layer].flip(0).tolist()))", LOOK_TABLE),
+    "look-table-attention-of-one-head": (TUTORIAL, "mean_weights = look.last_attention.mean(dim=1)",
+                                         "mean_weights = look.last_attention[:, 0]", LOOK_TABLE),
+    "look-table-attention-of-the-layer-before": (TUTORIAL, "top_weights, top_positions = mean_weights.topk(",
+                                                 "top_weights, top_positions = mean_weights.roll(1, dims=0).topk(",
+                                                 LOOK_TABLE),
+    "look-table-attention-tokens-shifted": (TUTORIAL, 'f"{tokenizer.decode([prompt_ids[i]])!r} {w:.2f}"',
+                                            'f"{tokenizer.decode([prompt_ids[i - 1]])!r} {w:.2f}"', LOOK_TABLE),
+    "look-picture-lens-transposed": (TUTORIAL, "image = axes.imshow(top, cmap=colours",
+                                     "image = axes.imshow(top.T, cmap=colours", LOOK_PICTURE),
+    "look-picture-cell-texts-transposed": (TUTORIAL, "axes.text(position, layer, token_label(",
+                                           "axes.text(layer, position, token_label(", LOOK_PICTURE),
+    "look-picture-heads-transposed": (TUTORIAL, "image = axes.imshow(maps[head].cpu().numpy(),",
+                                      "image = axes.imshow(maps[head].cpu().numpy().T,", LOOK_PICTURE),
+    "look-picture-heads-of-the-layer-below": (TUTORIAL, "look = look_inside(model, prompt_ids, layer, max(",
+                                              "look = look_inside(model, prompt_ids, layer - 1, max(", LOOK_PICTURE),
+    "look-picture-summed-column-misses-position-1": (
+        TUTORIAL, "maps = torch.cat([look.head_maps[:, :, 1 : look.first].sum(",
+        "maps = torch.cat([look.head_maps[:, :, 2 : look.first].sum(", LOOK_LONG_PICTURE),
+    "look-picture-window-ignored": (TUTORIAL, "max(0, len(prompt_ids) - LOOK_INSIDE_POSITIONS))", "0)",
+                                    LOOK_LONG_PICTURE),
     # RoPE built with Llama 3's theta whatever params.json says: the random-weight tests cannot tell (all
     # theirs use 500,000); SmolLM2's real weights can (NLL of tests/english.txt 3.28 -> 3.36 nats).
     "rope-theta-ignored-tutorial": (TUTORIAL, "freqs = 1.0 / (args.rope_theta ** (", "freqs = 1.0 / (500000.0 ** (",

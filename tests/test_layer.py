@@ -1,19 +1,16 @@
-"""The tutorial's layer by hand and its look inside the model (run_inference.layer_by_hand, look_inside).
+"""The tutorial's layer by hand (run_inference.layer_by_hand), on which its look inside is built.
 
 layer_by_hand must compute what llama-models' TransformerBlock computes, from the block's own modules, in
 both cache layouts (SPEEDUPS=0 and 1), in float32 and bfloat16, on a chunk at position 0 and on one after
-earlier positions, without changing a cache row. The look inside (logit lens and attention rows) is
-checked against transformers' own Llama on the same weights: its hidden states and attention weights.
+earlier positions, without changing a cache row. The look inside itself (logit lens and attention, its table
+and its picture) is checked against transformers in tests/test_look_inside.py.
 """
 
 import pytest
 import torch
-from llama_models.llama3.tokenizer import Tokenizer
 
 import run_inference
-import smollm
 from conftest import load, run_script
-from hf_reference import transformers_llama
 
 FP32_RELATIVE = 1e-5  # float32: max |ours - block| <= this x max |block|
 TEXT = "The capital of France is Paris, and the capital of Italy is"
@@ -87,49 +84,3 @@ def test_the_tutorial_prints_the_layer_check_and_a_look_inside_that_changes_no_t
     rows = on.stderr.split("look inside, at the prompt's last token")[1].splitlines()[2:]
     assert [row.split()[0] for row in rows if row.strip()] == ["1", "2"]  # one row per layer of the tiny model
     assert "look inside" not in off.stderr
-
-
-def lens_and_attention_of_transformers(hf_model, ids):
-    """transformers' logit lens (softmax of lm_head(norm(hidden state after each layer))) and each layer's
-    attention weights of the last position (n_layers, heads, positions), in float32."""
-    hf_model.set_attn_implementation("eager")  # the implementation that returns attention weights
-    with torch.no_grad():
-        out = hf_model(torch.tensor([ids]), output_hidden_states=True, output_attentions=True)
-    # hidden_states: the embeddings, then each layer's output; the last one already has the final norm
-    after_layers = [hf_model.model.norm(h[0, -1]) for h in out.hidden_states[1:-1]] + [out.hidden_states[-1][0, -1]]
-    lens = torch.softmax(hf_model.lm_head(torch.stack(after_layers)).float(), dim=-1)
-    attention = torch.stack([a[0, :, -1] for a in out.attentions])
-    return lens, attention, torch.softmax(out.logits[0, -1].float(), dim=-1)
-
-
-@pytest.mark.parametrize("use_speedups", [True, False], ids=["speedups-on", "speedups-off"])
-def test_look_inside_is_transformers_lens_and_attention(use_speedups, models_dir, tokenizer, distributed):
-    ids = prompt(tokenizer)
-    model = load(run_inference, models_dir / "Tiny", len(ids) + 1, use_speedups=use_speedups)
-    logits = run_inference.prefill(model, ids)
-    lens, attention = run_inference.look_inside(model, ids)
-    hf_lens, hf_attention, _ = lens_and_attention_of_transformers(transformers_llama(models_dir / "Tiny"), ids)
-    assert (lens - hf_lens).abs().max() < 1e-5
-    assert (attention - hf_attention).abs().max() < 1e-5
-    assert attention.shape == (2, 4, len(ids))  # every head of every layer, over the prompt's positions
-    assert (lens[-1] - torch.softmax(logits.float(), dim=-1)).abs().max() < 1e-6  # the last layer's lens: the logits
-
-
-def test_look_inside_real_weights_is_transformers_lens_and_attention(smollm_dir, distributed):
-    """On SmolLM2's trained weights: every layer's lens and each head's attention row equal transformers', and
-    the last layer's lens is the model's own next-token distribution (which says " Paris")."""
-    vocab = smollm.vocabulary(smollm_dir)
-    model_dir = smollm_dir / smollm.BASE_MODEL
-    ids = Tokenizer(model_dir / "tokenizer.model").encode("The capital of France is", bos=True, eos=False)
-    model = load(run_inference, model_dir, len(ids) + 1)
-    logits = run_inference.prefill(model, ids)
-    lens, attention = run_inference.look_inside(model, ids)
-    hf_lens, hf_attention, _ = lens_and_attention_of_transformers(smollm.transformers_smollm(), vocab.to_smollm(ids))
-    # transformers has SmolLM2's 49,152 tokens; the converted checkpoint's other rows (filler, Llama 3's special
-    # tokens) hold no probability after any layer (tests/smollm.py: the away row)
-    columns = vocab.from_smollm(list(range(vocab.smollm_size)))
-    assert (lens[:, columns] - hf_lens).abs().max() < 1e-4
-    assert (attention - hf_attention).abs().max() < 1e-4
-    assert attention.shape == (30, 9, len(ids))
-    assert (lens[-1] - torch.softmax(logits.float(), dim=-1)).abs().max() < 1e-5
-    assert int(lens[-1].argmax()) == Tokenizer(model_dir / "tokenizer.model").encode(" Paris", bos=False, eos=False)[0]
