@@ -6,6 +6,7 @@ original approach, and llama.cpp when you have it, on a random checkpoint with L
     python benchmarks/bench_decode.py --llama-bench ~/llama.cpp/build/bin/llama-bench \\
         --gguf /tmp/llama_cpp_peer/Llama3.2-1B-random-bf16.gguf,/tmp/llama_cpp_peer/Llama3.2-1B-random-q8_0.gguf
     python benchmarks/bench_decode.py --depths 0,1024,2048,3072,4096 --plot benchmarks/results/decode.png
+    python benchmarks/bench_decode.py --only minimal,minimal-rule,minimal-speedups-off --prompt-tokens 512
 
 The checkpoint (bf16, tied output layer, the real tokenizer; 2.5 GB) is written once into --checkpoint-dir.
 Random weights cost exactly what real ones cost to read; they only talk nonsense. Every (configuration,
@@ -13,6 +14,8 @@ depth) runs in a fresh process, so its peak memory is its own; the configuration
 round, because this machine's speed drifts, and the report gives the median of the rounds. Compare ratios
 within one run, never a number with one from another day. Depth: tokens of context before decoding
 starts (0: a 16-token prompt). Decode tokens/s: new tokens 2..N over their time, one decode step each.
+Prompt tokens/s: each script configuration also reads a --prompt-tokens prompt once per round (the prompt
+and its first token over their time), beside llama-bench's prompt processing of as many tokens (ppN).
 """
 
 import argparse
@@ -50,12 +53,14 @@ BANDWIDTH_BYTES = 2**30  # the array read by each bandwidth method
 PEER_FORMATS = {"BF16": "bf16", "F16": "bf16", "Q8_0": "int8", "Q4_0": "int4"}  # llama.cpp's file type: ours
 PEER_OF_FORMAT = {"bf16": ("minimal", "tutorial"), "int8": ("tutorial-int8",), "int4": ("tutorial-int4",), None: ()}
 FORMAT_OF = {"minimal": "bf16", "tutorial": "bf16", "transformers": "bf16", "minimal-speedups-off": "bf16",
+             "minimal-rule": "bf16",
              "tutorial-int8": "int8", "tutorial-int4": "int4", "tutorial-busy-core-1-thread": "bf16",
              "tutorial-busy-core-2-threads": "bf16"}
 # name: (what runs, its options, whether it is measured at every depth)
 CONFIGURATIONS = {
     "minimal": ("script", dict(script="minimal_run_inference"), True),
     "tutorial": ("script", dict(script="run_inference"), True),
+    "minimal-rule": ("script", dict(script="minimal_run_inference", kernels="rule"), True),  # KERNELS=rule
     "minimal-speedups-off": ("script", dict(script="minimal_run_inference", use_speedups=False), True),
     "tutorial-beam5": ("script", dict(script="run_inference", beams=5), False),
     "tutorial-int8": ("script", dict(script="run_inference", quantize="int8"), False),
@@ -69,6 +74,8 @@ CONFIGURATIONS = {
     "accuracy": ("accuracy", {}, False),
     "bandwidth": ("bandwidth", {}, False),
 }
+PROMPT_CONFIGURATIONS = ("minimal", "tutorial", "minimal-rule", "minimal-speedups-off", "tutorial-int8",
+                         "tutorial-int4")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -87,9 +94,11 @@ def prompt_ids(model_dir, depth):
     return run_inference.encode_prompt(tokenizer, text, "", instruct=False)[:length]
 
 
-def run_script(args, device, model_dir, depth, script, beams=1, use_speedups=True, quantize="", threads=0, busy=False):
+def run_script(args, device, model_dir, depth, script, beams=1, use_speedups=True, quantize="", threads=0, busy=False,
+               kernels="measure"):
     """The script's own load_model and generate (or beam_search), timed token by token; with `threads`
-    torch threads, and with `busy`, another process spinning on one core meanwhile."""
+    torch threads, and with `busy`, another process spinning on one core meanwhile; kernels as KERNELS says
+    (measured, as a user's run: cached by the first run on this machine)."""
     module = importlib.import_module(script)
     if threads:
         torch.set_num_threads(threads)
@@ -100,7 +109,7 @@ def run_script(args, device, model_dir, depth, script, beams=1, use_speedups=Tru
         start = clock(device)
         params = checkpoint.read_params(model_dir)
         model = module.load_model(model_dir, params, device, DTYPE, len(ids) + args.new_tokens, beams, use_speedups,
-                                  quantize)
+                                  quantize, kernels)
         load_s, marks = clock(device) - start, [clock(device)]
         if beams > 1:
             on_step = lambda *_: marks.append(clock(device))  # after each step but the last
@@ -246,8 +255,9 @@ def cpu_name():
     return names[0] if names else platform.processor() or platform.machine()
 
 
-def run_child(args, name, depth):
-    command = [sys.executable, __file__, *sys.argv[1:], "--run", name, "--depth", str(depth)]
+def run_child(args, name, depth, new_tokens=None):
+    tokens = ["--new-tokens", str(new_tokens)] if new_tokens else []
+    command = [sys.executable, __file__, *sys.argv[1:], *tokens, "--run", name, "--depth", str(depth)]
     done = subprocess.run(command, capture_output=True, text=True)
     lines = done.stdout.strip().splitlines()
     if done.returncode != 0 or not lines:
@@ -260,13 +270,16 @@ def peer_name(gguf):
 
 
 def run_llama_bench(args, gguf, depths):
-    """llama.cpp's llama-bench on one GGUF file: {depth: decode tokens/s}, as many threads as PyTorch uses."""
-    command = [args.llama_bench, "-m", gguf, "-p", "0", "-n", str(args.new_tokens), "-d", ",".join(map(str, depths)),
-               "-t", str(torch.get_num_threads()), "-r", "1", "-o", "json"]
+    """llama.cpp's llama-bench on one GGUF file: {depth: decode tokens/s} and its prompt processing of
+    --prompt-tokens tokens (tokens/s), with as many threads as PyTorch uses."""
+    command = [args.llama_bench, "-m", gguf, "-p", str(args.prompt_tokens), "-n", str(args.new_tokens),
+               "-d", ",".join(map(str, depths)), "-t", str(torch.get_num_threads()), "-r", "1", "-o", "json"]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         return {"error": (done.stderr.strip().splitlines() or ["llama-bench failed"])[-1]}
-    return {"decode": {str(entry["n_depth"]): entry["avg_ts"] for entry in json.loads(done.stdout)}}
+    entries = json.loads(done.stdout)
+    return {"decode": {str(entry["n_depth"]): entry["avg_ts"] for entry in entries if entry["n_gen"]},
+            "prompt": next(entry["avg_ts"] for entry in entries if entry["n_prompt"] and entry["n_depth"] == 0)}
 
 
 def decode_rate(marks):
@@ -289,7 +302,8 @@ def summarise(runs):
                                load_s=statistics.median(r["load_s"] for r in good),
                                peak_gib=statistics.median(r["peak_bytes"] for r in good) / GIB)
             elif good and "decode" in good[0]:  # llama.cpp
-                numbers.update(decode=statistics.median(r["decode"][depth] for r in good))
+                numbers.update(decode=statistics.median(r["decode"][depth] for r in good),
+                               prompt=statistics.median(r["prompt"] for r in good))
             elif good and "bandwidth" in good[0]:  # the best of the rounds, per method
                 methods = good[0]["bandwidth"]
                 numbers.update(bandwidth={method: max(r["bandwidth"][method] for r in good) for method in methods})
@@ -325,7 +339,7 @@ def report(summary, depths, args, per_token):
     peers = [name for name in summary if name.startswith("llama.cpp")]
     peer_bytes = {peer_name(path): Path(path).stat().st_size for path in args.gguf.split(",") if path}
     pairs = [("minimal", "tutorial"), ("tutorial", "transformers"), ("minimal", "transformers"),
-             ("minimal", "minimal-speedups-off"), ("tutorial-beam5", "transformers-beam5")]
+             ("minimal", "minimal-rule"), ("minimal", "minimal-speedups-off"), ("tutorial-beam5", "transformers-beam5")]
     pairs += [(ours, peer) for peer in peers for ours in PEER_OF_FORMAT[PEER_FORMATS.get(peer.split()[-1])]]
     columns = " | ".join("short prompt" if d == 0 else f"at {d}" for d in depths)
     lines += ["", f"| ratio of decode tokens/s | {columns} |", "|---" * (len(depths) + 1) + "|"]
@@ -334,6 +348,7 @@ def report(summary, depths, args, per_token):
     lines += [f"| {name}: at depth / short prompt | "
               + " | ".join(ratio(get(name, d), get(name, 0)) for d in depths) + " |"
               for name in timed if get(name, depths[-1])]
+    lines += prompt_report(summary, args, peers)
     lines += ["", "| other ratio | value |", "|---|---|",
               *(f"| decode wall time, {beams} / {greedy} | "
                 f"{ratio(get(beams, 0, 'decode_s'), get(greedy, 0, 'decode_s'))} |"
@@ -343,12 +358,17 @@ def report(summary, depths, args, per_token):
               best[1] else "Roofline: not measured (add the bandwidth configuration)", "",
               "| configuration | format | GB/s of weights at a short prompt | share of the roofline |",
               "|---|---|---|---|"]
+    rates = {}
     for name in timed:  # llama.cpp's configurations among them
         fmt = PEER_FORMATS.get(name.split()[-1]) if name in peers else FORMAT_OF.get(name)
         if fmt and get(name, 0):
-            rate = get(name, 0) * peer_bytes.get(name, per_token[fmt])  # llama.cpp reads its file's tensors
-            share = ratio(rate, best[1]) if best[1] else "—"
-            lines.append(f"| {name} | {fmt} | {rate / 1e9:.1f} | {share} |")
+            rates[name] = get(name, 0) * peer_bytes.get(name, per_token[fmt])  # llama.cpp reads its file's tensors
+            share = ratio(rates[name], best[1]) if best[1] else "—"
+            lines.append(f"| {name} | {fmt} | {rates[name] / 1e9:.1f} | {share} |")
+    if "llama.cpp Q8_0" in rates:
+        lines += ["", "Weights read per second, ours in bf16 / llama.cpp Q8_0's: " + ", ".join(
+            f"{name} {ratio(rates[name], rates['llama.cpp Q8_0'])}"
+            for name in ("minimal", "tutorial") if name in rates)]
     if bandwidth:
         lines += ["", "Read bandwidth, GB/s, the best of 5 reads of 1 GiB (the best over the rounds): " +
                   ", ".join(f"{k} {v / 1e9:.1f}" for k, v in bandwidth.items()) + ".",
@@ -364,6 +384,27 @@ def report(summary, depths, args, per_token):
                   + " | ".join(f"{errors[name]:.2%}" if name in errors else "—" for errors in accuracy.values())
                   + " |" for name in names]
     return "\n".join(lines)
+
+
+def prompt_report(summary, args, peers):
+    """Prompt tokens/s of each configuration that read a --prompt-tokens prompt, and llama.cpp's ppN, with
+    the ratio of ours to the peer of the same format."""
+    def prompt_rate(name):
+        numbers = summary.get(name, {}).get("prompt" if name not in peers else "0", {})
+        return numbers.get("prefill" if name not in peers else "prompt")
+
+    rated = [name for name in (*PROMPT_CONFIGURATIONS, *peers) if prompt_rate(name)]
+    if not rated:
+        return []
+    lines = ["", f"A {args.prompt_tokens}-token prompt (ours: the prompt and its first token; llama.cpp: "
+                 f"pp{args.prompt_tokens}), tokens/s:", "",
+             "| configuration | prompt tokens/s | / llama.cpp, same format |", "|---|---|---|"]
+    for name in rated:
+        fmt = FORMAT_OF.get(name)
+        peer = next((p for p in peers if PEER_FORMATS.get(p.split()[-1]) == fmt and p.split()[-1] != "F16"), None)
+        versus = ratio(prompt_rate(name), prompt_rate(peer)) if peer and name not in peers else "—"
+        lines.append(f"| {name} | {prompt_rate(name):.1f} | {versus}{f' ({peer})' if versus != '—' else ''} |")
+    return lines
 
 
 def plot(summary, depths, path):
@@ -397,6 +438,8 @@ def parse_args():
     parser.add_argument("--original-new-tokens", type=int, default=8,
                         help="the original approach's (default %(default)s)")
     parser.add_argument("--rounds", type=int, default=2, help="runs of each configuration (default %(default)s)")
+    parser.add_argument("--prompt-tokens", type=int, default=512,
+                        help="the prompt whose tokens/s is measured beside llama.cpp's (0: none; default %(default)s)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--llama-bench", help="llama.cpp's llama-bench binary, to measure llama.cpp in the same run")
     parser.add_argument("--gguf", default="", help="comma-separated GGUF files of the checkpoint, for --llama-bench")
@@ -433,6 +476,11 @@ def main():
             for depth in depths if at_every_depth else [0]:
                 print(f"[{round_ + 1}/{args.rounds}] {name} at depth {depth} ...", file=sys.stderr, flush=True)
                 runs.setdefault(name, {}).setdefault(str(depth), []).append(run_child(args, name, depth))
+            if name in PROMPT_CONFIGURATIONS and args.prompt_tokens:  # the prompt and its first token only
+                print(f"[{round_ + 1}/{args.rounds}] {name}, a {args.prompt_tokens}-token prompt ...", file=sys.stderr,
+                      flush=True)
+                result = run_child(args, name, args.prompt_tokens, new_tokens=3)
+                runs.setdefault(name, {}).setdefault("prompt", []).append(result)
         for gguf in gguf_files:
             name = peer_name(gguf)
             print(f"[{round_ + 1}/{args.rounds}] {name} ...", file=sys.stderr, flush=True)
