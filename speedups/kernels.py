@@ -107,7 +107,8 @@ class WideningBuffer:
 
     def view(self, rows, columns):
         if self.buffer is None:
-            self.buffer = torch.empty(WIDEN_ELEMENTS)
+            with torch.inference_mode(False):  # a normal tensor, which any later call may write into
+                self.buffer = torch.empty(WIDEN_ELEMENTS)
         return self.buffer[: rows * columns].view(rows, columns)
 
 
