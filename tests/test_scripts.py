@@ -14,7 +14,7 @@ import torch
 import minimal_run_inference
 import run_inference
 from conftest import CPU, REPO, SCRIPTS, clean_environment, greedy_without_cache, load, read_until, run_script
-from random_checkpoint import TINY, write_checkpoint
+from standin.random_checkpoint import TINY, write_checkpoint
 
 NEW_TOKENS = 24
 
@@ -174,7 +174,7 @@ def test_input_file_gives_the_same_text_as_the_same_input_string(script, models_
 
 
 def test_a_model_folder_in_the_hubs_layout_runs(script, models_dir, tmp_path, tokenizer, distributed):
-    """The Hugging Face Hub's Llama repositories keep Meta's files in original/ (huggingface-cli download
+    """The Hugging Face Hub's Llama repositories keep Meta's files in original/ (hf download
     ... --include "original/*" --local-dir FOLDER)."""
     shutil.copytree(models_dir / "Tiny-Instruct", tmp_path / "Tiny-Instruct" / "original")
     result = run_script(f"{script.__name__}.py", tmp_path, "Tiny-Instruct", MAX_NEW_TOKENS=12, SHOW_TOKENS=0)
