@@ -54,9 +54,12 @@ along, after each layer and through the final norm as the logit lens sees it. Th
 converted model itself, run by llama-models' Transformer as the scripts load it (sample_hidden_states):
 their mean direction is enough for the last layer's states but not for the middle layers' (half of
 which point the other way, so the lens of run_inference.py showed filler there), so away_direction fits
-u by gradient steps; every sample state has h . u >= 3.8. s (about 10.4) makes all ~79,000 such rows
-together hold under e^-40 of the probability at every sample position and layer; on tests/english.txt
-they hold far less than 1e-9 after the last layer and in every layer's lens (tests/test_real_weights.py).
+u by gradient steps; every sample state has h . u >= 3.5. s (about 10.9) makes all ~79,000 such rows
+together hold under e^-40 of the probability at every sample position and layer. On tests/english.txt,
+which the fit never sees, they hold under e^-45 after the last layer and under 2e-8 in every layer's lens
+(measured; tests/test_real_weights.py checks < 1e-9 and < 1e-6): the short samples alone left a few
+states of the last layers pointing the other way (0.15 of the lens there), the paragraphs among the
+samples fixed that.
 
 SmolLM2 was trained on ChatML (<|im_start|>user\\n...<|im_end|>\\n); through the rows above, Llama 3's
 chat prompt reads to it as <|im_start|>user\\n\\n\\n...<|im_end|><|im_start|>assistant\\n\\n\\n: close
@@ -115,6 +118,28 @@ AWAY_SAMPLES = [
     "Water boils at 100 degrees Celsius at sea level; at higher altitudes it boils at a lower temperature.",
     "Once upon a time, in a small village by the sea, there lived an old fisherman and his cat.",
     "1, 2, 3, 4, 5 ... 97 + 3 = 100! {\"key\": [true, null]} <html> über café 東京 ☕",
+    # paragraphs of prose: without them a few states of the last layers' lens on tests/english.txt point away
+    # from the direction the short texts give (measured: 10 of its 30 x 341 states above 1e-9, the worst 0.15)
+    ('The train left the station a few minutes late, and most of the passengers settled into their seats '
+     'with books, newspapers or their phones. A young woman near the window watched the fields go by, '
+     'counting the farmhouses and wondering which of them had children waiting for the school bus. At the '
+     'second stop an old man with a walking stick climbed aboard, looked around for a free seat and sat '
+     'down across from her. He told her that he had taken the same train every Thursday for forty years, '
+     'first to work and now to visit his sister, who lived in a small town by the lake. When the conductor '
+     'came to check their tickets, the two of them were laughing about the time the train had stopped for '
+     'an hour because a cow was standing on the tracks.'),
+    ('Glaciers form where more snow falls in winter than melts in summer. Year after year the snow is '
+     'pressed into dense ice, and once the ice is thick enough it begins to flow slowly downhill under its '
+     'own weight. As a glacier moves, it scrapes the rock beneath it, carrying stones and sand that are '
+     'later left behind as ridges and hills. Scientists measure how fast glaciers move by placing markers '
+     'on the surface and recording their positions over several years. In many mountain ranges the '
+     'glaciers have become shorter and thinner during the last century, and the water they release changes '
+     'the rivers that towns and farms depend on.'),
+    ('"Are you coming to the meeting tomorrow?" asked Tom. "I think so," said Maria, "but I have to finish '
+     'the report first. If it takes too long, could you take notes for me?" Tom nodded and wrote a '
+     'reminder on a piece of paper. The meeting was about the new library, which the city planned to open '
+     'next spring, and everyone in the neighbourhood seemed to have an opinion about where it should be '
+     'built and how many computers it should have.'),
 ]
 AWAY_CHATS = [[("user", "What is the capital of France?")],
               [("system", "You are a helpful assistant."), ("user", "Write a haiku about autumn.")]]
