@@ -2,6 +2,7 @@
 
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -367,12 +368,19 @@ def test_weights_that_are_not_floating_point_weights(tmp_path, tiny_weights, dty
                "weights (Meta's are bfloat16)")
 
 
+BRIEF_RUN_MEMORY = 8 * GIB  # address space: a script that reads /dev/zero stops there, not at the machine's end
+
+
+def limited_memory():
+    resource.setrlimit(resource.RLIMIT_AS, (BRIEF_RUN_MEMORY, BRIEF_RUN_MEMORY))
+
+
 def run_briefly(script_name, models_dir, model_name, **settings):
-    """run_script for what must not hang: a minute at most (a hang fails the test instead of stalling it)."""
+    """run_script for what must not hang nor grow: a minute at most (a hang fails the test instead of
+    stalling it), BRIEF_RUN_MEMORY at most."""
     env = clean_environment(LLAMA_MODELS_DIR=models_dir, MODEL_NAME=model_name, DEVICE="cpu", **settings)
-    result = subprocess.run([sys.executable, str(REPO / script_name)], env=env, capture_output=True, text=True,
-                            timeout=60)
-    return result
+    return subprocess.run([sys.executable, str(REPO / script_name)], env=env, capture_output=True, text=True,
+                          timeout=60, preexec_fn=limited_memory)
 
 
 @pytest.mark.parametrize("kind", ["dangling link", "named pipe", "folder"])
