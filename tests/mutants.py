@@ -23,6 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 MINIMAL, TUTORIAL, SPEEDUPS = "minimal_run_inference.py", "run_inference.py", "speedups/__init__.py"
 LAYOUTS, KERNELS, CALIBRATION = "speedups/layouts.py", "speedups/kernels.py", "speedups/calibration.py"
 CHECKPOINT, DEVICES, EXITS = "support/checkpoint.py", "support/devices.py", "support/exits.py"
+SETTINGS, REPORT, STANDIN, README = "support/settings.py", "support/report.py", "standin/smollm.py", "README.md"
 # Tests, by what they check: pytest node ids ([...] picks parameters) or a file and a -k expression.
 SPEEDUPS_TESTS = "tests/test_speedups.py::"
 CHUNKED = SPEEDUPS_TESTS + "test_prefill_in_chunks_gives_the_cache_free_logits_and_tokens"
@@ -53,6 +54,12 @@ LOOK_LONG_PICTURE = [LOOK + "test_a_long_prompts_picture_shows_its_last_position
 LOOK_MEMORY = [LOOK + "test_the_lens_of_every_position_of_a_long_prompt_stays_within_a_memory_bound"]
 MODULES = [SPEEDUPS_TESTS + "test_speedups_off_runs_llama_models_as_written",
            SPEEDUPS_TESTS + "test_speedups_swap_named_modules"]
+# First contact: bad input (support/), the stand-in's folder, README's commands.
+BAD_INPUT = {name: ["tests/test_bad_input.py", "-k", name] for name in (
+    "sizes_are_not_a_llamas", "job_fields", "floating_point", "weights_file_that_is_not_a_file", "never_read",
+    "context_can_hold", "stdin", "out_of_range", "folder_and_its_name", "ctrl_c_during")}
+README_TESTS = {name: ["tests/test_readme.py", "-k", name] for name in (
+    "every_command", "error_lines", "what_ci_runs", "python_floor", "process_counts", "run_command")}
 
 # name: (file, the line fragment, its replacement, the tests that must catch it)
 MUTANTS = {
@@ -187,6 +194,55 @@ MUTANTS = {
                               ["tests/test_kernels.py", "-k", "busier_machine"]),
     "closed-pipe-is-an-error": (EXITS, "return isinstance(error, BrokenPipeError) or", "return False and",
                                 ["tests/test_scripts.py", "-k", "closed_pipe and minimal"]),
+    "params-heads-unchecked": (CHECKPOINT, "    if dim % heads or dim // heads % 2:", "    if False:",
+                               BAD_INPUT["sizes_are_not_a_llamas"]),
+    "params-groups-unchecked": (CHECKPOINT, "    if heads % kv_heads:", "    if False:",
+                                BAD_INPUT["sizes_are_not_a_llamas"]),
+    "params-types-unchecked": (CHECKPOINT, "        if field in params and not check(params[field]):",
+                               "        if False:", BAD_INPUT["sizes_are_not_a_llamas"]),
+    "params-job-fields-kept": (CHECKPOINT, "if key not in JOB_FIELDS and not", "if not", BAD_INPUT["job_fields"]),
+    "quantized-checkpoint-not-refused": (CHECKPOINT, "    if fields:\n", "    if False:\n",
+                                         BAD_INPUT["sizes_are_not_a_llamas"]),
+    "weights-dtype-unchecked": (CHECKPOINT, "if weights[name].dtype not in WEIGHT_DTYPES or",
+                                "if False and weights[name].dtype not in WEIGHT_DTYPES or",
+                                BAD_INPUT["floating_point"]),
+    "a-fifo-is-a-file": (CHECKPOINT, "    if stat.S_ISREG(mode):", "    if True:",
+                         BAD_INPUT["weights_file_that_is_not_a_file"]),
+    "dangling-link-called-missing": (CHECKPOINT, 'return f"is a link to {os.readlink(path)}, which does not exist" if',
+                                     "return MISSING if", BAD_INPUT["weights_file_that_is_not_a_file"]),
+    "input-file-size-unchecked": (SETTINGS, "    if size > limit:", "    if False:", BAD_INPUT["context_can_hold"]),
+    "chat-stdin-unchecked": (TUTORIAL, "        settings.check_chat_input()", "        pass", BAD_INPUT["stdin"]),
+    "seed-unbounded": (SETTINGS, '"SEED": (0, 2**64 - 1)', '"SEED": (None, None)', BAD_INPUT["out_of_range"]),
+    "ctrl-c-in-the-imports-traceback": (EXITS, "sys.excepthook = interrupted_quietly", "", BAD_INPUT["ctrl_c_during"]),
+    "model-name-may-be-a-path": (CHECKPOINT, 'and not {"/", "\\\\"} & set(model_name):', ":",
+                                 BAD_INPUT["folder_and_its_name"]),
+    "models-dir-may-be-a-file": (CHECKPOINT, "    if path.exists() and not path.is_dir():", "    if False:",
+                                 BAD_INPUT["folder_and_its_name"]),
+    "one-terminal-streams-into-the-token-lines": (TUTORIAL, "    if not (SHOW_TOKENS and report.one_terminal()):",
+                                                  "    if True:", ["tests/test_scripts.py", "-k", "token_lines_read"]),
+    "any-two-terminals-are-one": (REPORT, "return terminals and (out.st_rdev, out.st_ino) == (err.st_rdev,",
+                                  "return terminals or (out.st_rdev, out.st_ino) == (err.st_rdev,",
+                                  ["tests/test_scripts.py", "-k", "one_terminal_means"]),
+    "hub-hint-says-huggingface-cli": (CHECKPOINT, "Hugging Face Hub: hf download {repository}",
+                                      "Hugging Face Hub: huggingface-cli download {repository}",
+                                      README_TESTS["error_lines"]),
+    "readme-says-huggingface-cli": (README, "hf download meta-llama/Llama-3.2-1B-Instruct --include",
+                                    "huggingface-cli download meta-llama/Llama-3.2-1B-Instruct --include",
+                                    README_TESTS["every_command"]),
+    "readme-cpu-torch-after-requirements": (
+        README, "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu\npip install -r "
+        "requirements.txt\n", "pip install -r requirements.txt\npip install torch==2.13.0 --index-url "
+        "https://download.pytorch.org/whl/cpu\n", README_TESTS["what_ci_runs"]),
+    "readme-python-3.10": (README, "Python 3.11 or newer", "Python 3.10 or newer", README_TESTS["python_floor"]),
+    "readme-torchrun-up-to-8": (README, "that is 1, 2, 4 or 8 processes", "that is 1 to 8 processes",
+                                README_TESTS["process_counts"]),
+    "stand-in-not-found-by-name": (CHECKPOINT, "    if not model_dir.is_dir() and model_name in STANDIN_NAMES:",
+                                   "    if False:", ["tests/test_standin.py", "-k", "found_by_its_name"]),
+    # (these two change standin/smollm.py, so its cache key: their tests must not make the real stand-in)
+    "stand-in-relative-xdg-cache-home": (STANDIN, "Path(base) if os.path.isabs(base) else", "Path(base) if base else",
+                                         ["tests/test_standin.py", "-k", "relative_xdg"]),
+    "stand-in-interrupted-build-left": (STANDIN, "        shutil.rmtree(building, ignore_errors=True)", "        pass",
+                                        ["tests/test_standin.py", "-k", "interrupted_build"]),
 }
 
 

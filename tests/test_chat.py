@@ -12,7 +12,7 @@ import pytest
 
 from conftest import (REPO, clean_environment, greedy_without_cache, read_until, reference_model, run_script,
                       start_script)
-from random_checkpoint import TINY, write_checkpoint
+from standin.random_checkpoint import TINY, write_checkpoint
 
 SYSTEM = "You are terse."
 MESSAGES = ["Hello there", "What is the capital of France?", "And of Italy?", "Thanks!"]

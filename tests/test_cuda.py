@@ -9,7 +9,7 @@ import run_inference
 from support import devices
 from conftest import SCRIPTS, load, run_script
 from hf_reference import transformers_llama
-from random_checkpoint import TINY, random_weights, write_checkpoint
+from standin.random_checkpoint import TINY, random_weights, write_checkpoint
 from test_independent import BF16_TOLERANCE, random_prompt
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here (benchmarks/gpu_check.sh)")

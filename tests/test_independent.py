@@ -17,7 +17,7 @@ import minimal_run_inference
 import run_inference
 from conftest import CPU, load, run_script
 from hf_reference import llama_config, transformers_llama
-from random_checkpoint import LLAMA_3_2_1B, TINY, write_checkpoint
+from standin.random_checkpoint import LLAMA_3_2_1B, TINY, write_checkpoint
 
 FP32_TOLERANCE = 1e-4  # max abs logit difference between two float32 implementations (tiny logits are O(5))
 PROMPT_TEXT = "The capital of France is"

@@ -14,7 +14,7 @@ import run_inference
 import speedups
 from speedups import calibration, kernels, layouts
 from conftest import CPU, SCRIPTS, load, run_script
-from smollm import BASE_MODEL
+from standin.smollm import BASE_MODEL
 
 EPYC_ONE_ROW = {"linear-native": 0.061, "linear": 0.090, "mv": 0.070, "packed": 0.25}  # REFERENCE.md's table
 XEON_ONE_ROW = {"mv": 0.075, "linear-native": 0.088, "linear": 0.103, "packed": 0.67}  # this project's Xeon, AMX

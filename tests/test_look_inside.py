@@ -5,7 +5,7 @@ Everything shown comes from one pass, look_inside, over the prompt's positions. 
 transformers' own Llama on the same weights (hf_reference.lens_and_attention: transformers' hidden states
 through its norm and lm_head, and its attention weights): at every position, on the tiny random model (both
 cache layouts, in chunks that read the earlier ones from the cache) and on SmolLM2's trained weights
-(tests/smollm.py). Then what a user sees: every column of the printed table, parsed from a run of the script;
+(standin/smollm.py). Then what a user sees: every column of the printed table, parsed from a run of the script;
 the picture's cells and heat maps; the PNG file and its stated size; the memory a 4,096-token prompt takes;
 and one clear line for each wrong setting.
 """
@@ -24,10 +24,11 @@ from llama_models.llama3.tokenizer import Tokenizer
 from PIL import Image
 
 import run_inference
-import smollm
+import smollm_witness
 from conftest import REPO, clean_environment, load, run_script
 from hf_reference import lens_and_attention, transformers_llama
-from random_checkpoint import TINY
+from standin import smollm
+from standin.random_checkpoint import TINY
 
 TOP = run_inference.LOOK_INSIDE_TOP
 STORY = "The Eiffel Tower is in the city of"  # README's picture: SmolLM2 knows the answer, " Paris"
@@ -83,10 +84,10 @@ def story(smollm_dir):
     model_dir = smollm_dir / smollm.BASE_MODEL
     tokenizer = Tokenizer(model_dir / "tokenizer.model")
     ids = tokenizer.encode(STORY, bos=True, eos=False)
-    with smollm.one_thread():
-        lens, attention = lens_and_attention(smollm.transformers_smollm(), vocab.to_smollm(ids))
+    with smollm_witness.one_thread():
+        lens, attention = lens_and_attention(smollm_witness.transformers_smollm(), vocab.to_smollm(ids))
     # transformers has SmolLM2's 49,152 tokens; ours are them, renumbered where special, plus rows that hold no
-    # probability after any layer (tests/smollm.py: the away row)
+    # probability after any layer (standin/smollm.py: the away row)
     ours = torch.zeros(*lens.shape[:-1], smollm.LLAMA_3_VOCAB_SIZE)
     ours[..., vocab.from_smollm(list(range(vocab.smollm_size)))] = lens
     return model_dir, tokenizer, ids, ours, attention
@@ -256,7 +257,7 @@ def test_a_long_prompts_picture_shows_its_last_positions_and_where_the_rest_went
 # ---------------------------------------------------------------------------------------------------------
 def long_prompt_file(tokenizer, folder):
     """A UTF-8 file of English whose prompt is LONG_PROMPT tokens or a few more."""
-    text = smollm.english_text()
+    text = smollm_witness.english_text()
     words = (text + " ") * (LONG_PROMPT // len(tokenizer.encode(text, bos=False, eos=False)) + 1)
     path = folder / "long.txt"
     path.write_text(words, encoding="utf-8")

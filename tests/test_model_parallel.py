@@ -10,7 +10,7 @@ import pytest
 
 from support import devices
 from conftest import REPO, clean_environment, run_script
-from random_checkpoint import TINY, write_checkpoint
+from standin.random_checkpoint import TINY, write_checkpoint
 
 SETTINGS = {"DTYPE": "float32", "MAX_NEW_TOKENS": 16, "INPUT_STRING": "Once upon a time", "SHOW_TOKENS": 0}
 

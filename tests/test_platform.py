@@ -12,7 +12,7 @@ from llama_models.llama3.args import ModelArgs
 from llama_models.llama3.model import Transformer
 
 from support import checkpoint, devices, exits, memory
-from random_checkpoint import TINY
+from standin.random_checkpoint import TINY
 
 LLAMA_3_1_8B = dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=1024,
                     ffn_dim_multiplier=1.3, norm_eps=1e-05, rope_theta=500000.0, use_scaled_rope=True)
@@ -143,7 +143,7 @@ def test_quoted_errors_are_cut_at_a_word(text, expected):
 
 def test_the_kv_heads_must_split_across_the_processes(tmp_path, monkeypatch):
     """TINY has 2 key-value heads: 4 processes cannot share them (1 shard can be split 4 ways)."""
-    from random_checkpoint import random_weights, write_checkpoint
+    from standin.random_checkpoint import random_weights, write_checkpoint
     folder = write_checkpoint(tmp_path / "Tiny", TINY, random_weights(TINY))
     monkeypatch.setenv("WORLD_SIZE", "4")
     with pytest.raises(SystemExit, match="Tiny has 2 key-value heads, which cannot be split across 4 processes"):

@@ -1,5 +1,5 @@
 """Real trained weights: SmolLM2-135M-Instruct (Llama's architecture, 135M parameters) converted to a Llama 3
-checkpoint by tests/smollm.py, run by the scripts unchanged.
+checkpoint by standin/smollm.py, run by the scripts unchanged.
 
 Random weights cannot tell a model that computes the right thing from one that talks sense: these tests
 ask for sense ("The capital of France is" -> " Paris", in every format), for transformers' own reading of
@@ -17,8 +17,8 @@ from llama_models.llama3.tokenizer import Tokenizer
 
 import run_inference
 from conftest import load, run_script
-from smollm import BASE_MODEL, INSTRUCT_MODEL, english_text, mean_nll, one_thread, token_log_probs, transformers_smollm
-from smollm import vocabulary
+from smollm_witness import english_text, mean_nll, one_thread, token_log_probs, transformers_smollm
+from standin.smollm import BASE_MODEL, INSTRUCT_MODEL, vocabulary
 
 PARIS_PROMPT = "The capital of France is"
 # Prompts whose greedy continuations run 32 tokens without a stop token, in transformers as in the scripts.
@@ -66,7 +66,7 @@ def greedy_prompts(smollm_tokenizer, smollm_hf, vocab):
     cases = []
     for text in GREEDY_PROMPTS:
         prompt_ids = run_inference.encode_prompt(smollm_tokenizer, text, "", instruct=False)
-        with one_thread():  # the witness only; see smollm.one_thread
+        with one_thread():  # the witness only; see smollm_witness.one_thread
             out = smollm_hf.generate(torch.tensor([vocab.to_smollm(prompt_ids)]), max_new_tokens=GREEDY_TOKENS,
                                      attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long), do_sample=False,
                                      eos_token_id=vocab.smollm_stop_tokens, pad_token_id=vocab.smollm_stop_tokens[0])
@@ -132,7 +132,7 @@ def english_ids(smollm_tokenizer):
 
 
 def nll(script, model_dir, ids, dtype=torch.float32, **options):
-    """The mean NLL of ids under the model as `script` loads it (tests/smollm.py's mean_nll)."""
+    """The mean NLL of ids under the model as `script` loads it (tests/smollm_witness.py's mean_nll)."""
     return mean_nll(load(script, model_dir, len(ids), dtype, **options), ids)
 
 
@@ -154,11 +154,55 @@ def test_each_format_costs_little_accuracy(distributed, smollm_dir, english_ids)
 
 def test_rows_that_must_never_win_hold_no_probability(distributed, smollm_dir, vocab, english_ids):
     """The padding's output rows (SmolLM2's moved stop tokens, the extra bytes, the filler, the other special
-    tokens) together, at every position of tests/english.txt: measured e^-93 at most."""
+    tokens) together, at every position of tests/english.txt: measured e^-45 at most."""
     model = load(run_inference, smollm_dir / BASE_MODEL, len(english_ids))
     log_probs = token_log_probs(model, english_ids)
     mask = vocab.away_mask()
     assert log_probs[:, mask].logsumexp(-1).max().item() < torch.log(torch.tensor(1e-9)).item()
+
+
+def test_converted_logits_are_transformers(distributed, smollm_dir, smollm_hf, vocab, english_ids):
+    """The conversion's own reading of the GGUF (standin/smollm.py: our dequantization, the q/k rows as stored,
+    the away row fitted to llama-models' hidden states) against transformers' reading of the same file:
+    float32 logits at every position of tests/english.txt, over SmolLM2's tokens (measured 5e-5 apart)."""
+    model = load(run_inference, smollm_dir / BASE_MODEL, len(english_ids), use_speedups=False)
+    with torch.inference_mode():
+        ours = model(torch.tensor([english_ids]), start_pos=0)[0]  # (positions, 128256)
+        with one_thread():
+            theirs = smollm_hf(torch.tensor([vocab.to_smollm(english_ids)])).logits[0].float()  # (positions, 49152)
+    columns = vocab.from_smollm(list(range(vocab.smollm_size)))
+    assert (ours[:, columns] - theirs).abs().max().item() < 1e-3
+
+
+LENS_AWAY_BOUND = 1e-6  # the away rows' probability in any layer's lens: never near the lens's top tokens
+LENS_CHECK_ROWS = 4096  # SmolLM2's most frequent tokens (the lowest ids, BPE's first merges)
+
+
+def test_the_lens_of_every_layer_never_shows_the_away_rows(distributed, smollm_dir, vocab, english_ids):
+    """At every position of tests/english.txt and after every layer, as run_inference.py's logit lens sees
+    it (the final norm, then the output layer), the ~79,000 away rows together hold under LENS_AWAY_BOUND
+    (measured: 2e-8 at most, in layer 29). An upper bound, computed cheaply: the softmax's denominator over
+    only the away rows, the tokens of the text and SmolLM2's first LENS_CHECK_ROWS tokens is smaller than
+    over all rows, so the away rows' share computed with it is larger than their true share."""
+    model = load(run_inference, smollm_dir / BASE_MODEL, len(english_ids), use_speedups=False)
+    states = []
+    hooks = [layer.register_forward_hook(lambda module, args, output: states.append(output[0]))
+             for layer in model.layers]
+    try:
+        with torch.inference_mode():
+            model(torch.tensor([english_ids]), start_pos=0)
+            lens_inputs = model.norm(torch.cat(states))  # (layers x positions, dim)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    mask = vocab.away_mask()
+    weights = model.output.weight.detach().float()
+    [away_row] = weights[mask].unique(dim=0)  # every away row is the same row
+    others = sorted((set(range(LENS_CHECK_ROWS)) | set(english_ids)) - set(mask.nonzero().flatten().tolist()))
+    with torch.inference_mode():
+        away = (lens_inputs @ away_row) + torch.tensor(float(mask.sum())).log()  # log of their summed exp
+        share = away - torch.logaddexp(torch.logsumexp(lens_inputs @ weights[others].T, -1), away)
+    assert share.max().item() < torch.tensor(LENS_AWAY_BOUND).log().item()
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import SCRIPTS, load, run_script
-from random_checkpoint import TINY, ffn_hidden_dim, random_weights, write_checkpoint
+from standin.random_checkpoint import TINY, ffn_hidden_dim, random_weights, write_checkpoint
 from support import report
 
 

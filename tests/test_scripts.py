@@ -2,6 +2,7 @@
 
 import os
 import pty
+import re
 import select
 import shutil
 import subprocess
@@ -14,7 +15,7 @@ import torch
 import minimal_run_inference
 import run_inference
 from conftest import CPU, REPO, SCRIPTS, clean_environment, greedy_without_cache, load, read_until, run_script
-from random_checkpoint import TINY, write_checkpoint
+from standin.random_checkpoint import TINY, write_checkpoint
 
 NEW_TOKENS = 24
 
@@ -174,7 +175,7 @@ def test_input_file_gives_the_same_text_as_the_same_input_string(script, models_
 
 
 def test_a_model_folder_in_the_hubs_layout_runs(script, models_dir, tmp_path, tokenizer, distributed):
-    """The Hugging Face Hub's Llama repositories keep Meta's files in original/ (huggingface-cli download
+    """The Hugging Face Hub's Llama repositories keep Meta's files in original/ (hf download
     ... --include "original/*" --local-dir FOLDER)."""
     shutil.copytree(models_dir / "Tiny-Instruct", tmp_path / "Tiny-Instruct" / "original")
     result = run_script(f"{script.__name__}.py", tmp_path, "Tiny-Instruct", MAX_NEW_TOKENS=12, SHOW_TOKENS=0)
@@ -242,3 +243,62 @@ def test_converting_weights_shows_progress_on_a_terminal_only(models_dir):
     assert f"\rpreparing weights {layers - 1}/{layers}".encode() in shown
     piped = run_script("minimal_run_inference.py", models_dir, "Tiny", QUANTIZE="int8", MAX_NEW_TOKENS=4)
     assert piped.returncode == 0 and "preparing weights" not in piped.stderr
+
+
+def read_terminal(controller, process, timeout=120):
+    """All a child writes to a pseudo-terminal until it ends (reading the controller side)."""
+    shown = b""
+    deadline = time.monotonic() + timeout
+    while select.select([controller], [], [], max(0, deadline - time.monotonic()))[0]:
+        try:
+            chunk = os.read(controller, 4096)
+        except OSError:  # the terminal closed: the child has ended
+            break
+        if not chunk:
+            break
+        shown += chunk
+    process.wait(timeout=timeout)
+    return shown
+
+
+def test_on_one_terminal_the_token_lines_read_cleanly_and_the_text_follows_once(models_dir, tokenizer, distributed):
+    """SHOW_TOKENS=1 (the default) with stdout and stderr on one terminal, as in an interactive shell: no
+    streamed text in front of the token lines (the screen read `' Paris'    1      30 '.' ...`); the
+    whole text once after them, ending with a newline, before the speed line."""
+    expected_ids = reference_ids(models_dir, "Tiny", tokenizer, "The capital of France is", NEW_TOKENS)
+    controller, terminal = pty.openpty()
+    env = clean_environment(LLAMA_MODELS_DIR=models_dir, MODEL_NAME="Tiny", DEVICE="cpu", DTYPE="float32",
+                            MAX_NEW_TOKENS=NEW_TOKENS, LOOK_INSIDE=0)
+    process = subprocess.Popen([sys.executable, str(REPO / "run_inference.py")], env=env, stdout=terminal,
+                               stderr=terminal)
+    os.close(terminal)
+    try:
+        screen = read_terminal(controller, process).decode().replace("\r\n", "\n")  # the terminal's line ends
+    finally:
+        process.kill()
+        os.close(controller)
+    assert process.returncode == 0, screen
+    lines = screen.split("\n")
+    token_lines = [i for i, line in enumerate(lines) if re.match(r" *\d+ +\d+ ['\"]", line)]
+    assert [int(lines[i].split()[1]) for i in token_lines] == expected_ids  # whole lines, from their start
+    text = tokenizer.decode(expected_ids)
+    after_table = "\n".join(lines[token_lines[-1] + 1:])
+    assert after_table.startswith(f"{text}\n\n{len(tokenizer.encode('The capital of France is', bos=True, eos=False))}"
+                                  " prompt + ")  # the text, its newline, then the speed line (which opens with one)
+    assert screen.count(text) == 1
+
+
+def test_one_terminal_means_the_same_terminal(monkeypatch):
+    """report.one_terminal: stdout and stderr the same pseudo-terminal, not two terminals, not a pipe."""
+    from support import report
+    first, second = pty.openpty(), pty.openpty()
+    read_end, write_end = os.pipe()
+    cases = {(first[1], first[1]): True, (first[1], second[1]): False, (write_end, first[1]): False}
+    try:
+        for (out, err), same in cases.items():
+            monkeypatch.setattr(sys, "stdout", open(out, "w", closefd=False))
+            monkeypatch.setattr(sys, "stderr", open(err, "w", closefd=False))
+            assert report.one_terminal() == same, (out, err)
+    finally:
+        for descriptor in (*first, *second, read_end, write_end):
+            os.close(descriptor)

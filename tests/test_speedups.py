@@ -11,7 +11,7 @@ import run_inference
 import speedups
 from speedups import calibration, layouts
 from conftest import CPU, SCRIPTS, greedy_without_cache, load, reference_model, run_script
-from random_checkpoint import TINY, ffn_hidden_dim
+from standin.random_checkpoint import TINY, ffn_hidden_dim
 from test_independent import random_prompt
 
 FAIRSCALE_LINEAR = (fairscale_layers.ColumnParallelLinear, fairscale_layers.RowParallelLinear)
@@ -97,7 +97,7 @@ def test_prefill_continues_after_what_the_cache_holds(script, models_dir, tokeni
 def test_tied_weights_stay_one_tensor_when_the_model_is_converted(use_speedups, tmp_path, distributed):
     """Llama 3.2 stores its output layer and embedding table once; a float32 load copies every weight, and
     must copy that one once, for both scripts (support.checkpoint.tie_weights)."""
-    from random_checkpoint import TINY, random_weights, write_checkpoint
+    from standin.random_checkpoint import TINY, random_weights, write_checkpoint
     folder = write_checkpoint(tmp_path / "Tied", TINY, random_weights(TINY, tie_embeddings=True))
     for script in (minimal_run_inference, run_inference):
         model = load(script, folder, 8, torch.float32, use_speedups=use_speedups)

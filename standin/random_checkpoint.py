@@ -1,4 +1,4 @@
-"""Write random-weight Llama 3 checkpoints in Meta's layout, for the tests and the benchmark.
+"""Write random-weight Llama 3 checkpoints in Meta's layout: the models of the tests and the benchmarks.
 
 A folder gets what `llama-model download --source meta` puts there: consolidated.00.pth (bf16 tensors
 under Meta's names), params.json, tokenizer.model (the real one, shipped inside the llama-models package)

