@@ -56,10 +56,9 @@ def fastest(function, calls):
 
 
 def load(model_dir, dtype, max_seq_len, batch, use_speedups=True, quantize="", kernels="rule"):
-    os.environ[speedups.KERNELS_SETTING] = kernels
     with redirect_stdout(sys.stderr):
         return run_inference.load_model(model_dir, checkpoint.read_params(model_dir), CPU, dtype, max_seq_len, batch,
-                                        use_speedups, quantize)
+                                        use_speedups, quantize, kernels)
 
 
 def time_kernels(model_dir, dtype, quantize, rows_list, passes):

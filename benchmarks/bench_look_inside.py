@@ -67,14 +67,13 @@ def main():
     parser.add_argument("--rounds", type=int, default=3, help="rounds (default %(default)s)")
     parser.add_argument("--checkpoint-dir", type=Path, default=CHECKPOINT_DIR, help="default %(default)s")
     args = parser.parse_args()
-    os.environ[speedups.KERNELS_SETTING] = "rule"
     model_dir = args.checkpoint_dir / CHECKPOINT_NAME
     ensure_checkpoint(model_dir)
     device = torch.device("cpu")
     devices.init_distributed(device)
     ids = prompt_ids(model_dir, args.tokens)
     params = checkpoint.read_params(model_dir)
-    model = run_inference.load_model(model_dir, params, device, DTYPE, len(ids), 1)
+    model = run_inference.load_model(model_dir, params, device, DTYPE, len(ids), 1, kernels="rule")
     with tempfile.TemporaryDirectory() as folder:
         times = measure(model, Tokenizer(model_dir / "tokenizer.model"), ids, args.rounds, folder)
     prefill = statistics.median(times["prefill"])

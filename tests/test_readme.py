@@ -23,13 +23,12 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
 import readme
-import speedups
 from conftest import REPO, SETTING_NAMES, clean_environment, run_script
 from standin.smollm import INSTRUCT_MODEL
 from support import checkpoint
 
 BIN = os.path.dirname(sys.executable)  # the virtual environment's programs: pip, hf, llama-model, torchrun
-ENVIRONMENT_NAMES = SETTING_NAMES | {speedups.KERNELS_SETTING, "OMP_NUM_THREADS", "DEBUG"}
+ENVIRONMENT_NAMES = SETTING_NAMES | {"XDG_CACHE_HOME", "OMP_NUM_THREADS", "DEBUG"}
 SUBCOMMANDS = {"pip": 1, "hf": 2, "llama-model": 1, "torchrun": 0}  # words before the options ("hf auth login")
 SHELL_TOOLS = ("tar", "mv", "printf", "bash")
 REDIRECTION = re.compile(r"\s\d?[<>]\s*\S+")
