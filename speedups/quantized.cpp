@@ -1,0 +1,970 @@
+// Our own matrix-vector products for decoding on a CPU: int8 and int4 weights times an activation row that is
+// rounded to int8 inside the call, and bfloat16 weights widened in registers. speedups/native.py compiles this
+// file on first use and documents the Python API; tests/test_native_kernels.py compares every variant with a
+// plain PyTorch computation of the same math.
+//
+// Why integers. A decoding step multiplies each weight once (one input row), so a kernel is as fast as it reads
+// weights. Stock kernels widen each 8- or 4-bit weight to a float and use one float multiply-add per weight;
+// with few cores that arithmetic, not memory, is the limit. Here the activation row is rounded to 8-bit codes
+// once per call, and the CPU's integer dot-product instructions multiply 4 byte pairs per 32-bit lane at once
+// (VNNI `vpdpbusd`; AVX2 needs two instructions, `vpmaddubsw` then `vpmaddwd`).
+//
+// Blocks. Everything works on blocks of 32 consecutive inputs (kBlock). A row of `in` inputs has
+// ceil(in / 32) blocks; when `in` is not a multiple of 32 the last block is shorter (a "tail"), and the code
+// treats it as a whole block whose missing entries are zero.
+//
+// The activation row, quantised once per call (all variants round identically: one IEEE division, round
+// half to even, as PyTorch's `(x / d).round()` does):
+//
+//     x (float32; bfloat16 and float16 are widened first)
+//     | x[0] .. x[31] | x[32] .. x[63] | ... | x[32b] .. x[in-1] |     blocks of 32, the last one maybe short
+//     for each block b:  d[b] = max(max_j |x[j]| / 127, FLT_MIN)       one float32 scale per block
+//                        q[j] = round(x[j] / d[b])                    codes in -127 .. 127
+//                        s[b] = sum_j q[j]                            (the int4 product's offset term needs it)
+//
+// Codes stay within -127 .. 127 so that |q| * |w| pairs cannot saturate AVX2's 16-bit sums (2 * 127 * 127 <
+// 32767).
+//
+// int8 weights: PyTorch's stock layout (speedups' quantize_int8), shared with its int8 kernels.
+//
+//     codes  (out, in)  int8 in -127 .. 127, row n:  | w[n][0] .. w[n][31] | w[n][32] .. | ... tail |
+//     scales (out,)     float32, one per output row
+//
+//     y[n] = scales[n] * sum_b d[b] * (sum_j q[32b + j] * w[n][32b + j])       the inner sum in int32, exact
+//
+// int4 weights: our own layout; the same codes as speedups' quantize_int4 (native.py's pack_int4 builds it).
+// Each output row has ceil(in / 32) blocks of 16 bytes; byte i of a block holds the codes of inputs i (low
+// nibble) and i + 16 (high nibble), so one shift and one mask give the block's 32 codes in order:
+//
+//     packed (out, blocks * 16) uint8        block b of row n:
+//         byte:         0        1              15
+//         low nibble:   c[0]     c[1]    ...    c[15]
+//         high nibble:  c[16]    c[17]   ...    c[31]      codes c in 0 .. 15 (0 past the end of a short tail)
+//     scales (out, blocks) float16, lows (out, blocks) float16:   weight[32b + j] ~= c[j] * scale[b] + low[b]
+//
+//     y[n] = sum_b d[b] * (scale[n][b] * sum_j c[j] * q[32b + j]  +  low[n][b] * s[b])
+//
+// bfloat16 weights, (out, in) as stored: each weight is widened to float32 in a register (a bfloat16 is the top
+// half of a float32, so a 16-bit shift does it) and multiplied in float32; AVX512-BF16's `vdpbf16ps` multiplies
+// bfloat16 pairs directly where x is bfloat16 too.
+//
+// Variants. Each kernel has a scalar loop, the reference a reader starts from, then one variant per instruction
+// set, written as the same loop over wider registers. All are compiled into this one file (each function gets
+// the instructions it may use with __attribute__((target))) and the caller picks one by name; `variants(kernel)`
+// lists those this CPU runs, fastest first:
+//     int8, int4:  avx512vnni  (512-bit vpdpbusd: two blocks per instruction)
+//                  avxvnni     (256-bit vpdpbusd: one block; VEX-encoded on CPUs with AVX-VNNI, EVEX-encoded on
+//                               CPUs with AVX512-VNNI, which run the same instruction on 256 bits)
+//                  avx2        (vpmaddubsw + vpmaddwd)
+//                  scalar
+//     bf16:        avx512bf16  (vdpbf16ps where x is bfloat16, else as avx512), avx512, avx2, scalar
+//
+// Rows. A call takes any number of input rows (beam search runs a few). Each weight block is read once for up
+// to kMaxRows rows, so a few rows cost little more than one; more rows go kMaxRows at a time over a tile of
+// weight rows small enough to stay in the core's cache.
+//
+// Threads: at::parallel_for splits the output rows into one contiguous range per thread.
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define X86_KERNELS 1
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t kBlock = 32;       // inputs per block: one activation scale, one int4 scale and low
+constexpr int64_t kInt8Max = 127;    // activation codes are in -127 .. 127
+constexpr int64_t kMaxRows = 8;      // input rows multiplied per pass over a weight block
+constexpr int64_t kTaskBytes = 1 << 16;   // the least weight bytes worth a thread of their own
+constexpr int64_t kTileBytes = 1 << 18;   // with more than kMaxRows rows: weight bytes reread from the cache
+
+// ---------------------------------------------------------------------------------------------------------
+// Variants and what this CPU runs.
+// ---------------------------------------------------------------------------------------------------------
+enum class Variant { scalar, avx2, avxvnni, avx512vnni, avx512, avx512bf16 };
+
+struct VariantName {
+  Variant variant;
+  const char* name;
+};
+const VariantName kVariantNames[] = {{Variant::avx512bf16, "avx512bf16"}, {Variant::avx512vnni, "avx512vnni"},
+                                     {Variant::avx512, "avx512"},         {Variant::avxvnni, "avxvnni"},
+                                     {Variant::avx2, "avx2"},             {Variant::scalar, "scalar"}};
+
+struct Cpu {
+  bool avx2 = false, avxvnni = false, avx512 = false, avx512vnni = false, avx512bf16 = false;
+  Cpu() {
+#ifdef X86_KERNELS
+    __builtin_cpu_init();
+    avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    avxvnni = avx2 && __builtin_cpu_supports("avxvnni");
+    avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+    avx512vnni = avx512 && __builtin_cpu_supports("avx512vnni");
+    avx512bf16 = avx512 && __builtin_cpu_supports("avx512bf16");
+#endif
+  }
+};
+const Cpu& cpu() {
+  static const Cpu detected;
+  return detected;
+}
+
+// The variants of each kernel ("int8", "int4" or "bf16") that this CPU runs, fastest first.
+std::vector<std::string> variants(const std::string& kernel) {
+  const Cpu& c = cpu();
+  const bool integer = kernel == "int8" || kernel == "int4";
+  TORCH_CHECK(integer || kernel == "bf16", "unknown kernel ", kernel, ": int8, int4 or bf16");
+  std::vector<std::string> names;
+  for (const VariantName& v : kVariantNames) {
+    bool runs = false;
+    switch (v.variant) {
+      case Variant::scalar: runs = true; break;
+      case Variant::avx2: runs = c.avx2; break;
+      case Variant::avxvnni: runs = integer && (c.avxvnni || c.avx512vnni); break;
+      case Variant::avx512vnni: runs = integer && c.avx512vnni; break;
+      case Variant::avx512: runs = !integer && c.avx512; break;
+      case Variant::avx512bf16: runs = !integer && c.avx512bf16; break;
+    }
+    if (runs) names.push_back(v.name);
+  }
+  return names;
+}
+
+// The variant named `name` ("" for the fastest), checked against what this CPU runs.
+Variant parse_variant(const std::string& kernel, const std::string& name) {
+  const std::vector<std::string> runs = variants(kernel);
+  const std::string& chosen = name.empty() ? runs.front() : name;
+  TORCH_CHECK(std::find(runs.begin(), runs.end(), chosen) != runs.end(), "the ", kernel, " kernel has no variant ",
+              chosen, " on this CPU (it runs: ", c10::Join(", ", runs), ")");
+  for (const VariantName& v : kVariantNames)
+    if (chosen == v.name) return v.variant;
+  return Variant::scalar;  // not reached
+}
+
+// Calls f(std::integral_constant<int, R>) for R = rows (1 .. kMaxRows): kernels unroll their loops over rows.
+template <class F>
+void with_rows(int64_t rows, F&& f) {
+  static_assert(kMaxRows == 8, "one case per row count");
+  switch (rows) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    default: f(std::integral_constant<int, 8>{}); break;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Inputs and outputs.
+// ---------------------------------------------------------------------------------------------------------
+// x (rows, in) as float32: x's own memory when it is float32, else a widened copy.
+struct FloatRows {
+  const float* data;
+  std::vector<float> copy;
+  explicit FloatRows(const at::Tensor& x) {
+    if (x.scalar_type() == at::kFloat) {
+      data = x.data_ptr<float>();
+      return;
+    }
+    copy.resize(x.numel());
+    if (x.scalar_type() == at::kBFloat16) {  // a bfloat16 is the top 16 bits of a float32
+      const uint16_t* bits = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+      for (int64_t i = 0; i < x.numel(); i++) {
+        const uint32_t wide = uint32_t(bits[i]) << 16;
+        std::memcpy(&copy[i], &wide, sizeof(float));
+      }
+    } else {
+      const at::Half* half = x.data_ptr<at::Half>();
+      for (int64_t i = 0; i < x.numel(); i++) copy[i] = float(half[i]);
+    }
+    data = copy.data();
+  }
+};
+
+// y (rows, out) in x's dtype, written one float32 result at a time.
+struct Output {
+  at::Tensor tensor;
+  at::ScalarType type;
+  int64_t out;
+  void store(int64_t row, int64_t n, float value) const {
+    const int64_t i = row * out + n;
+    switch (type) {
+      case at::kFloat: tensor.data_ptr<float>()[i] = value; break;
+      case at::kBFloat16: tensor.data_ptr<at::BFloat16>()[i] = at::BFloat16(value); break;
+      default: tensor.data_ptr<at::Half>()[i] = at::Half(value); break;
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------------------------------------
+// The activation row, quantised once per call.
+// ---------------------------------------------------------------------------------------------------------
+// One block of n <= 32 inputs: 32 codes (0 past n) and their sum; returns the block's scale d.
+float quantize_block_scalar(const float* x, int64_t n, int8_t* codes, int32_t* sum) {
+  float amax = 0.0f;
+  for (int64_t j = 0; j < n; j++) amax = std::max(amax, std::fabs(x[j]));
+  const float d = std::max(amax / float(kInt8Max), FLT_MIN);  // FLT_MIN: an all-zero block gets codes 0
+  int32_t total = 0;
+  for (int64_t j = 0; j < kBlock; j++) {
+    const int32_t q = j < n ? int32_t(std::nearbyint(x[j] / d)) : 0;  // half to even, as torch.round
+    codes[j] = int8_t(q);
+    total += q;
+  }
+  *sum = total;
+  return d;
+}
+
+#ifdef X86_KERNELS
+#define TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define TARGET_AVX512 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq")))
+#define TARGET_AVX512VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
+#define TARGET_AVX512BF16 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+
+TARGET_AVX2 inline float max_of(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
+TARGET_AVX2 inline float sum_of(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+TARGET_AVX2 inline int32_t sum_of(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1)));
+}
+
+// The same block with AVX2 (every SIMD variant uses it): the same division and rounding, 8 inputs at a time.
+TARGET_AVX2 float quantize_block_avx2(const float* x, int64_t n, int8_t* codes, int32_t* sum) {
+  if (n < kBlock) return quantize_block_scalar(x, n, codes, sum);  // a short tail
+  const __m256 sign_bit = _mm256_set1_ps(-0.0f);
+  __m256 v[4], magnitude = _mm256_setzero_ps();
+  for (int i = 0; i < 4; i++) {
+    v[i] = _mm256_loadu_ps(x + 8 * i);
+    magnitude = _mm256_max_ps(magnitude, _mm256_andnot_ps(sign_bit, v[i]));
+  }
+  const float d = std::max(max_of(magnitude) / float(kInt8Max), FLT_MIN);
+  const __m256 scale = _mm256_set1_ps(d);
+  __m256i q[4];  // _mm256_cvtps_epi32 rounds half to even (the default MXCSR mode)
+  for (int i = 0; i < 4; i++) q[i] = _mm256_cvtps_epi32(_mm256_div_ps(v[i], scale));
+  *sum = sum_of(_mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3])));
+  // 32-bit -> 8-bit: the packs work within 128-bit lanes, so the 4-byte groups come out as q0 q1 q2 q3 of the
+  // low lane, then of the high lane; the permutation puts them back in order.
+  const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes),
+                      _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+  return d;
+}
+#endif
+
+// x (rows, in) quantised per block. Buffers are padded to an even number of blocks (the 512-bit variants take
+// two at a time) with codes 0 and scales 0.
+struct Activations {
+  int64_t rows, in, blocks, padded_blocks;
+  std::vector<int8_t> codes;    // (rows, padded_blocks * 32)
+  std::vector<float> scales;    // (rows, padded_blocks): d
+  std::vector<int32_t> sums;    // (rows, padded_blocks): s
+  std::vector<float> offsets;   // (rows, padded_blocks): d * s, the factor of an int4 block's low
+
+  Activations(const float* x, int64_t rows_, int64_t in_, Variant variant)
+      : rows(rows_), in(in_), blocks((in_ + kBlock - 1) / kBlock), padded_blocks(blocks + blocks % 2),
+        codes(rows * padded_blocks * kBlock, 0), scales(rows * padded_blocks, 0.0f), sums(rows * padded_blocks, 0),
+        offsets(rows * padded_blocks, 0.0f) {
+    for (int64_t r = 0; r < rows; r++) {
+      for (int64_t b = 0; b < blocks; b++) {
+        const float* block = x + r * in + b * kBlock;
+        const int64_t n = std::min(kBlock, in - b * kBlock);
+        const int64_t i = r * padded_blocks + b;
+#ifdef X86_KERNELS
+        if (variant != Variant::scalar) {
+          scales[i] = quantize_block_avx2(block, n, &codes[i * kBlock], &sums[i]);
+          continue;
+        }
+#endif
+        scales[i] = quantize_block_scalar(block, n, &codes[i * kBlock], &sums[i]);
+      }
+    }
+    for (size_t i = 0; i < offsets.size(); i++) offsets[i] = scales[i] * float(sums[i]);
+  }
+  const int8_t* codes_of(int64_t r) const { return codes.data() + r * padded_blocks * kBlock; }
+  const float* scales_of(int64_t r) const { return scales.data() + r * padded_blocks; }
+  const int32_t* sums_of(int64_t r) const { return sums.data() + r * padded_blocks; }
+  const float* offsets_of(int64_t r) const { return offsets.data() + r * padded_blocks; }
+};
+
+// Runs kernel(first_row, rows, n0, n1) over every output row, threaded, kMaxRows input rows at a time; with
+// more input rows, over tiles of weight rows that stay in the cache while each group of input rows reads them.
+template <class Kernel>
+void for_rows(int64_t rows, int64_t out, int64_t row_bytes, const Kernel& kernel) {
+  const int64_t grain = std::max<int64_t>(1, kTaskBytes / std::max<int64_t>(1, row_bytes));
+  const int64_t tile = rows <= kMaxRows ? out : std::max<int64_t>(1, kTileBytes / std::max<int64_t>(1, row_bytes));
+  at::parallel_for(0, out, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t n0 = begin; n0 < end; n0 += tile) {
+      const int64_t n1 = std::min(end, n0 + tile);
+      for (int64_t r0 = 0; r0 < rows; r0 += kMaxRows) kernel(r0, std::min(kMaxRows, rows - r0), n0, n1);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// int8 weights x int8 activations.
+// ---------------------------------------------------------------------------------------------------------
+// The reference: y[r][n] = scales[n] * sum_b d[b] * (sum_j q[j] * w[j]).
+void int8_scalar(const int8_t* weight, const float* weight_scales, const Activations& a, int64_t r0, int64_t rows,
+                 int64_t n0, int64_t n1, const Output& y) {
+  for (int64_t n = n0; n < n1; n++) {
+    const int8_t* w = weight + n * a.in;
+    for (int64_t r = r0; r < r0 + rows; r++) {
+      const int8_t* q = a.codes_of(r);
+      const float* d = a.scales_of(r);
+      float sum = 0.0f;
+      for (int64_t b = 0; b < a.blocks; b++) {
+        int32_t dot = 0;  // at most 32 * 127 * 127: exact
+        for (int64_t j = b * kBlock; j < std::min(a.in, (b + 1) * kBlock); j++) dot += int32_t(q[j]) * int32_t(w[j]);
+        sum += float(dot) * d[b];
+      }
+      y.store(r, n, sum * weight_scales[n]);
+    }
+  }
+}
+
+#ifdef X86_KERNELS
+// The weight's last, shorter block copied into a zeroed block, so that the SIMD loops read whole blocks without
+// reading past the end of the weight. Returns the block to read.
+template <class T>
+inline const T* whole_block(const T* w, int64_t in, int64_t start, int64_t width, T* spare) {
+  if (start + width <= in) return w + start;
+  std::memset(spare, 0, width * sizeof(T));
+  std::memcpy(spare, w + start, (in - start) * sizeof(T));
+  return spare;
+}
+
+// AVX2, one block of 32 at a time. vpmaddubsw multiplies unsigned by signed bytes, so the sign moves from q to w
+// (|q| * (w * sign(q)) = q * w), then adds pairs in 16 bits (no saturation: |q|, |w| <= 127); vpmaddwd adds
+// pairs again into 32 bits: 8 partial sums per block, scaled by d[b] in float32.
+template <int R>
+TARGET_AVX2 void int8_avx2(const int8_t* weight, const float* weight_scales, const Activations& a, int64_t r0,
+                           int64_t n0, int64_t n1, const Output& y) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  alignas(32) int8_t spare[kBlock];
+  for (int64_t n = n0; n < n1; n++) {
+    const int8_t* w = weight + n * a.in;
+    __m256 sum[R];
+    for (int r = 0; r < R; r++) sum[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < a.blocks; b++) {
+      const __m256i wb = _mm256_loadu_si256((const __m256i*)whole_block(w, a.in, b * kBlock, kBlock, spare));
+      for (int r = 0; r < R; r++) {
+        const __m256i q = _mm256_loadu_si256((const __m256i*)(a.codes_of(r0 + r) + b * kBlock));
+        const __m256i pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(q), _mm256_sign_epi8(wb, q));
+        const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
+        sum[r] = _mm256_fmadd_ps(dot, _mm256_set1_ps(a.scales_of(r0 + r)[b]), sum[r]);
+      }
+    }
+    for (int r = 0; r < R; r++) y.store(r0 + r, n, sum_of(sum[r]) * weight_scales[n]);
+  }
+}
+
+// 256-bit vpdpbusd: the four byte products of each 32-bit lane added into it in one instruction. Written as
+// assembly so that one function serves both encodings: VEX on CPUs with AVX-VNNI (no AVX-512), EVEX on CPUs with
+// AVX512-VNNI; the compiler only sees AVX2 here, so it keeps to registers both encodings reach.
+template <bool kVex>
+TARGET_AVX2 inline __m256i dot_bytes(__m256i unsigned_bytes, __m256i signed_bytes) {
+  __m256i sum = _mm256_setzero_si256();
+  if (kVex)
+    asm("%{vex%} vpdpbusd %2, %1, %0" : "+x"(sum) : "x"(unsigned_bytes), "x"(signed_bytes));
+  else
+    asm("vpdpbusd %2, %1, %0" : "+x"(sum) : "x"(unsigned_bytes), "x"(signed_bytes));
+  return sum;
+}
+
+// AVX-VNNI: the AVX2 loop with vpdpbusd in place of vpmaddubsw + vpmaddwd.
+template <int R, bool kVex>
+TARGET_AVX2 void int8_avxvnni(const int8_t* weight, const float* weight_scales, const Activations& a, int64_t r0,
+                              int64_t n0, int64_t n1, const Output& y) {
+  alignas(32) int8_t spare[kBlock];
+  for (int64_t n = n0; n < n1; n++) {
+    const int8_t* w = weight + n * a.in;
+    __m256 sum[R];
+    for (int r = 0; r < R; r++) sum[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < a.blocks; b++) {
+      const __m256i wb = _mm256_loadu_si256((const __m256i*)whole_block(w, a.in, b * kBlock, kBlock, spare));
+      for (int r = 0; r < R; r++) {
+        const __m256i q = _mm256_loadu_si256((const __m256i*)(a.codes_of(r0 + r) + b * kBlock));
+        const __m256 dot = _mm256_cvtepi32_ps(dot_bytes<kVex>(_mm256_abs_epi8(q), _mm256_sign_epi8(wb, q)));
+        sum[r] = _mm256_fmadd_ps(dot, _mm256_set1_ps(a.scales_of(r0 + r)[b]), sum[r]);
+      }
+    }
+    for (int r = 0; r < R; r++) y.store(r0 + r, n, sum_of(sum[r]) * weight_scales[n]);
+  }
+}
+
+// [d0 x 8, d1 x 8]: the scales of two blocks, lined up with vpdpbusd's 16 partial sums over them.
+TARGET_AVX512 inline __m512 pair_scales(const float* d) {
+  return _mm512_insertf32x8(_mm512_set1_ps(d[0]), _mm256_set1_ps(d[1]), 1);
+}
+
+// AVX512-VNNI: two blocks (64 bytes) per instruction. AVX-512 has no byte sign instruction; a mask of w's
+// negative bytes negates q instead (|w| * (q * sign(w)) = q * w), computed once per weight block for all rows.
+template <int R>
+TARGET_AVX512VNNI void int8_avx512vnni(const int8_t* weight, const float* weight_scales, const Activations& a,
+                                       int64_t r0, int64_t n0, int64_t n1, const Output& y) {
+  const __m512i zero = _mm512_setzero_si512();
+  alignas(64) int8_t spare[2 * kBlock];
+  for (int64_t n = n0; n < n1; n++) {
+    const int8_t* w = weight + n * a.in;
+    __m512 sum[R];
+    for (int r = 0; r < R; r++) sum[r] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < a.blocks; b += 2) {
+      const __m512i wb = _mm512_loadu_si512(whole_block(w, a.in, b * kBlock, 2 * kBlock, spare));
+      const __mmask64 negative = _mm512_movepi8_mask(wb);
+      const __m512i magnitude = _mm512_abs_epi8(wb);
+      for (int r = 0; r < R; r++) {
+        const __m512i q = _mm512_loadu_si512(a.codes_of(r0 + r) + b * kBlock);
+        const __m512i signed_q = _mm512_mask_sub_epi8(q, negative, zero, q);
+        const __m512 dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, magnitude, signed_q));
+        sum[r] = _mm512_fmadd_ps(dot, pair_scales(a.scales_of(r0 + r) + b), sum[r]);
+      }
+    }
+    for (int r = 0; r < R; r++) y.store(r0 + r, n, _mm512_reduce_add_ps(sum[r]) * weight_scales[n]);
+  }
+}
+#endif
+
+at::Tensor int8_matvec(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
+                       const std::string& variant_name) {
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kChar && codes.is_contiguous(),
+              "int8 codes must be a contiguous int8 (out, in) tensor");
+  const int64_t out = codes.size(0), in = codes.size(1);
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == out,
+              "int8 scales must be float32, one per output row");
+  TORCH_CHECK(x.size(-1) == in, "x has ", x.size(-1), " inputs, the weight ", in);
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+              "x must be float32, bfloat16 or float16");
+  const Variant variant = parse_variant("int8", variant_name);
+  const at::Tensor rows_in = x.reshape({-1, in}).contiguous();
+  const int64_t rows = rows_in.size(0);
+  std::vector<int64_t> shape = x.sizes().vec();
+  shape.back() = out;
+  Output y{at::empty({rows, out}, x.options()), x.scalar_type(), out};
+  if (rows == 0 || out == 0) return y.tensor.view(shape);
+  const FloatRows xf(rows_in);
+  const Activations a(xf.data, rows, in, variant);
+  const int8_t* w = codes.data_ptr<int8_t>();
+  const float* s = scales.data_ptr<float>();
+  for_rows(rows, out, in, [&](int64_t r0, int64_t count, int64_t n0, int64_t n1) {
+    switch (variant) {
+#ifdef X86_KERNELS
+      case Variant::avx2: with_rows(count, [&](auto R) { int8_avx2<decltype(R)::value>(w, s, a, r0, n0, n1, y); }); return;
+      case Variant::avxvnni:
+        if (cpu().avxvnni)
+          with_rows(count, [&](auto R) { int8_avxvnni<decltype(R)::value, true>(w, s, a, r0, n0, n1, y); });
+        else
+          with_rows(count, [&](auto R) { int8_avxvnni<decltype(R)::value, false>(w, s, a, r0, n0, n1, y); });
+        return;
+      case Variant::avx512vnni: with_rows(count, [&](auto R) { int8_avx512vnni<decltype(R)::value>(w, s, a, r0, n0, n1, y); }); return;
+#endif
+      default: int8_scalar(w, s, a, r0, count, n0, n1, y); return;
+    }
+  });
+  return y.tensor.view(shape);
+}
+
+
+// ---------------------------------------------------------------------------------------------------------
+// int4 weights x int8 activations.
+// ---------------------------------------------------------------------------------------------------------
+struct Int4Weight {
+  const uint8_t* packed;   // (out, blocks * 16)
+  const at::Half* scales;  // (out, blocks)
+  const at::Half* lows;    // (out, blocks)
+  int64_t blocks;
+  const uint8_t* row(int64_t n) const { return packed + n * blocks * (kBlock / 2); }
+  float scale(int64_t n, int64_t b) const { return float(scales[n * blocks + b]); }
+  float low(int64_t n, int64_t b) const { return float(lows[n * blocks + b]); }
+};
+
+// The reference: y[r][n] = sum_b d[b] * (scale[b] * sum_j c[j] * q[j] + low[b] * s[b]).
+void int4_scalar(const Int4Weight& weight, const Activations& a, int64_t r0, int64_t rows, int64_t n0, int64_t n1,
+                 const Output& y) {
+  constexpr int64_t half = kBlock / 2;
+  for (int64_t n = n0; n < n1; n++) {
+    const uint8_t* w = weight.row(n);
+    for (int64_t r = r0; r < r0 + rows; r++) {
+      const int8_t* q = a.codes_of(r);
+      float sum = 0.0f;
+      for (int64_t b = 0; b < a.blocks; b++) {
+        int32_t dot = 0;  // codes past the end of a short block are 0 on both sides
+        for (int64_t i = 0; i < half; i++)
+          dot += int32_t(w[b * half + i] & 0x0F) * q[b * kBlock + i] + int32_t(w[b * half + i] >> 4) * q[b * kBlock + half + i];
+        sum += float(dot) * (weight.scale(n, b) * a.scales_of(r)[b]);
+        sum += weight.low(n, b) * a.offsets_of(r)[b];
+      }
+      y.store(r, n, sum);
+    }
+  }
+}
+
+#ifdef X86_KERNELS
+// What the SIMD variants compute per weight row n before its codes, for each input row r (8 blocks at a time):
+// factors[r][b] = scale[b] * d[b], the factor of block b's dot product (0 past the last block), and
+// offsets[r] = sum_b low[b] * (d[b] * s[b]), the part of the product that needs no weight codes.
+TARGET_AVX2 void int4_row_factors(const Int4Weight& weight, const Activations& a, int64_t n, int64_t r0, int rows,
+                                  float* factors, float* offsets) {
+  constexpr int64_t kWidth = 8;
+  const int64_t whole = a.blocks / kWidth * kWidth;
+  for (int r = 0; r < rows; r++) {
+    float* f = factors + r * a.padded_blocks;
+    const float* d = a.scales_of(r0 + r);
+    const float* ds = a.offsets_of(r0 + r);
+    __m256 offset = _mm256_setzero_ps();
+    for (int64_t b = 0; b < whole; b += kWidth) {
+      const __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(weight.scales + n * a.blocks + b)));
+      const __m256 low = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(weight.lows + n * a.blocks + b)));
+      _mm256_storeu_ps(f + b, _mm256_mul_ps(scale, _mm256_loadu_ps(d + b)));
+      offset = _mm256_fmadd_ps(low, _mm256_loadu_ps(ds + b), offset);
+    }
+    float total = sum_of(offset);
+    for (int64_t b = whole; b < a.blocks; b++) {
+      f[b] = weight.scale(n, b) * d[b];
+      total += weight.low(n, b) * ds[b];
+    }
+    for (int64_t b = a.blocks; b < a.padded_blocks; b++) f[b] = 0.0f;
+    offsets[r] = total;
+  }
+}
+
+// A block's 16 bytes -> its 32 codes in order: the low nibbles are inputs 0 .. 15, the high nibbles 16 .. 31.
+TARGET_AVX2 inline __m256i int4_codes(const uint8_t* block) {
+  const __m128i bytes = _mm_loadu_si128((const __m128i*)block);
+  return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(bytes, 4), bytes), _mm256_set1_epi8(0x0F));
+}
+
+// AVX2, one block at a time: the codes are unsigned (0 .. 15) and q signed, as vpmaddubsw wants them.
+template <int R>
+TARGET_AVX2 void int4_avx2(const Int4Weight& weight, const Activations& a, int64_t r0, int64_t n0, int64_t n1,
+                           const Output& y) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  std::vector<float> factors(R * a.padded_blocks);
+  float offsets[R];
+  for (int64_t n = n0; n < n1; n++) {
+    int4_row_factors(weight, a, n, r0, R, factors.data(), offsets);
+    const uint8_t* w = weight.row(n);
+    __m256 sum[R];
+    for (int r = 0; r < R; r++) sum[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < a.blocks; b++) {
+      const __m256i c = int4_codes(w + b * kBlock / 2);
+      for (int r = 0; r < R; r++) {
+        const __m256i q = _mm256_loadu_si256((const __m256i*)(a.codes_of(r0 + r) + b * kBlock));
+        const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(c, q), ones));
+        sum[r] = _mm256_fmadd_ps(dot, _mm256_set1_ps(factors[r * a.padded_blocks + b]), sum[r]);
+      }
+    }
+    for (int r = 0; r < R; r++) y.store(r0 + r, n, sum_of(sum[r]) + offsets[r]);
+  }
+}
+
+// AVX-VNNI: the AVX2 loop with vpdpbusd.
+template <int R, bool kVex>
+TARGET_AVX2 void int4_avxvnni(const Int4Weight& weight, const Activations& a, int64_t r0, int64_t n0, int64_t n1,
+                              const Output& y) {
+  std::vector<float> factors(R * a.padded_blocks);
+  float offsets[R];
+  for (int64_t n = n0; n < n1; n++) {
+    int4_row_factors(weight, a, n, r0, R, factors.data(), offsets);
+    const uint8_t* w = weight.row(n);
+    __m256 sum[R];
+    for (int r = 0; r < R; r++) sum[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < a.blocks; b++) {
+      const __m256i c = int4_codes(w + b * kBlock / 2);
+      for (int r = 0; r < R; r++) {
+        const __m256i q = _mm256_loadu_si256((const __m256i*)(a.codes_of(r0 + r) + b * kBlock));
+        const __m256 dot = _mm256_cvtepi32_ps(dot_bytes<kVex>(c, q));
+        sum[r] = _mm256_fmadd_ps(dot, _mm256_set1_ps(factors[r * a.padded_blocks + b]), sum[r]);
+      }
+    }
+    for (int r = 0; r < R; r++) y.store(r0 + r, n, sum_of(sum[r]) + offsets[r]);
+  }
+}
+
+// Two blocks' 32 bytes -> their 64 codes in order (a missing second block reads as codes 0): the low and high
+// nibbles are interleaved 16 bytes at a time, so the codes of block b come before those of block b + 1.
+TARGET_AVX512 inline __m512i int4_codes_pair(const uint8_t* blocks, bool second) {
+  const __m256i bytes = _mm256_maskz_loadu_epi8(second ? 0xFFFFFFFFu : 0xFFFFu, blocks);
+  const __m512i order = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11);
+  const __m512i codes = _mm512_permutex2var_epi64(_mm512_castsi256_si512(bytes), order,
+                                                  _mm512_castsi256_si512(_mm256_srli_epi16(bytes, 4)));
+  return _mm512_and_si512(codes, _mm512_set1_epi8(0x0F));
+}
+
+// AVX512-VNNI: two blocks per instruction.
+template <int R>
+TARGET_AVX512VNNI void int4_avx512vnni(const Int4Weight& weight, const Activations& a, int64_t r0, int64_t n0,
+                                       int64_t n1, const Output& y) {
+  const __m512i zero = _mm512_setzero_si512();
+  std::vector<float> factors(R * a.padded_blocks);
+  float offsets[R];
+  for (int64_t n = n0; n < n1; n++) {
+    int4_row_factors(weight, a, n, r0, R, factors.data(), offsets);
+    const uint8_t* w = weight.row(n);
+    __m512 sum[R];
+    for (int r = 0; r < R; r++) sum[r] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < a.blocks; b += 2) {
+      const __m512i c = int4_codes_pair(w + b * kBlock / 2, b + 1 < a.blocks);
+      for (int r = 0; r < R; r++) {
+        const __m512i q = _mm512_loadu_si512(a.codes_of(r0 + r) + b * kBlock);
+        const __m512 dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, c, q));
+        sum[r] = _mm512_fmadd_ps(dot, pair_scales(factors.data() + r * a.padded_blocks + b), sum[r]);
+      }
+    }
+    for (int r = 0; r < R; r++) y.store(r0 + r, n, _mm512_reduce_add_ps(sum[r]) + offsets[r]);
+  }
+}
+#endif
+
+at::Tensor int4_matvec(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+                       const at::Tensor& lows, const std::string& variant_name) {
+  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kByte && packed.is_contiguous(),
+              "int4 codes must be a contiguous uint8 (out, blocks * 16) tensor");
+  const int64_t out = packed.size(0), in = x.size(-1), blocks = (in + kBlock - 1) / kBlock;
+  TORCH_CHECK(packed.size(1) == blocks * kBlock / 2, "x has ", in, " inputs: the int4 codes need ",
+              blocks * kBlock / 2, " bytes a row, not ", packed.size(1));
+  for (const at::Tensor& t : {scales, lows})
+    TORCH_CHECK(t.scalar_type() == at::kHalf && t.is_contiguous() && t.dim() == 2 && t.size(0) == out &&
+                    t.size(1) == blocks, "int4 scales and lows must be contiguous float16 (out, blocks)");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+              "x must be float32, bfloat16 or float16");
+  const Variant variant = parse_variant("int4", variant_name);
+  const at::Tensor rows_in = x.reshape({-1, in}).contiguous();
+  const int64_t rows = rows_in.size(0);
+  std::vector<int64_t> shape = x.sizes().vec();
+  shape.back() = out;
+  Output y{at::empty({rows, out}, x.options()), x.scalar_type(), out};
+  if (rows == 0 || out == 0) return y.tensor.view(shape);
+  const FloatRows xf(rows_in);
+  const Activations a(xf.data, rows, in, variant);
+  const Int4Weight w{packed.data_ptr<uint8_t>(), scales.data_ptr<at::Half>(), lows.data_ptr<at::Half>(), blocks};
+  for_rows(rows, out, blocks * kBlock / 2, [&](int64_t r0, int64_t count, int64_t n0, int64_t n1) {
+    switch (variant) {
+#ifdef X86_KERNELS
+      case Variant::avx2: with_rows(count, [&](auto R) { int4_avx2<decltype(R)::value>(w, a, r0, n0, n1, y); }); return;
+      case Variant::avxvnni:
+        if (cpu().avxvnni)
+          with_rows(count, [&](auto R) { int4_avxvnni<decltype(R)::value, true>(w, a, r0, n0, n1, y); });
+        else
+          with_rows(count, [&](auto R) { int4_avxvnni<decltype(R)::value, false>(w, a, r0, n0, n1, y); });
+        return;
+      case Variant::avx512vnni: with_rows(count, [&](auto R) { int4_avx512vnni<decltype(R)::value>(w, a, r0, n0, n1, y); }); return;
+#endif
+      default: int4_scalar(w, a, r0, count, n0, n1, y); return;
+    }
+  });
+  return y.tensor.view(shape);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// bfloat16 weights x float32 (or bfloat16) activations.
+// ---------------------------------------------------------------------------------------------------------
+// The reference: y[r][n] = sum_j float(w[j]) * x[j], in float32.
+void bf16_scalar(const at::BFloat16* weight, const float* x, int64_t in, int64_t r0, int64_t rows, int64_t n0,
+                 int64_t n1, const Output& y) {
+  for (int64_t n = n0; n < n1; n++) {
+    const at::BFloat16* w = weight + n * in;
+    for (int64_t r = r0; r < r0 + rows; r++) {
+      float sum = 0.0f;
+      for (int64_t j = 0; j < in; j++) sum += float(w[j]) * x[r * in + j];
+      y.store(r, n, sum);
+    }
+  }
+}
+
+#ifdef X86_KERNELS
+// x for the SIMD variants, in chunks of `width` inputs (16 for AVX2, 32 for AVX-512), each chunk's even-numbered
+// inputs first, then its odd-numbered ones, and zeros past the end. Why: a register of `width` bfloat16 weights,
+// read as 32-bit lanes, holds weight 2i in the low half of lane i and weight 2i + 1 in the high half; shifting
+// each lane left by 16 bits gives the even weights as float32, clearing the low halves gives the odd ones.
+std::vector<float> even_then_odd(const float* x, int64_t rows, int64_t in, int64_t width) {
+  const int64_t chunks = (in + width - 1) / width;
+  std::vector<float> spread(rows * chunks * width, 0.0f);
+  for (int64_t r = 0; r < rows; r++)
+    for (int64_t j = 0; j < in; j++) {
+      const int64_t chunk = j / width, i = j % width;
+      spread[(r * chunks + chunk) * width + (i % 2) * (width / 2) + i / 2] = x[r * in + j];
+    }
+  return spread;
+}
+
+// AVX2, 16 weights at a time. With up to 4 rows each row keeps two sums (even and odd inputs) so that the
+// multiply-adds do not wait on each other; with more, the rows themselves are independent enough.
+template <int R>
+TARGET_AVX2 void bf16_avx2(const at::BFloat16* weight, const float* spread, int64_t in, int64_t r0, int64_t n0,
+                           int64_t n1, const Output& y) {
+  constexpr int64_t kWidth = 16;
+  constexpr int kSums = R <= 4 ? 2 : 1;
+  const int64_t chunks = (in + kWidth - 1) / kWidth;
+  const __m256i high_halves = _mm256_set1_epi32(int32_t(0xFFFF0000u));
+  alignas(32) uint16_t spare[kWidth];
+  for (int64_t n = n0; n < n1; n++) {
+    const uint16_t* w = reinterpret_cast<const uint16_t*>(weight + n * in);
+    __m256 sum[R][kSums];
+    for (int r = 0; r < R; r++)
+      for (int s = 0; s < kSums; s++) sum[r][s] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < chunks; c++) {
+      const __m256i wc = _mm256_loadu_si256((const __m256i*)whole_block(w, in, c * kWidth, kWidth, spare));
+      const __m256 even = _mm256_castsi256_ps(_mm256_slli_epi32(wc, 16));
+      const __m256 odd = _mm256_castsi256_ps(_mm256_and_si256(wc, high_halves));
+      for (int r = 0; r < R; r++) {
+        const float* xc = spread + ((r0 + r) * chunks + c) * kWidth;
+        sum[r][0] = _mm256_fmadd_ps(even, _mm256_loadu_ps(xc), sum[r][0]);
+        sum[r][kSums - 1] = _mm256_fmadd_ps(odd, _mm256_loadu_ps(xc + kWidth / 2), sum[r][kSums - 1]);
+      }
+    }
+    for (int r = 0; r < R; r++)
+      y.store(r0 + r, n, sum_of(kSums == 2 ? _mm256_add_ps(sum[r][0], sum[r][kSums - 1]) : sum[r][0]));
+  }
+}
+
+// AVX-512: the same, 32 weights at a time.
+template <int R>
+TARGET_AVX512 void bf16_avx512(const at::BFloat16* weight, const float* spread, int64_t in, int64_t r0, int64_t n0,
+                               int64_t n1, const Output& y) {
+  constexpr int64_t kWidth = 32;
+  const int64_t chunks = (in + kWidth - 1) / kWidth;
+  const __m512i high_halves = _mm512_set1_epi32(int32_t(0xFFFF0000u));
+  alignas(64) uint16_t spare[kWidth];
+  for (int64_t n = n0; n < n1; n++) {
+    const uint16_t* w = reinterpret_cast<const uint16_t*>(weight + n * in);
+    __m512 even_sum[R], odd_sum[R];
+    for (int r = 0; r < R; r++) even_sum[r] = odd_sum[r] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < chunks; c++) {
+      const __m512i wc = _mm512_loadu_si512(whole_block(w, in, c * kWidth, kWidth, spare));
+      const __m512 even = _mm512_castsi512_ps(_mm512_slli_epi32(wc, 16));
+      const __m512 odd = _mm512_castsi512_ps(_mm512_and_si512(wc, high_halves));
+      for (int r = 0; r < R; r++) {
+        const float* xc = spread + ((r0 + r) * chunks + c) * kWidth;
+        even_sum[r] = _mm512_fmadd_ps(even, _mm512_loadu_ps(xc), even_sum[r]);
+        odd_sum[r] = _mm512_fmadd_ps(odd, _mm512_loadu_ps(xc + kWidth / 2), odd_sum[r]);
+      }
+    }
+    for (int r = 0; r < R; r++) y.store(r0 + r, n, _mm512_reduce_add_ps(_mm512_add_ps(even_sum[r], odd_sum[r])));
+  }
+}
+
+// AVX512-BF16, x in bfloat16 too: vdpbf16ps multiplies 32 bfloat16 pairs and adds each two neighbours' products
+// into a float32 lane. x is padded with zeros to whole chunks of 32.
+template <int R>
+TARGET_AVX512BF16 void bf16_avx512bf16(const at::BFloat16* weight, const uint16_t* x, int64_t in, int64_t r0,
+                                       int64_t n0, int64_t n1, const Output& y) {
+  constexpr int64_t kWidth = 32;
+  const int64_t chunks = (in + kWidth - 1) / kWidth;
+  alignas(64) uint16_t spare[kWidth];
+  for (int64_t n = n0; n < n1; n++) {
+    const uint16_t* w = reinterpret_cast<const uint16_t*>(weight + n * in);
+    __m512 sum[R];
+    for (int r = 0; r < R; r++) sum[r] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < chunks; c++) {
+      const __m512i wc = _mm512_loadu_si512(whole_block(w, in, c * kWidth, kWidth, spare));
+      for (int r = 0; r < R; r++) {
+        const __m512i xc = _mm512_loadu_si512(x + ((r0 + r) * chunks + c) * kWidth);
+        sum[r] = _mm512_dpbf16_ps(sum[r], (__m512bh)xc, (__m512bh)wc);
+      }
+    }
+    for (int r = 0; r < R; r++) y.store(r0 + r, n, _mm512_reduce_add_ps(sum[r]));
+  }
+}
+#endif
+
+at::Tensor bf16_matvec(const at::Tensor& x, const at::Tensor& weight, const std::string& variant_name) {
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kBFloat16 && weight.is_contiguous(),
+              "the weight must be a contiguous bfloat16 (out, in) tensor");
+  const int64_t out = weight.size(0), in = weight.size(1);
+  TORCH_CHECK(x.size(-1) == in, "x has ", x.size(-1), " inputs, the weight ", in);
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+              "x must be float32, bfloat16 or float16");
+  Variant variant = parse_variant("bf16", variant_name);
+  if (variant == Variant::avx512bf16 && x.scalar_type() != at::kBFloat16) variant = Variant::avx512;
+  const at::Tensor rows_in = x.reshape({-1, in}).contiguous();
+  const int64_t rows = rows_in.size(0);
+  std::vector<int64_t> shape = x.sizes().vec();
+  shape.back() = out;
+  Output y{at::empty({rows, out}, x.options()), x.scalar_type(), out};
+  if (rows == 0 || out == 0) return y.tensor.view(shape);
+  const at::BFloat16* w = weight.data_ptr<at::BFloat16>();
+#ifdef X86_KERNELS
+  if (variant == Variant::avx512bf16) {
+    constexpr int64_t kWidth = 32;
+    const int64_t chunks = (in + kWidth - 1) / kWidth;
+    std::vector<uint16_t> padded(rows * chunks * kWidth, 0);
+    const uint16_t* bits = reinterpret_cast<const uint16_t*>(rows_in.data_ptr<at::BFloat16>());
+    for (int64_t r = 0; r < rows; r++) std::memcpy(&padded[r * chunks * kWidth], bits + r * in, in * sizeof(uint16_t));
+    for_rows(rows, out, 2 * in, [&](int64_t r0, int64_t count, int64_t n0, int64_t n1) {
+      with_rows(count, [&](auto R) { bf16_avx512bf16<decltype(R)::value>(w, padded.data(), in, r0, n0, n1, y); });
+    });
+    return y.tensor.view(shape);
+  }
+#endif
+  const FloatRows xf(rows_in);
+#ifdef X86_KERNELS
+  if (variant == Variant::avx2 || variant == Variant::avx512) {
+    const std::vector<float> spread = even_then_odd(xf.data, rows, in, variant == Variant::avx2 ? 16 : 32);
+    for_rows(rows, out, 2 * in, [&](int64_t r0, int64_t count, int64_t n0, int64_t n1) {
+      if (variant == Variant::avx2)
+        with_rows(count, [&](auto R) { bf16_avx2<decltype(R)::value>(w, spread.data(), in, r0, n0, n1, y); });
+      else
+        with_rows(count, [&](auto R) { bf16_avx512<decltype(R)::value>(w, spread.data(), in, r0, n0, n1, y); });
+    });
+    return y.tensor.view(shape);
+  }
+#endif
+  for_rows(rows, out, 2 * in, [&](int64_t r0, int64_t count, int64_t n0, int64_t n1) {
+    bf16_scalar(w, xf.data, in, r0, count, n0, n1, y);
+  });
+  return y.tensor.view(shape);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Dequantising into a float32 buffer (for prompt chunks: one float32 matrix product per weight). The loops are
+// plain C++; the compiler vectorises each copy of them for the instruction set its caller names.
+// ---------------------------------------------------------------------------------------------------------
+inline __attribute__((always_inline)) void dequantize_int8_rows(const int8_t* codes, const float* scales,
+                                                                float* out, int64_t in, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; n++)
+    for (int64_t j = 0; j < in; j++) out[n * in + j] = float(codes[n * in + j]) * scales[n];
+}
+
+inline __attribute__((always_inline)) void dequantize_int4_rows(const Int4Weight& weight, float* out, int64_t in,
+                                                                int64_t n0, int64_t n1) {
+  constexpr int64_t half = kBlock / 2;
+  for (int64_t n = n0; n < n1; n++)
+    for (int64_t b = 0; b < weight.blocks; b++) {
+      const uint8_t* block = weight.row(n) + b * half;
+      const float scale = weight.scale(n, b), low = weight.low(n, b);
+      float* o = out + n * in + b * kBlock;
+      if ((b + 1) * kBlock <= in) {
+        for (int64_t i = 0; i < half; i++) {
+          o[i] = float(block[i] & 0x0F) * scale + low;
+          o[i + half] = float(block[i] >> 4) * scale + low;
+        }
+      } else {  // a short tail block
+        for (int64_t j = 0; j < in - b * kBlock; j++)
+          o[j] = float(j < half ? block[j] & 0x0F : block[j - half] >> 4) * scale + low;
+      }
+    }
+}
+
+#ifdef X86_KERNELS
+TARGET_AVX512 void dequantize_int8_avx512(const int8_t* c, const float* s, float* o, int64_t in, int64_t n0,
+                                          int64_t n1) {
+  dequantize_int8_rows(c, s, o, in, n0, n1);
+}
+TARGET_AVX2 void dequantize_int8_avx2(const int8_t* c, const float* s, float* o, int64_t in, int64_t n0, int64_t n1) {
+  dequantize_int8_rows(c, s, o, in, n0, n1);
+}
+TARGET_AVX512 void dequantize_int4_avx512(const Int4Weight& w, float* o, int64_t in, int64_t n0, int64_t n1) {
+  dequantize_int4_rows(w, o, in, n0, n1);
+}
+TARGET_AVX2 void dequantize_int4_avx2(const Int4Weight& w, float* o, int64_t in, int64_t n0, int64_t n1) {
+  dequantize_int4_rows(w, o, in, n0, n1);
+}
+#endif
+
+void check_buffer(const at::Tensor& out, int64_t rows, int64_t in) {
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.dim() == 2 && out.size(0) == rows &&
+                  out.size(1) == in, "the buffer must be a contiguous float32 (", rows, ", ", in, ") tensor");
+}
+
+void dequantize_int8(const at::Tensor& codes, const at::Tensor& scales, at::Tensor& out) {
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kChar && codes.is_contiguous(),
+              "int8 codes must be a contiguous int8 (out, in) tensor");
+  const int64_t rows = codes.size(0), in = codes.size(1);
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == rows,
+              "int8 scales must be float32, one per output row");
+  check_buffer(out, rows, in);
+  const int8_t* c = codes.data_ptr<int8_t>();
+  const float* s = scales.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, rows, std::max<int64_t>(1, kTaskBytes / std::max<int64_t>(1, in)), [&](int64_t n0, int64_t n1) {
+#ifdef X86_KERNELS
+    if (cpu().avx512) return dequantize_int8_avx512(c, s, o, in, n0, n1);
+    if (cpu().avx2) return dequantize_int8_avx2(c, s, o, in, n0, n1);
+#endif
+    dequantize_int8_rows(c, s, o, in, n0, n1);
+  });
+}
+
+void dequantize_int4(const at::Tensor& packed, const at::Tensor& scales, const at::Tensor& lows, at::Tensor& out) {
+  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kByte && packed.is_contiguous(),
+              "int4 codes must be a contiguous uint8 (out, blocks * 16) tensor");
+  const int64_t rows = packed.size(0), in = out.size(-1), blocks = (in + kBlock - 1) / kBlock;
+  TORCH_CHECK(packed.size(1) == blocks * kBlock / 2, "the buffer has ", in, " columns: the int4 codes need ",
+              blocks * kBlock / 2, " bytes a row, not ", packed.size(1));
+  for (const at::Tensor& t : {scales, lows})
+    TORCH_CHECK(t.scalar_type() == at::kHalf && t.is_contiguous() && t.dim() == 2 && t.size(0) == rows &&
+                    t.size(1) == blocks, "int4 scales and lows must be contiguous float16 (out, blocks)");
+  check_buffer(out, rows, in);
+  const Int4Weight w{packed.data_ptr<uint8_t>(), scales.data_ptr<at::Half>(), lows.data_ptr<at::Half>(), blocks};
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, rows, std::max<int64_t>(1, kTaskBytes / std::max<int64_t>(1, in)), [&](int64_t n0, int64_t n1) {
+#ifdef X86_KERNELS
+    if (cpu().avx512) return dequantize_int4_avx512(w, o, in, n0, n1);
+    if (cpu().avx2) return dequantize_int4_avx2(w, o, in, n0, n1);
+#endif
+    dequantize_int4_rows(w, o, in, n0, n1);
+  });
+}
+
+// The activation quantisation on its own, for the tests: (codes (rows, blocks * 32) int8, scales (rows, blocks)
+// float32, sums (rows, blocks) int32), as the int8 and int4 kernels' variant `variant` computes them.
+std::vector<at::Tensor> quantize_activations(const at::Tensor& x, const std::string& variant_name) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+              "x must be float32, bfloat16 or float16");
+  const int64_t in = x.size(-1);
+  const at::Tensor rows_in = x.reshape({-1, in}).contiguous();
+  const int64_t rows = rows_in.size(0);
+  const FloatRows xf(rows_in);
+  const Activations a(xf.data, rows, in, parse_variant("int8", variant_name));
+  at::Tensor codes = at::empty({rows, a.blocks * kBlock}, at::kChar);
+  at::Tensor scales = at::empty({rows, a.blocks}, at::kFloat);
+  at::Tensor sums = at::empty({rows, a.blocks}, at::kInt);
+  for (int64_t r = 0; r < rows; r++) {
+    std::memcpy(codes.data_ptr<int8_t>() + r * a.blocks * kBlock, a.codes_of(r), a.blocks * kBlock);
+    std::memcpy(scales.data_ptr<float>() + r * a.blocks, a.scales_of(r), a.blocks * sizeof(float));
+    std::memcpy(sums.data_ptr<int32_t>() + r * a.blocks, a.sums_of(r), a.blocks * sizeof(int32_t));
+  }
+  return {codes, scales, sums};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "speedups' own CPU kernels: see speedups/native.py";
+  m.def("variants", &variants, "the variants of kernel 'int8', 'int4' or 'bf16' that this CPU runs, fastest first",
+        py::arg("kernel"));
+  m.def("quantize_activations", &quantize_activations, py::arg("x"), py::arg("variant") = "");
+  m.def("int8_matvec", &int8_matvec, py::arg("x"), py::arg("codes"), py::arg("scales"), py::arg("variant") = "");
+  m.def("int4_matvec", &int4_matvec, py::arg("x"), py::arg("packed"), py::arg("scales"), py::arg("lows"),
+        py::arg("variant") = "");
+  m.def("bf16_matvec", &bf16_matvec, py::arg("x"), py::arg("weight"), py::arg("variant") = "");
+  m.def("dequantize_int8", &dequantize_int8, py::arg("codes"), py::arg("scales"), py::arg("out"));
+  m.def("dequantize_int4", &dequantize_int4, py::arg("packed"), py::arg("scales"), py::arg("lows"), py::arg("out"));
+}
