@@ -49,6 +49,7 @@ This module imports nothing from the rest of speedups.
 import contextlib
 import hashlib
 import importlib.util
+import logging
 import os
 import platform
 import re
@@ -68,6 +69,7 @@ NAME = "llama_scripts_kernels"  # the Python module the build makes (quantized.c
 CACHE_FOLDER = "llama-scripts"  # under $XDG_CACHE_HOME or ~/.cache, as speedups' kernel timings
 FLAGS = ["-O3", "-fopenmp"]  # -fopenmp: at::parallel_for runs threads only in code compiled with OpenMP
 LINK_FLAGS = ["-fopenmp"]  # resolves to the libgomp that torch has loaded (the same soname)
+LOCK_FILE = "kernels.lock"  # in the cache folder: held while building (empty; it stays)
 BUILD_SECONDS = 70  # what the first build took on a shared 2-core EPYC: shown while it compiles
 BLOCK = 32  # inputs per block: one activation scale; one int4 scale and low
 INT8_MAX = 127  # activation codes are in -127 .. 127
@@ -147,7 +149,7 @@ def _build(folder, built):
     parent = folder.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        lock = open(parent / f"{folder.name}.lock", "a")
+        lock = open(parent / LOCK_FILE, "a")
     except OSError as error:
         return None, f"cannot write to {parent} ({error.strerror or error})"
     with lock, _progress() as progress:
@@ -177,12 +179,23 @@ def _compile(staging, ninja):
     path = os.environ.get("PATH", "")
     os.environ["PATH"] = ninja + os.pathsep + path  # torch runs `ninja` from PATH
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _quiet(logging.getLogger(cpp_extension.__name__)):
             warnings.simplefilter("ignore")  # torch warns about compiler versions; a failure says more
             return cpp_extension.load(name=NAME, sources=[str(SOURCE)], build_directory=str(staging),
                                       extra_cflags=FLAGS, extra_ldflags=LINK_FLAGS, verbose=False)
     finally:
         os.environ["PATH"] = path
+
+
+@contextlib.contextmanager
+def _quiet(logger):
+    """logger's warnings silenced for a while."""
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _ninja_folder():
