@@ -22,6 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 MINIMAL, TUTORIAL, SPEEDUPS = "minimal_run_inference.py", "run_inference.py", "speedups/__init__.py"
 CHECKPOINT, DEVICES, EXITS = "support/checkpoint.py", "support/devices.py", "support/exits.py"
+NATIVE = "speedups/quantized.cpp"  # each mutant of it compiles its own copy (a minute) into the user's cache
 # Tests, by what they check: pytest node ids ([...] picks parameters) or a file and a -k expression.
 SPEEDUPS_TESTS = "tests/test_speedups.py::"
 CHUNKED = SPEEDUPS_TESTS + "test_prefill_in_chunks_gives_the_cache_free_logits_and_tokens"
@@ -41,6 +42,7 @@ PLATFORM = ["tests/test_platform.py"]
 LAYER = ["tests/test_layer.py", "-k", "float32 or transformers"]
 # Real trained weights (SmolLM2-135M, RoPE theta 100,000): every random checkpoint has Llama 3's theta, 500,000.
 REAL_NLL = "tests/test_real_weights.py::test_english_is_predictable_in_float32"  # [minimal] or [tutorial]
+NATIVE_TESTS = "tests/test_native_kernels.py"
 MODULES = [SPEEDUPS_TESTS + "test_speedups_off_runs_llama_models_as_written",
            SPEEDUPS_TESTS + "test_speedups_swap_named_modules"]
 
@@ -122,6 +124,22 @@ MUTANTS = {
                                    [REAL_NLL + "[minimal]"]),
     "closed-pipe-is-an-error": (EXITS, "return isinstance(error, BrokenPipeError) or", "return False and",
                                 ["tests/test_scripts.py", "-k", "closed_pipe and minimal"]),
+    # Our C++ kernels: the SIMD variants' activation rounding, the scalar int8 loop, every kernel's tail block,
+    # the offset term of int4 (SIMD and scalar).
+    "native-activation-scale-off": (NATIVE, "std::max(max_of(magnitude) / float(kInt8Max), FLT_MIN)",
+                                    "std::max(max_of(magnitude) / float(kInt8Max + 1), FLT_MIN)",
+                                    [NATIVE_TESTS, "-k", "activation_codes"]),
+    "native-int8-scale-of-another-row": (NATIVE, "y.store(r, n, sum * weight_scales[n]);",
+                                         "y.store(r, n, sum * weight_scales[n0]);",
+                                         [NATIVE_TESTS, "-k", "int8_product and scalar"]),
+    "native-tail-block-dropped": (NATIVE, "blocks((in_ + kBlock - 1) / kBlock)", "blocks(in_ / kBlock)",
+                                  [NATIVE_TESTS, "-k", "int8_product"]),
+    "native-int4-offset-sign": (NATIVE, "offset = _mm256_fmadd_ps(low, _mm256_loadu_ps(ds + b), offset);",
+                                "offset = _mm256_fnmadd_ps(low, _mm256_loadu_ps(ds + b), offset);",
+                                [NATIVE_TESTS, "-k", "int4_product"]),
+    "native-int4-offset-sign-scalar": (NATIVE, "sum += weight.low(n, b) * a.offsets_of(r)[b];",
+                                       "sum -= weight.low(n, b) * a.offsets_of(r)[b];",
+                                       [NATIVE_TESTS, "-k", "int4_product and scalar"]),
 }
 
 
