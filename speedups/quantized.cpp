@@ -146,7 +146,8 @@ std::vector<std::string> variants(const std::string& kernel) {
 
 // The variant named `name` ("" for the fastest), checked against what this CPU runs.
 Variant parse_variant(const std::string& kernel, const std::string& name) {
-  const std::vector<std::string> runs = variants(kernel);
+  static const std::vector<std::string> integer = variants("int8"), bf16 = variants("bf16");  // once: every call asks
+  const std::vector<std::string>& runs = kernel == "bf16" ? bf16 : integer;
   const std::string& chosen = name.empty() ? runs.front() : name;
   TORCH_CHECK(std::find(runs.begin(), runs.end(), chosen) != runs.end(), "the ", kernel, " kernel has no variant ",
               chosen, " on this CPU (it runs: ", c10::Join(", ", runs), ")");
@@ -201,14 +202,18 @@ struct FloatRows {
 // y (rows, out) in x's dtype, written one float32 result at a time.
 struct Output {
   at::Tensor tensor;
+  void* data;
   at::ScalarType type;
   int64_t out;
+  explicit Output(const at::Tensor& like, int64_t rows, int64_t out_)
+      : tensor(at::empty({rows, out_}, like.options())), data(tensor.data_ptr()), type(like.scalar_type()),
+        out(out_) {}
   void store(int64_t row, int64_t n, float value) const {
     const int64_t i = row * out + n;
     switch (type) {
-      case at::kFloat: tensor.data_ptr<float>()[i] = value; break;
-      case at::kBFloat16: tensor.data_ptr<at::BFloat16>()[i] = at::BFloat16(value); break;
-      default: tensor.data_ptr<at::Half>()[i] = at::Half(value); break;
+      case at::kFloat: static_cast<float*>(data)[i] = value; break;
+      case at::kBFloat16: static_cast<at::BFloat16*>(data)[i] = at::BFloat16(value); break;
+      default: static_cast<at::Half*>(data)[i] = at::Half(value); break;
     }
   }
 };
@@ -313,6 +318,19 @@ struct Activations {
   const float* offsets_of(int64_t r) const { return offsets.data() + r * padded_blocks; }
 };
 
+// The activations of rows r0 .. r0 + R - 1 as the SIMD kernels read them, looked up once per call.
+template <int R>
+struct RowsOf {
+  const int8_t* codes[R];
+  const float* scales[R];
+  RowsOf(const Activations& a, int64_t r0) {
+    for (int r = 0; r < R; r++) {
+      codes[r] = a.codes_of(r0 + r);
+      scales[r] = a.scales_of(r0 + r);
+    }
+  }
+};
+
 // Runs kernel(first_row, rows, n0, n1) over every output row, threaded, kMaxRows input rows at a time; with
 // more input rows, over tiles of weight rows that stay in the cache while each group of input rows reads them.
 template <class Kernel>
@@ -367,18 +385,20 @@ template <int R>
 TARGET_AVX2 void int8_avx2(const int8_t* weight, const float* weight_scales, const Activations& a, int64_t r0,
                            int64_t n0, int64_t n1, const Output& y) {
   const __m256i ones = _mm256_set1_epi16(1);
+  const RowsOf<R> x(a, r0);
+  const int64_t in = a.in, blocks = a.blocks;
   alignas(32) int8_t spare[kBlock];
   for (int64_t n = n0; n < n1; n++) {
-    const int8_t* w = weight + n * a.in;
+    const int8_t* w = weight + n * in;
     __m256 sum[R];
     for (int r = 0; r < R; r++) sum[r] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < a.blocks; b++) {
-      const __m256i wb = _mm256_loadu_si256((const __m256i*)whole_block(w, a.in, b * kBlock, kBlock, spare));
+    for (int64_t b = 0; b < blocks; b++) {
+      const __m256i wb = _mm256_loadu_si256((const __m256i*)whole_block(w, in, b * kBlock, kBlock, spare));
       for (int r = 0; r < R; r++) {
-        const __m256i q = _mm256_loadu_si256((const __m256i*)(a.codes_of(r0 + r) + b * kBlock));
+        const __m256i q = _mm256_loadu_si256((const __m256i*)(x.codes[r] + b * kBlock));
         const __m256i pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(q), _mm256_sign_epi8(wb, q));
         const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
-        sum[r] = _mm256_fmadd_ps(dot, _mm256_set1_ps(a.scales_of(r0 + r)[b]), sum[r]);
+        sum[r] = _mm256_fmadd_ps(dot, _mm256_set1_ps(x.scales[r][b]), sum[r]);
       }
     }
     for (int r = 0; r < R; r++) y.store(r0 + r, n, sum_of(sum[r]) * weight_scales[n]);
@@ -402,17 +422,19 @@ TARGET_AVX2 inline __m256i dot_bytes(__m256i unsigned_bytes, __m256i signed_byte
 template <int R, bool kVex>
 TARGET_AVX2 void int8_avxvnni(const int8_t* weight, const float* weight_scales, const Activations& a, int64_t r0,
                               int64_t n0, int64_t n1, const Output& y) {
+  const RowsOf<R> x(a, r0);
+  const int64_t in = a.in, blocks = a.blocks;
   alignas(32) int8_t spare[kBlock];
   for (int64_t n = n0; n < n1; n++) {
-    const int8_t* w = weight + n * a.in;
+    const int8_t* w = weight + n * in;
     __m256 sum[R];
     for (int r = 0; r < R; r++) sum[r] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < a.blocks; b++) {
-      const __m256i wb = _mm256_loadu_si256((const __m256i*)whole_block(w, a.in, b * kBlock, kBlock, spare));
+    for (int64_t b = 0; b < blocks; b++) {
+      const __m256i wb = _mm256_loadu_si256((const __m256i*)whole_block(w, in, b * kBlock, kBlock, spare));
       for (int r = 0; r < R; r++) {
-        const __m256i q = _mm256_loadu_si256((const __m256i*)(a.codes_of(r0 + r) + b * kBlock));
+        const __m256i q = _mm256_loadu_si256((const __m256i*)(x.codes[r] + b * kBlock));
         const __m256 dot = _mm256_cvtepi32_ps(dot_bytes<kVex>(_mm256_abs_epi8(q), _mm256_sign_epi8(wb, q)));
-        sum[r] = _mm256_fmadd_ps(dot, _mm256_set1_ps(a.scales_of(r0 + r)[b]), sum[r]);
+        sum[r] = _mm256_fmadd_ps(dot, _mm256_set1_ps(x.scales[r][b]), sum[r]);
       }
     }
     for (int r = 0; r < R; r++) y.store(r0 + r, n, sum_of(sum[r]) * weight_scales[n]);
@@ -430,20 +452,22 @@ template <int R>
 TARGET_AVX512VNNI void int8_avx512vnni(const int8_t* weight, const float* weight_scales, const Activations& a,
                                        int64_t r0, int64_t n0, int64_t n1, const Output& y) {
   const __m512i zero = _mm512_setzero_si512();
+  const RowsOf<R> x(a, r0);
+  const int64_t in = a.in, blocks = a.blocks;
   alignas(64) int8_t spare[2 * kBlock];
   for (int64_t n = n0; n < n1; n++) {
-    const int8_t* w = weight + n * a.in;
+    const int8_t* w = weight + n * in;
     __m512 sum[R];
     for (int r = 0; r < R; r++) sum[r] = _mm512_setzero_ps();
-    for (int64_t b = 0; b < a.blocks; b += 2) {
-      const __m512i wb = _mm512_loadu_si512(whole_block(w, a.in, b * kBlock, 2 * kBlock, spare));
+    for (int64_t b = 0; b < blocks; b += 2) {
+      const __m512i wb = _mm512_loadu_si512(whole_block(w, in, b * kBlock, 2 * kBlock, spare));
       const __mmask64 negative = _mm512_movepi8_mask(wb);
       const __m512i magnitude = _mm512_abs_epi8(wb);
       for (int r = 0; r < R; r++) {
-        const __m512i q = _mm512_loadu_si512(a.codes_of(r0 + r) + b * kBlock);
+        const __m512i q = _mm512_loadu_si512(x.codes[r] + b * kBlock);
         const __m512i signed_q = _mm512_mask_sub_epi8(q, negative, zero, q);
         const __m512 dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, magnitude, signed_q));
-        sum[r] = _mm512_fmadd_ps(dot, pair_scales(a.scales_of(r0 + r) + b), sum[r]);
+        sum[r] = _mm512_fmadd_ps(dot, pair_scales(x.scales[r] + b), sum[r]);
       }
     }
     for (int r = 0; r < R; r++) y.store(r0 + r, n, _mm512_reduce_add_ps(sum[r]) * weight_scales[n]);
@@ -466,7 +490,7 @@ at::Tensor int8_matvec(const at::Tensor& x, const at::Tensor& codes, const at::T
   const int64_t rows = rows_in.size(0);
   std::vector<int64_t> shape = x.sizes().vec();
   shape.back() = out;
-  Output y{at::empty({rows, out}, x.options()), x.scalar_type(), out};
+  const Output y(x, rows, out);
   if (rows == 0 || out == 0) return y.tensor.view(shape);
   const FloatRows xf(rows_in);
   const Activations a(xf.data, rows, in, variant);
@@ -526,31 +550,48 @@ void int4_scalar(const Int4Weight& weight, const Activations& a, int64_t r0, int
 }
 
 #ifdef X86_KERNELS
-// What the SIMD variants compute per weight row n before its codes, for each input row r (8 blocks at a time):
-// factors[r][b] = scale[b] * d[b], the factor of block b's dot product (0 past the last block), and
-// offsets[r] = sum_b low[b] * (d[b] * s[b]), the part of the product that needs no weight codes.
-TARGET_AVX2 void int4_row_factors(const Int4Weight& weight, const Activations& a, int64_t n, int64_t r0, int rows,
-                                  float* factors, float* offsets) {
+// What the SIMD variants need per weight row n besides its codes, for each input row r: factors[r][b] =
+// scale[b] * d[b], the factor of block b's dot product (0 past the last block), and offsets[r] =
+// sum_b low[b] * (d[b] * s[b]), the part of the product that needs no weight codes.
+template <int R>
+struct Int4Rows {
+  const int8_t* codes[R];
+  float* factors[R];
+  float offsets[R];
+  std::vector<float> buffer;
+  Int4Rows(const Activations& a, int64_t r0) : buffer(R * a.padded_blocks, 0.0f) {
+    for (int r = 0; r < R; r++) {
+      codes[r] = a.codes_of(r0 + r);
+      factors[r] = buffer.data() + r * a.padded_blocks;
+    }
+  }
+};
+
+// Int4Rows' factors and offsets for weight row n, 8 blocks at a time.
+template <int R>
+TARGET_AVX2 void int4_row_factors(const Int4Weight& weight, const Activations& a, int64_t n, int64_t r0,
+                                  Int4Rows<R>& x) {
   constexpr int64_t kWidth = 8;
-  const int64_t whole = a.blocks / kWidth * kWidth;
-  for (int r = 0; r < rows; r++) {
-    float* f = factors + r * a.padded_blocks;
+  const int64_t blocks = a.blocks, whole = blocks / kWidth * kWidth;
+  const at::Half* scales = weight.scales + n * blocks;
+  const at::Half* lows = weight.lows + n * blocks;
+  for (int r = 0; r < R; r++) {
+    float* f = x.factors[r];
     const float* d = a.scales_of(r0 + r);
     const float* ds = a.offsets_of(r0 + r);
     __m256 offset = _mm256_setzero_ps();
     for (int64_t b = 0; b < whole; b += kWidth) {
-      const __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(weight.scales + n * a.blocks + b)));
-      const __m256 low = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(weight.lows + n * a.blocks + b)));
+      const __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(scales + b)));
+      const __m256 low = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(lows + b)));
       _mm256_storeu_ps(f + b, _mm256_mul_ps(scale, _mm256_loadu_ps(d + b)));
       offset = _mm256_fmadd_ps(low, _mm256_loadu_ps(ds + b), offset);
     }
     float total = sum_of(offset);
-    for (int64_t b = whole; b < a.blocks; b++) {
-      f[b] = weight.scale(n, b) * d[b];
-      total += weight.low(n, b) * ds[b];
+    for (int64_t b = whole; b < blocks; b++) {
+      f[b] = float(scales[b]) * d[b];
+      total += float(lows[b]) * ds[b];
     }
-    for (int64_t b = a.blocks; b < a.padded_blocks; b++) f[b] = 0.0f;
-    offsets[r] = total;
+    x.offsets[r] = total;
   }
 }
 
@@ -565,22 +606,22 @@ template <int R>
 TARGET_AVX2 void int4_avx2(const Int4Weight& weight, const Activations& a, int64_t r0, int64_t n0, int64_t n1,
                            const Output& y) {
   const __m256i ones = _mm256_set1_epi16(1);
-  std::vector<float> factors(R * a.padded_blocks);
-  float offsets[R];
+  Int4Rows<R> x(a, r0);
+  const int64_t blocks = a.blocks;
   for (int64_t n = n0; n < n1; n++) {
-    int4_row_factors(weight, a, n, r0, R, factors.data(), offsets);
+    int4_row_factors(weight, a, n, r0, x);
     const uint8_t* w = weight.row(n);
     __m256 sum[R];
     for (int r = 0; r < R; r++) sum[r] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < a.blocks; b++) {
+    for (int64_t b = 0; b < blocks; b++) {
       const __m256i c = int4_codes(w + b * kBlock / 2);
       for (int r = 0; r < R; r++) {
-        const __m256i q = _mm256_loadu_si256((const __m256i*)(a.codes_of(r0 + r) + b * kBlock));
+        const __m256i q = _mm256_loadu_si256((const __m256i*)(x.codes[r] + b * kBlock));
         const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(c, q), ones));
-        sum[r] = _mm256_fmadd_ps(dot, _mm256_set1_ps(factors[r * a.padded_blocks + b]), sum[r]);
+        sum[r] = _mm256_fmadd_ps(dot, _mm256_set1_ps(x.factors[r][b]), sum[r]);
       }
     }
-    for (int r = 0; r < R; r++) y.store(r0 + r, n, sum_of(sum[r]) + offsets[r]);
+    for (int r = 0; r < R; r++) y.store(r0 + r, n, sum_of(sum[r]) + x.offsets[r]);
   }
 }
 
@@ -588,56 +629,61 @@ TARGET_AVX2 void int4_avx2(const Int4Weight& weight, const Activations& a, int64
 template <int R, bool kVex>
 TARGET_AVX2 void int4_avxvnni(const Int4Weight& weight, const Activations& a, int64_t r0, int64_t n0, int64_t n1,
                               const Output& y) {
-  std::vector<float> factors(R * a.padded_blocks);
-  float offsets[R];
+  Int4Rows<R> x(a, r0);
+  const int64_t blocks = a.blocks;
   for (int64_t n = n0; n < n1; n++) {
-    int4_row_factors(weight, a, n, r0, R, factors.data(), offsets);
+    int4_row_factors(weight, a, n, r0, x);
     const uint8_t* w = weight.row(n);
     __m256 sum[R];
     for (int r = 0; r < R; r++) sum[r] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < a.blocks; b++) {
+    for (int64_t b = 0; b < blocks; b++) {
       const __m256i c = int4_codes(w + b * kBlock / 2);
       for (int r = 0; r < R; r++) {
-        const __m256i q = _mm256_loadu_si256((const __m256i*)(a.codes_of(r0 + r) + b * kBlock));
+        const __m256i q = _mm256_loadu_si256((const __m256i*)(x.codes[r] + b * kBlock));
         const __m256 dot = _mm256_cvtepi32_ps(dot_bytes<kVex>(c, q));
-        sum[r] = _mm256_fmadd_ps(dot, _mm256_set1_ps(factors[r * a.padded_blocks + b]), sum[r]);
+        sum[r] = _mm256_fmadd_ps(dot, _mm256_set1_ps(x.factors[r][b]), sum[r]);
       }
     }
-    for (int r = 0; r < R; r++) y.store(r0 + r, n, sum_of(sum[r]) + offsets[r]);
+    for (int r = 0; r < R; r++) y.store(r0 + r, n, sum_of(sum[r]) + x.offsets[r]);
   }
 }
 
-// Two blocks' 32 bytes -> their 64 codes in order (a missing second block reads as codes 0): the low and high
-// nibbles are interleaved 16 bytes at a time, so the codes of block b come before those of block b + 1.
-TARGET_AVX512 inline __m512i int4_codes_pair(const uint8_t* blocks, bool second) {
-  const __m256i bytes = _mm256_maskz_loadu_epi8(second ? 0xFFFFFFFFu : 0xFFFFu, blocks);
+// Two blocks' 32 bytes -> their 64 codes in order: the low and high nibbles are interleaved 16 bytes at a
+// time, so that the codes of block b come before those of block b + 1.
+TARGET_AVX512 inline __m512i int4_codes_pair(__m256i bytes) {
   const __m512i order = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11);
   const __m512i codes = _mm512_permutex2var_epi64(_mm512_castsi256_si512(bytes), order,
                                                   _mm512_castsi256_si512(_mm256_srli_epi16(bytes, 4)));
   return _mm512_and_si512(codes, _mm512_set1_epi8(0x0F));
 }
 
-// AVX512-VNNI: two blocks per instruction.
+template <int R>
+TARGET_AVX512VNNI inline void int4_add_pair(__m512i codes, int64_t b, const Int4Rows<R>& x, __m512* sum) {
+  for (int r = 0; r < R; r++) {
+    const __m512i q = _mm512_loadu_si512(x.codes[r] + b * kBlock);
+    const __m512 dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, q));
+    sum[r] = _mm512_fmadd_ps(dot, pair_scales(x.factors[r] + b), sum[r]);
+  }
+}
+
+// AVX512-VNNI: two blocks per instruction; an odd last block is paired with codes 0.
 template <int R>
 TARGET_AVX512VNNI void int4_avx512vnni(const Int4Weight& weight, const Activations& a, int64_t r0, int64_t n0,
                                        int64_t n1, const Output& y) {
-  const __m512i zero = _mm512_setzero_si512();
-  std::vector<float> factors(R * a.padded_blocks);
-  float offsets[R];
+  Int4Rows<R> x(a, r0);
+  const int64_t blocks = a.blocks;
   for (int64_t n = n0; n < n1; n++) {
-    int4_row_factors(weight, a, n, r0, R, factors.data(), offsets);
+    int4_row_factors(weight, a, n, r0, x);
     const uint8_t* w = weight.row(n);
     __m512 sum[R];
     for (int r = 0; r < R; r++) sum[r] = _mm512_setzero_ps();
-    for (int64_t b = 0; b < a.blocks; b += 2) {
-      const __m512i c = int4_codes_pair(w + b * kBlock / 2, b + 1 < a.blocks);
-      for (int r = 0; r < R; r++) {
-        const __m512i q = _mm512_loadu_si512(a.codes_of(r0 + r) + b * kBlock);
-        const __m512 dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, c, q));
-        sum[r] = _mm512_fmadd_ps(dot, pair_scales(factors.data() + r * a.padded_blocks + b), sum[r]);
-      }
-    }
-    for (int r = 0; r < R; r++) y.store(r0 + r, n, _mm512_reduce_add_ps(sum[r]) + offsets[r]);
+    int64_t b = 0;
+    for (; b + 1 < blocks; b += 2)
+      int4_add_pair<R>(int4_codes_pair(_mm256_loadu_si256((const __m256i*)(w + b * kBlock / 2))), b, x, sum);
+    if (b < blocks)
+      int4_add_pair<R>(int4_codes_pair(_mm256_zextsi128_si256(_mm_loadu_si128((const __m128i*)(w + b * kBlock / 2)))),
+                       b, x, sum);
+    for (int r = 0; r < R; r++) y.store(r0 + r, n, _mm512_reduce_add_ps(sum[r]) + x.offsets[r]);
   }
 }
 #endif
@@ -659,7 +705,7 @@ at::Tensor int4_matvec(const at::Tensor& x, const at::Tensor& packed, const at::
   const int64_t rows = rows_in.size(0);
   std::vector<int64_t> shape = x.sizes().vec();
   shape.back() = out;
-  Output y{at::empty({rows, out}, x.options()), x.scalar_type(), out};
+  const Output y(x, rows, out);
   if (rows == 0 || out == 0) return y.tensor.view(shape);
   const FloatRows xf(rows_in);
   const Activations a(xf.data, rows, in, variant);
@@ -723,6 +769,8 @@ TARGET_AVX2 void bf16_avx2(const at::BFloat16* weight, const float* spread, int6
   constexpr int kSums = R <= 4 ? 2 : 1;
   const int64_t chunks = (in + kWidth - 1) / kWidth;
   const __m256i high_halves = _mm256_set1_epi32(int32_t(0xFFFF0000u));
+  const float* xr[R];  // x's rows, spread
+  for (int r = 0; r < R; r++) xr[r] = spread + (r0 + r) * chunks * kWidth;
   alignas(32) uint16_t spare[kWidth];
   for (int64_t n = n0; n < n1; n++) {
     const uint16_t* w = reinterpret_cast<const uint16_t*>(weight + n * in);
@@ -734,7 +782,7 @@ TARGET_AVX2 void bf16_avx2(const at::BFloat16* weight, const float* spread, int6
       const __m256 even = _mm256_castsi256_ps(_mm256_slli_epi32(wc, 16));
       const __m256 odd = _mm256_castsi256_ps(_mm256_and_si256(wc, high_halves));
       for (int r = 0; r < R; r++) {
-        const float* xc = spread + ((r0 + r) * chunks + c) * kWidth;
+        const float* xc = xr[r] + c * kWidth;
         sum[r][0] = _mm256_fmadd_ps(even, _mm256_loadu_ps(xc), sum[r][0]);
         sum[r][kSums - 1] = _mm256_fmadd_ps(odd, _mm256_loadu_ps(xc + kWidth / 2), sum[r][kSums - 1]);
       }
@@ -751,6 +799,8 @@ TARGET_AVX512 void bf16_avx512(const at::BFloat16* weight, const float* spread, 
   constexpr int64_t kWidth = 32;
   const int64_t chunks = (in + kWidth - 1) / kWidth;
   const __m512i high_halves = _mm512_set1_epi32(int32_t(0xFFFF0000u));
+  const float* xr[R];  // x's rows, spread
+  for (int r = 0; r < R; r++) xr[r] = spread + (r0 + r) * chunks * kWidth;
   alignas(64) uint16_t spare[kWidth];
   for (int64_t n = n0; n < n1; n++) {
     const uint16_t* w = reinterpret_cast<const uint16_t*>(weight + n * in);
@@ -761,7 +811,7 @@ TARGET_AVX512 void bf16_avx512(const at::BFloat16* weight, const float* spread, 
       const __m512 even = _mm512_castsi512_ps(_mm512_slli_epi32(wc, 16));
       const __m512 odd = _mm512_castsi512_ps(_mm512_and_si512(wc, high_halves));
       for (int r = 0; r < R; r++) {
-        const float* xc = spread + ((r0 + r) * chunks + c) * kWidth;
+        const float* xc = xr[r] + c * kWidth;
         even_sum[r] = _mm512_fmadd_ps(even, _mm512_loadu_ps(xc), even_sum[r]);
         odd_sum[r] = _mm512_fmadd_ps(odd, _mm512_loadu_ps(xc + kWidth / 2), odd_sum[r]);
       }
@@ -777,6 +827,8 @@ TARGET_AVX512BF16 void bf16_avx512bf16(const at::BFloat16* weight, const uint16_
                                        int64_t n0, int64_t n1, const Output& y) {
   constexpr int64_t kWidth = 32;
   const int64_t chunks = (in + kWidth - 1) / kWidth;
+  const uint16_t* xr[R];  // x's rows
+  for (int r = 0; r < R; r++) xr[r] = x + (r0 + r) * chunks * kWidth;
   alignas(64) uint16_t spare[kWidth];
   for (int64_t n = n0; n < n1; n++) {
     const uint16_t* w = reinterpret_cast<const uint16_t*>(weight + n * in);
@@ -785,7 +837,7 @@ TARGET_AVX512BF16 void bf16_avx512bf16(const at::BFloat16* weight, const uint16_
     for (int64_t c = 0; c < chunks; c++) {
       const __m512i wc = _mm512_loadu_si512(whole_block(w, in, c * kWidth, kWidth, spare));
       for (int r = 0; r < R; r++) {
-        const __m512i xc = _mm512_loadu_si512(x + ((r0 + r) * chunks + c) * kWidth);
+        const __m512i xc = _mm512_loadu_si512(xr[r] + c * kWidth);
         sum[r] = _mm512_dpbf16_ps(sum[r], (__m512bh)xc, (__m512bh)wc);
       }
     }
@@ -807,7 +859,7 @@ at::Tensor bf16_matvec(const at::Tensor& x, const at::Tensor& weight, const std:
   const int64_t rows = rows_in.size(0);
   std::vector<int64_t> shape = x.sizes().vec();
   shape.back() = out;
-  Output y{at::empty({rows, out}, x.options()), x.scalar_type(), out};
+  const Output y(x, rows, out);
   if (rows == 0 || out == 0) return y.tensor.view(shape);
   const at::BFloat16* w = weight.data_ptr<at::BFloat16>();
 #ifdef X86_KERNELS
