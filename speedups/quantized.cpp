@@ -291,6 +291,8 @@ struct Activations {
   std::vector<float> scales;    // (rows, padded_blocks): d
   std::vector<int32_t> sums;    // (rows, padded_blocks): s
   std::vector<float> offsets;   // (rows, padded_blocks): d * s, the factor of an int4 block's low
+  std::vector<float> lanes;     // (rows, padded_blocks * 8), avx512vnni only: each d 8 times, lined up with the
+                                // 8 partial sums vpdpbusd leaves per block
 
   Activations(const float* x, int64_t rows_, int64_t in_, Variant variant)
       : rows(rows_), in(in_), blocks((in_ + kBlock - 1) / kBlock), padded_blocks(blocks + blocks % 2),
@@ -311,6 +313,10 @@ struct Activations {
       }
     }
     for (size_t i = 0; i < offsets.size(); i++) offsets[i] = scales[i] * float(sums[i]);
+    if (variant == Variant::avx512vnni) {
+      lanes.resize(scales.size() * 8);
+      for (size_t i = 0; i < lanes.size(); i++) lanes[i] = scales[i / 8];
+    }
   }
   const int8_t* codes_of(int64_t r) const { return codes.data() + r * padded_blocks * kBlock; }
   const float* scales_of(int64_t r) const { return scales.data() + r * padded_blocks; }
@@ -323,13 +329,21 @@ template <int R>
 struct RowsOf {
   const int8_t* codes[R];
   const float* scales[R];
+  const float* lanes[R];
   RowsOf(const Activations& a, int64_t r0) {
     for (int r = 0; r < R; r++) {
       codes[r] = a.codes_of(r0 + r);
       scales[r] = a.scales_of(r0 + r);
+      lanes[r] = a.lanes.empty() ? nullptr : a.lanes.data() + (r0 + r) * a.padded_blocks * 8;
     }
   }
 };
+
+// A sum of products is a chain of dependent multiply-adds, each waiting for the one before (4 cycles or so).
+// Several input rows give the CPU independent chains; with one or two, the SIMD kernels keep kChains<R>
+// partial sums per row, each taking every kChains-th step, and add them up at the end.
+template <int R>
+constexpr int kChains = R == 1 ? 4 : R == 2 ? 2 : 1;
 
 // Runs kernel(first_row, rows, n0, n1) over every output row, threaded, kMaxRows input rows at a time; with
 // more input rows, over tiles of weight rows that stay in the cache while each group of input rows reads them.
@@ -382,26 +396,13 @@ inline const T* whole_block(const T* w, int64_t in, int64_t start, int64_t width
 // (|q| * (w * sign(q)) = q * w), then adds pairs in 16 bits (no saturation: |q|, |w| <= 127); vpmaddwd adds
 // pairs again into 32 bits: 8 partial sums per block, scaled by d[b] in float32.
 template <int R>
-TARGET_AVX2 void int8_avx2(const int8_t* weight, const float* weight_scales, const Activations& a, int64_t r0,
-                           int64_t n0, int64_t n1, const Output& y) {
-  const __m256i ones = _mm256_set1_epi16(1);
-  const RowsOf<R> x(a, r0);
-  const int64_t in = a.in, blocks = a.blocks;
-  alignas(32) int8_t spare[kBlock];
-  for (int64_t n = n0; n < n1; n++) {
-    const int8_t* w = weight + n * in;
-    __m256 sum[R];
-    for (int r = 0; r < R; r++) sum[r] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < blocks; b++) {
-      const __m256i wb = _mm256_loadu_si256((const __m256i*)whole_block(w, in, b * kBlock, kBlock, spare));
-      for (int r = 0; r < R; r++) {
-        const __m256i q = _mm256_loadu_si256((const __m256i*)(x.codes[r] + b * kBlock));
-        const __m256i pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(q), _mm256_sign_epi8(wb, q));
-        const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
-        sum[r] = _mm256_fmadd_ps(dot, _mm256_set1_ps(x.scales[r][b]), sum[r]);
-      }
-    }
-    for (int r = 0; r < R; r++) y.store(r0 + r, n, sum_of(sum[r]) * weight_scales[n]);
+TARGET_AVX2 inline void int8_block_avx2(const int8_t* w, const RowsOf<R>& x, int64_t b, __m256* sum) {
+  const __m256i wb = _mm256_loadu_si256((const __m256i*)w);
+  for (int r = 0; r < R; r++) {
+    const __m256i q = _mm256_loadu_si256((const __m256i*)(x.codes[r] + b * kBlock));
+    const __m256i pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(q), _mm256_sign_epi8(wb, q));
+    const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+    sum[r] = _mm256_fmadd_ps(dot, _mm256_set1_ps(x.scales[r][b]), sum[r]);
   }
 }
 
@@ -418,59 +419,78 @@ TARGET_AVX2 inline __m256i dot_bytes(__m256i unsigned_bytes, __m256i signed_byte
   return sum;
 }
 
-// AVX-VNNI: the AVX2 loop with vpdpbusd in place of vpmaddubsw + vpmaddwd.
+// AVX-VNNI: vpdpbusd in place of vpmaddubsw + vpmaddwd.
 template <int R, bool kVex>
-TARGET_AVX2 void int8_avxvnni(const int8_t* weight, const float* weight_scales, const Activations& a, int64_t r0,
-                              int64_t n0, int64_t n1, const Output& y) {
-  const RowsOf<R> x(a, r0);
-  const int64_t in = a.in, blocks = a.blocks;
-  alignas(32) int8_t spare[kBlock];
-  for (int64_t n = n0; n < n1; n++) {
-    const int8_t* w = weight + n * in;
-    __m256 sum[R];
-    for (int r = 0; r < R; r++) sum[r] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < blocks; b++) {
-      const __m256i wb = _mm256_loadu_si256((const __m256i*)whole_block(w, in, b * kBlock, kBlock, spare));
-      for (int r = 0; r < R; r++) {
-        const __m256i q = _mm256_loadu_si256((const __m256i*)(x.codes[r] + b * kBlock));
-        const __m256 dot = _mm256_cvtepi32_ps(dot_bytes<kVex>(_mm256_abs_epi8(q), _mm256_sign_epi8(wb, q)));
-        sum[r] = _mm256_fmadd_ps(dot, _mm256_set1_ps(x.scales[r][b]), sum[r]);
-      }
-    }
-    for (int r = 0; r < R; r++) y.store(r0 + r, n, sum_of(sum[r]) * weight_scales[n]);
+TARGET_AVX2 inline void int8_block_avxvnni(const int8_t* w, const RowsOf<R>& x, int64_t b, __m256* sum) {
+  const __m256i wb = _mm256_loadu_si256((const __m256i*)w);
+  for (int r = 0; r < R; r++) {
+    const __m256i q = _mm256_loadu_si256((const __m256i*)(x.codes[r] + b * kBlock));
+    const __m256 dot = _mm256_cvtepi32_ps(dot_bytes<kVex>(_mm256_abs_epi8(q), _mm256_sign_epi8(wb, q)));
+    sum[r] = _mm256_fmadd_ps(dot, _mm256_set1_ps(x.scales[r][b]), sum[r]);
   }
 }
 
-// [d0 x 8, d1 x 8]: the scales of two blocks, lined up with vpdpbusd's 16 partial sums over them.
-TARGET_AVX512 inline __m512 pair_scales(const float* d) {
-  return _mm512_insertf32x8(_mm512_set1_ps(d[0]), _mm256_set1_ps(d[1]), 1);
+// The 256-bit loop over a weight row's blocks (Block: one of the two above), kChains<R> sums per row.
+template <int R, void (*Block)(const int8_t*, const RowsOf<R>&, int64_t, __m256*)>
+TARGET_AVX2 void int8_rows_256(const int8_t* weight, const float* weight_scales, const Activations& a, int64_t r0,
+                               int64_t n0, int64_t n1, const Output& y) {
+  constexpr int kC = kChains<R>;
+  const RowsOf<R> x(a, r0);
+  const int64_t in = a.in, blocks = a.blocks, whole = in / kBlock;
+  alignas(32) int8_t spare[kBlock];
+  for (int64_t n = n0; n < n1; n++) {
+    const int8_t* w = weight + n * in;
+    __m256 sum[kC][R];
+    for (int c = 0; c < kC; c++)
+      for (int r = 0; r < R; r++) sum[c][r] = _mm256_setzero_ps();
+    int64_t b = 0;
+    for (; b + kC <= whole; b += kC)
+      for (int c = 0; c < kC; c++) Block(w + (b + c) * kBlock, x, b + c, sum[c]);
+    for (; b < blocks; b++) Block(whole_block(w, in, b * kBlock, kBlock, spare), x, b, sum[0]);
+    for (int r = 0; r < R; r++) {
+      for (int c = 1; c < kC; c++) sum[0][r] = _mm256_add_ps(sum[0][r], sum[c][r]);
+      y.store(r0 + r, n, sum_of(sum[0][r]) * weight_scales[n]);
+    }
+  }
 }
 
-// AVX512-VNNI: two blocks (64 bytes) per instruction. AVX-512 has no byte sign instruction; a mask of w's
-// negative bytes negates q instead (|w| * (q * sign(w)) = q * w), computed once per weight block for all rows.
+// AVX512-VNNI: two blocks (64 bytes) per instruction, their 16 partial sums scaled by x.lanes. AVX-512 has no
+// byte sign instruction; a mask of w's negative bytes negates q instead (|w| * (q * sign(w)) = q * w), computed
+// once per weight block for all rows.
+template <int R>
+TARGET_AVX512VNNI inline void int8_pair_avx512vnni(const int8_t* w, const RowsOf<R>& x, int64_t b, __m512* sum) {
+  const __m512i zero = _mm512_setzero_si512();
+  const __m512i wb = _mm512_loadu_si512(w);
+  const __mmask64 negative = _mm512_movepi8_mask(wb);
+  const __m512i magnitude = _mm512_abs_epi8(wb);
+  for (int r = 0; r < R; r++) {
+    const __m512i q = _mm512_loadu_si512(x.codes[r] + b * kBlock);
+    const __m512i signed_q = _mm512_mask_sub_epi8(q, negative, zero, q);
+    const __m512 dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, magnitude, signed_q));
+    sum[r] = _mm512_fmadd_ps(dot, _mm512_loadu_ps(x.lanes[r] + b * 8), sum[r]);
+  }
+}
+
 template <int R>
 TARGET_AVX512VNNI void int8_avx512vnni(const int8_t* weight, const float* weight_scales, const Activations& a,
                                        int64_t r0, int64_t n0, int64_t n1, const Output& y) {
-  const __m512i zero = _mm512_setzero_si512();
+  constexpr int kC = kChains<R>;
   const RowsOf<R> x(a, r0);
-  const int64_t in = a.in, blocks = a.blocks;
+  const int64_t in = a.in, blocks = a.blocks, whole = in / (2 * kBlock) * 2;  // blocks in whole pairs
   alignas(64) int8_t spare[2 * kBlock];
   for (int64_t n = n0; n < n1; n++) {
     const int8_t* w = weight + n * in;
-    __m512 sum[R];
-    for (int r = 0; r < R; r++) sum[r] = _mm512_setzero_ps();
-    for (int64_t b = 0; b < blocks; b += 2) {
-      const __m512i wb = _mm512_loadu_si512(whole_block(w, in, b * kBlock, 2 * kBlock, spare));
-      const __mmask64 negative = _mm512_movepi8_mask(wb);
-      const __m512i magnitude = _mm512_abs_epi8(wb);
-      for (int r = 0; r < R; r++) {
-        const __m512i q = _mm512_loadu_si512(x.codes[r] + b * kBlock);
-        const __m512i signed_q = _mm512_mask_sub_epi8(q, negative, zero, q);
-        const __m512 dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, magnitude, signed_q));
-        sum[r] = _mm512_fmadd_ps(dot, pair_scales(x.scales[r] + b), sum[r]);
-      }
+    __m512 sum[kC][R];
+    for (int c = 0; c < kC; c++)
+      for (int r = 0; r < R; r++) sum[c][r] = _mm512_setzero_ps();
+    int64_t b = 0;
+    for (; b + 2 * kC <= whole; b += 2 * kC)
+      for (int c = 0; c < kC; c++) int8_pair_avx512vnni<R>(w + (b + 2 * c) * kBlock, x, b + 2 * c, sum[c]);
+    for (; b < blocks; b += 2) int8_pair_avx512vnni<R>(whole_block(w, in, b * kBlock, 2 * kBlock, spare), x, b, sum[0]);
+    for (int r = 0; r < R; r++) {
+      for (int c = 1; c < kC; c++) sum[0][r] = _mm512_add_ps(sum[0][r], sum[c][r]);
+      y.store(r0 + r, n, _mm512_reduce_add_ps(sum[0][r]) * weight_scales[n]);
     }
-    for (int r = 0; r < R; r++) y.store(r0 + r, n, _mm512_reduce_add_ps(sum[r]) * weight_scales[n]);
   }
 }
 #endif
@@ -499,12 +519,20 @@ at::Tensor int8_matvec(const at::Tensor& x, const at::Tensor& codes, const at::T
   for_rows(rows, out, in, [&](int64_t r0, int64_t count, int64_t n0, int64_t n1) {
     switch (variant) {
 #ifdef X86_KERNELS
-      case Variant::avx2: with_rows(count, [&](auto R) { int8_avx2<decltype(R)::value>(w, s, a, r0, n0, n1, y); }); return;
+      case Variant::avx2:
+        with_rows(count, [&](auto R) {
+          constexpr int kR = decltype(R)::value;
+          int8_rows_256<kR, int8_block_avx2<kR>>(w, s, a, r0, n0, n1, y);
+        });
+        return;
       case Variant::avxvnni:
-        if (cpu().avxvnni)
-          with_rows(count, [&](auto R) { int8_avxvnni<decltype(R)::value, true>(w, s, a, r0, n0, n1, y); });
-        else
-          with_rows(count, [&](auto R) { int8_avxvnni<decltype(R)::value, false>(w, s, a, r0, n0, n1, y); });
+        with_rows(count, [&](auto R) {
+          constexpr int kR = decltype(R)::value;
+          if (cpu().avxvnni)
+            int8_rows_256<kR, int8_block_avxvnni<kR, true>>(w, s, a, r0, n0, n1, y);
+          else
+            int8_rows_256<kR, int8_block_avxvnni<kR, false>>(w, s, a, r0, n0, n1, y);
+        });
         return;
       case Variant::avx512vnni: with_rows(count, [&](auto R) { int8_avx512vnni<decltype(R)::value>(w, s, a, r0, n0, n1, y); }); return;
 #endif
@@ -603,48 +631,47 @@ TARGET_AVX2 inline __m256i int4_codes(const uint8_t* block) {
 
 // AVX2, one block at a time: the codes are unsigned (0 .. 15) and q signed, as vpmaddubsw wants them.
 template <int R>
-TARGET_AVX2 void int4_avx2(const Int4Weight& weight, const Activations& a, int64_t r0, int64_t n0, int64_t n1,
-                           const Output& y) {
-  const __m256i ones = _mm256_set1_epi16(1);
-  Int4Rows<R> x(a, r0);
-  const int64_t blocks = a.blocks;
-  for (int64_t n = n0; n < n1; n++) {
-    int4_row_factors(weight, a, n, r0, x);
-    const uint8_t* w = weight.row(n);
-    __m256 sum[R];
-    for (int r = 0; r < R; r++) sum[r] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < blocks; b++) {
-      const __m256i c = int4_codes(w + b * kBlock / 2);
-      for (int r = 0; r < R; r++) {
-        const __m256i q = _mm256_loadu_si256((const __m256i*)(x.codes[r] + b * kBlock));
-        const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(c, q), ones));
-        sum[r] = _mm256_fmadd_ps(dot, _mm256_set1_ps(x.factors[r][b]), sum[r]);
-      }
-    }
-    for (int r = 0; r < R; r++) y.store(r0 + r, n, sum_of(sum[r]) + x.offsets[r]);
+TARGET_AVX2 inline void int4_block_avx2(const uint8_t* block, const Int4Rows<R>& x, int64_t b, __m256* sum) {
+  const __m256i c = int4_codes(block);
+  for (int r = 0; r < R; r++) {
+    const __m256i q = _mm256_loadu_si256((const __m256i*)(x.codes[r] + b * kBlock));
+    const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(c, q), _mm256_set1_epi16(1)));
+    sum[r] = _mm256_fmadd_ps(dot, _mm256_set1_ps(x.factors[r][b]), sum[r]);
   }
 }
 
-// AVX-VNNI: the AVX2 loop with vpdpbusd.
+// AVX-VNNI: vpdpbusd in place of vpmaddubsw + vpmaddwd.
 template <int R, bool kVex>
-TARGET_AVX2 void int4_avxvnni(const Int4Weight& weight, const Activations& a, int64_t r0, int64_t n0, int64_t n1,
-                              const Output& y) {
+TARGET_AVX2 inline void int4_block_avxvnni(const uint8_t* block, const Int4Rows<R>& x, int64_t b, __m256* sum) {
+  const __m256i c = int4_codes(block);
+  for (int r = 0; r < R; r++) {
+    const __m256i q = _mm256_loadu_si256((const __m256i*)(x.codes[r] + b * kBlock));
+    const __m256 dot = _mm256_cvtepi32_ps(dot_bytes<kVex>(c, q));
+    sum[r] = _mm256_fmadd_ps(dot, _mm256_set1_ps(x.factors[r][b]), sum[r]);
+  }
+}
+
+// The 256-bit loop over a weight row's blocks (Block: one of the two above), kChains<R> sums per row.
+template <int R, void (*Block)(const uint8_t*, const Int4Rows<R>&, int64_t, __m256*)>
+TARGET_AVX2 void int4_rows_256(const Int4Weight& weight, const Activations& a, int64_t r0, int64_t n0, int64_t n1,
+                               const Output& y) {
+  constexpr int kC = kChains<R>;
   Int4Rows<R> x(a, r0);
   const int64_t blocks = a.blocks;
   for (int64_t n = n0; n < n1; n++) {
     int4_row_factors(weight, a, n, r0, x);
     const uint8_t* w = weight.row(n);
-    __m256 sum[R];
-    for (int r = 0; r < R; r++) sum[r] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < blocks; b++) {
-      const __m256i c = int4_codes(w + b * kBlock / 2);
-      for (int r = 0; r < R; r++) {
-        const __m256i q = _mm256_loadu_si256((const __m256i*)(x.codes[r] + b * kBlock));
-        const __m256 dot = _mm256_cvtepi32_ps(dot_bytes<kVex>(c, q));
-        sum[r] = _mm256_fmadd_ps(dot, _mm256_set1_ps(x.factors[r][b]), sum[r]);
-      }
+    __m256 sum[kC][R];
+    for (int c = 0; c < kC; c++)
+      for (int r = 0; r < R; r++) sum[c][r] = _mm256_setzero_ps();
+    int64_t b = 0;
+    for (; b + kC <= blocks; b += kC)
+      for (int c = 0; c < kC; c++) Block(w + (b + c) * kBlock / 2, x, b + c, sum[c]);
+    for (; b < blocks; b++) Block(w + b * kBlock / 2, x, b, sum[0]);
+    for (int r = 0; r < R; r++) {
+      for (int c = 1; c < kC; c++) sum[0][r] = _mm256_add_ps(sum[0][r], sum[c][r]);
+      y.store(r0 + r, n, sum_of(sum[0][r]) + x.offsets[r]);
     }
-    for (int r = 0; r < R; r++) y.store(r0 + r, n, sum_of(sum[r]) + x.offsets[r]);
   }
 }
 
@@ -657,8 +684,15 @@ TARGET_AVX512 inline __m512i int4_codes_pair(__m256i bytes) {
   return _mm512_and_si512(codes, _mm512_set1_epi8(0x0F));
 }
 
+// [f0 x 8, f1 x 8]: the factors of two blocks, lined up with vpdpbusd's 16 partial sums over them.
+TARGET_AVX512 inline __m512 pair_scales(const float* f) {
+  return _mm512_insertf32x8(_mm512_set1_ps(f[0]), _mm256_set1_ps(f[1]), 1);
+}
+
+// AVX512-VNNI: two blocks per instruction.
 template <int R>
-TARGET_AVX512VNNI inline void int4_add_pair(__m512i codes, int64_t b, const Int4Rows<R>& x, __m512* sum) {
+TARGET_AVX512VNNI inline void int4_pair_avx512vnni(__m256i bytes, const Int4Rows<R>& x, int64_t b, __m512* sum) {
+  const __m512i codes = int4_codes_pair(bytes);
   for (int r = 0; r < R; r++) {
     const __m512i q = _mm512_loadu_si512(x.codes[r] + b * kBlock);
     const __m512 dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, q));
@@ -666,24 +700,34 @@ TARGET_AVX512VNNI inline void int4_add_pair(__m512i codes, int64_t b, const Int4
   }
 }
 
-// AVX512-VNNI: two blocks per instruction; an odd last block is paired with codes 0.
+// The 512-bit loop; an odd last block is paired with codes 0.
 template <int R>
 TARGET_AVX512VNNI void int4_avx512vnni(const Int4Weight& weight, const Activations& a, int64_t r0, int64_t n0,
                                        int64_t n1, const Output& y) {
+  constexpr int kC = kChains<R>;
   Int4Rows<R> x(a, r0);
   const int64_t blocks = a.blocks;
   for (int64_t n = n0; n < n1; n++) {
     int4_row_factors(weight, a, n, r0, x);
     const uint8_t* w = weight.row(n);
-    __m512 sum[R];
-    for (int r = 0; r < R; r++) sum[r] = _mm512_setzero_ps();
+    __m512 sum[kC][R];
+    for (int c = 0; c < kC; c++)
+      for (int r = 0; r < R; r++) sum[c][r] = _mm512_setzero_ps();
     int64_t b = 0;
-    for (; b + 1 < blocks; b += 2)
-      int4_add_pair<R>(int4_codes_pair(_mm256_loadu_si256((const __m256i*)(w + b * kBlock / 2))), b, x, sum);
+    for (; b + 2 * kC <= blocks; b += 2 * kC)
+      for (int c = 0; c < kC; c++) {
+        const int64_t pair = b + 2 * c;
+        int4_pair_avx512vnni<R>(_mm256_loadu_si256((const __m256i*)(w + pair * kBlock / 2)), x, pair, sum[c]);
+      }
+    for (; b + 2 <= blocks; b += 2)
+      int4_pair_avx512vnni<R>(_mm256_loadu_si256((const __m256i*)(w + b * kBlock / 2)), x, b, sum[0]);
     if (b < blocks)
-      int4_add_pair<R>(int4_codes_pair(_mm256_zextsi128_si256(_mm_loadu_si128((const __m128i*)(w + b * kBlock / 2)))),
-                       b, x, sum);
-    for (int r = 0; r < R; r++) y.store(r0 + r, n, _mm512_reduce_add_ps(sum[r]) + x.offsets[r]);
+      int4_pair_avx512vnni<R>(_mm256_zextsi128_si256(_mm_loadu_si128((const __m128i*)(w + b * kBlock / 2))), x, b,
+                              sum[0]);
+    for (int r = 0; r < R; r++) {
+      for (int c = 1; c < kC; c++) sum[0][r] = _mm512_add_ps(sum[0][r], sum[c][r]);
+      y.store(r0 + r, n, _mm512_reduce_add_ps(sum[0][r]) + x.offsets[r]);
+    }
   }
 }
 #endif
@@ -713,12 +757,20 @@ at::Tensor int4_matvec(const at::Tensor& x, const at::Tensor& packed, const at::
   for_rows(rows, out, blocks * kBlock / 2, [&](int64_t r0, int64_t count, int64_t n0, int64_t n1) {
     switch (variant) {
 #ifdef X86_KERNELS
-      case Variant::avx2: with_rows(count, [&](auto R) { int4_avx2<decltype(R)::value>(w, a, r0, n0, n1, y); }); return;
+      case Variant::avx2:
+        with_rows(count, [&](auto R) {
+          constexpr int kR = decltype(R)::value;
+          int4_rows_256<kR, int4_block_avx2<kR>>(w, a, r0, n0, n1, y);
+        });
+        return;
       case Variant::avxvnni:
-        if (cpu().avxvnni)
-          with_rows(count, [&](auto R) { int4_avxvnni<decltype(R)::value, true>(w, a, r0, n0, n1, y); });
-        else
-          with_rows(count, [&](auto R) { int4_avxvnni<decltype(R)::value, false>(w, a, r0, n0, n1, y); });
+        with_rows(count, [&](auto R) {
+          constexpr int kR = decltype(R)::value;
+          if (cpu().avxvnni)
+            int4_rows_256<kR, int4_block_avxvnni<kR, true>>(w, a, r0, n0, n1, y);
+          else
+            int4_rows_256<kR, int4_block_avxvnni<kR, false>>(w, a, r0, n0, n1, y);
+        });
         return;
       case Variant::avx512vnni: with_rows(count, [&](auto R) { int4_avx512vnni<decltype(R)::value>(w, a, r0, n0, n1, y); }); return;
 #endif
@@ -760,88 +812,115 @@ std::vector<float> even_then_odd(const float* x, int64_t rows, int64_t in, int64
   return spread;
 }
 
-// AVX2, 16 weights at a time. With up to 4 rows each row keeps two sums (even and odd inputs) so that the
-// multiply-adds do not wait on each other; with more, the rows themselves are independent enough.
+// AVX2, 16 weights (a chunk) at a time: the even weights times x's even inputs, the odd times the odd.
+template <int R>
+TARGET_AVX2 inline void bf16_chunk_avx2(const uint16_t* w, const float* const* x, int64_t c, __m256* sum) {
+  constexpr int64_t kWidth = 16;
+  const __m256i wc = _mm256_loadu_si256((const __m256i*)w);
+  const __m256 even = _mm256_castsi256_ps(_mm256_slli_epi32(wc, 16));
+  const __m256 odd = _mm256_castsi256_ps(_mm256_and_si256(wc, _mm256_set1_epi32(int32_t(0xFFFF0000u))));
+  for (int r = 0; r < R; r++) {
+    sum[r] = _mm256_fmadd_ps(even, _mm256_loadu_ps(x[r] + c * kWidth), sum[r]);
+    sum[r] = _mm256_fmadd_ps(odd, _mm256_loadu_ps(x[r] + c * kWidth + kWidth / 2), sum[r]);
+  }
+}
+
 template <int R>
 TARGET_AVX2 void bf16_avx2(const at::BFloat16* weight, const float* spread, int64_t in, int64_t r0, int64_t n0,
                            int64_t n1, const Output& y) {
   constexpr int64_t kWidth = 16;
-  constexpr int kSums = R <= 4 ? 2 : 1;
-  const int64_t chunks = (in + kWidth - 1) / kWidth;
-  const __m256i high_halves = _mm256_set1_epi32(int32_t(0xFFFF0000u));
-  const float* xr[R];  // x's rows, spread
-  for (int r = 0; r < R; r++) xr[r] = spread + (r0 + r) * chunks * kWidth;
+  constexpr int kC = kChains<R>;
+  const int64_t chunks = (in + kWidth - 1) / kWidth, whole = in / kWidth;
+  const float* x[R];  // x's rows, spread
+  for (int r = 0; r < R; r++) x[r] = spread + (r0 + r) * chunks * kWidth;
   alignas(32) uint16_t spare[kWidth];
   for (int64_t n = n0; n < n1; n++) {
     const uint16_t* w = reinterpret_cast<const uint16_t*>(weight + n * in);
-    __m256 sum[R][kSums];
-    for (int r = 0; r < R; r++)
-      for (int s = 0; s < kSums; s++) sum[r][s] = _mm256_setzero_ps();
-    for (int64_t c = 0; c < chunks; c++) {
-      const __m256i wc = _mm256_loadu_si256((const __m256i*)whole_block(w, in, c * kWidth, kWidth, spare));
-      const __m256 even = _mm256_castsi256_ps(_mm256_slli_epi32(wc, 16));
-      const __m256 odd = _mm256_castsi256_ps(_mm256_and_si256(wc, high_halves));
-      for (int r = 0; r < R; r++) {
-        const float* xc = xr[r] + c * kWidth;
-        sum[r][0] = _mm256_fmadd_ps(even, _mm256_loadu_ps(xc), sum[r][0]);
-        sum[r][kSums - 1] = _mm256_fmadd_ps(odd, _mm256_loadu_ps(xc + kWidth / 2), sum[r][kSums - 1]);
-      }
+    __m256 sum[kC][R];
+    for (int c = 0; c < kC; c++)
+      for (int r = 0; r < R; r++) sum[c][r] = _mm256_setzero_ps();
+    int64_t c = 0;
+    for (; c + kC <= whole; c += kC)
+      for (int k = 0; k < kC; k++) bf16_chunk_avx2<R>(w + (c + k) * kWidth, x, c + k, sum[k]);
+    for (; c < chunks; c++) bf16_chunk_avx2<R>(whole_block(w, in, c * kWidth, kWidth, spare), x, c, sum[0]);
+    for (int r = 0; r < R; r++) {
+      for (int k = 1; k < kC; k++) sum[0][r] = _mm256_add_ps(sum[0][r], sum[k][r]);
+      y.store(r0 + r, n, sum_of(sum[0][r]));
     }
-    for (int r = 0; r < R; r++)
-      y.store(r0 + r, n, sum_of(kSums == 2 ? _mm256_add_ps(sum[r][0], sum[r][kSums - 1]) : sum[r][0]));
   }
 }
 
 // AVX-512: the same, 32 weights at a time.
 template <int R>
+TARGET_AVX512 inline void bf16_chunk_avx512(const uint16_t* w, const float* const* x, int64_t c, __m512* sum) {
+  constexpr int64_t kWidth = 32;
+  const __m512i wc = _mm512_loadu_si512(w);
+  const __m512 even = _mm512_castsi512_ps(_mm512_slli_epi32(wc, 16));
+  const __m512 odd = _mm512_castsi512_ps(_mm512_and_si512(wc, _mm512_set1_epi32(int32_t(0xFFFF0000u))));
+  for (int r = 0; r < R; r++) {
+    sum[r] = _mm512_fmadd_ps(even, _mm512_loadu_ps(x[r] + c * kWidth), sum[r]);
+    sum[r] = _mm512_fmadd_ps(odd, _mm512_loadu_ps(x[r] + c * kWidth + kWidth / 2), sum[r]);
+  }
+}
+
+template <int R>
 TARGET_AVX512 void bf16_avx512(const at::BFloat16* weight, const float* spread, int64_t in, int64_t r0, int64_t n0,
                                int64_t n1, const Output& y) {
   constexpr int64_t kWidth = 32;
-  const int64_t chunks = (in + kWidth - 1) / kWidth;
-  const __m512i high_halves = _mm512_set1_epi32(int32_t(0xFFFF0000u));
-  const float* xr[R];  // x's rows, spread
-  for (int r = 0; r < R; r++) xr[r] = spread + (r0 + r) * chunks * kWidth;
+  constexpr int kC = kChains<R>;
+  const int64_t chunks = (in + kWidth - 1) / kWidth, whole = in / kWidth;
+  const float* x[R];  // x's rows, spread
+  for (int r = 0; r < R; r++) x[r] = spread + (r0 + r) * chunks * kWidth;
   alignas(64) uint16_t spare[kWidth];
   for (int64_t n = n0; n < n1; n++) {
     const uint16_t* w = reinterpret_cast<const uint16_t*>(weight + n * in);
-    __m512 even_sum[R], odd_sum[R];
-    for (int r = 0; r < R; r++) even_sum[r] = odd_sum[r] = _mm512_setzero_ps();
-    for (int64_t c = 0; c < chunks; c++) {
-      const __m512i wc = _mm512_loadu_si512(whole_block(w, in, c * kWidth, kWidth, spare));
-      const __m512 even = _mm512_castsi512_ps(_mm512_slli_epi32(wc, 16));
-      const __m512 odd = _mm512_castsi512_ps(_mm512_and_si512(wc, high_halves));
-      for (int r = 0; r < R; r++) {
-        const float* xc = xr[r] + c * kWidth;
-        even_sum[r] = _mm512_fmadd_ps(even, _mm512_loadu_ps(xc), even_sum[r]);
-        odd_sum[r] = _mm512_fmadd_ps(odd, _mm512_loadu_ps(xc + kWidth / 2), odd_sum[r]);
-      }
+    __m512 sum[kC][R];
+    for (int c = 0; c < kC; c++)
+      for (int r = 0; r < R; r++) sum[c][r] = _mm512_setzero_ps();
+    int64_t c = 0;
+    for (; c + kC <= whole; c += kC)
+      for (int k = 0; k < kC; k++) bf16_chunk_avx512<R>(w + (c + k) * kWidth, x, c + k, sum[k]);
+    for (; c < chunks; c++) bf16_chunk_avx512<R>(whole_block(w, in, c * kWidth, kWidth, spare), x, c, sum[0]);
+    for (int r = 0; r < R; r++) {
+      for (int k = 1; k < kC; k++) sum[0][r] = _mm512_add_ps(sum[0][r], sum[k][r]);
+      y.store(r0 + r, n, _mm512_reduce_add_ps(sum[0][r]));
     }
-    for (int r = 0; r < R; r++) y.store(r0 + r, n, _mm512_reduce_add_ps(_mm512_add_ps(even_sum[r], odd_sum[r])));
   }
 }
 
 // AVX512-BF16, x in bfloat16 too: vdpbf16ps multiplies 32 bfloat16 pairs and adds each two neighbours' products
 // into a float32 lane. x is padded with zeros to whole chunks of 32.
 template <int R>
-TARGET_AVX512BF16 void bf16_avx512bf16(const at::BFloat16* weight, const uint16_t* x, int64_t in, int64_t r0,
+TARGET_AVX512BF16 inline void bf16_chunk_avx512bf16(const uint16_t* w, const uint16_t* const* x, int64_t c,
+                                                    __m512* sum) {
+  constexpr int64_t kWidth = 32;
+  const __m512i wc = _mm512_loadu_si512(w);
+  for (int r = 0; r < R; r++)
+    sum[r] = _mm512_dpbf16_ps(sum[r], (__m512bh)_mm512_loadu_si512(x[r] + c * kWidth), (__m512bh)wc);
+}
+
+template <int R>
+TARGET_AVX512BF16 void bf16_avx512bf16(const at::BFloat16* weight, const uint16_t* padded, int64_t in, int64_t r0,
                                        int64_t n0, int64_t n1, const Output& y) {
   constexpr int64_t kWidth = 32;
-  const int64_t chunks = (in + kWidth - 1) / kWidth;
-  const uint16_t* xr[R];  // x's rows
-  for (int r = 0; r < R; r++) xr[r] = x + (r0 + r) * chunks * kWidth;
+  constexpr int kC = kChains<R>;
+  const int64_t chunks = (in + kWidth - 1) / kWidth, whole = in / kWidth;
+  const uint16_t* x[R];  // x's rows
+  for (int r = 0; r < R; r++) x[r] = padded + (r0 + r) * chunks * kWidth;
   alignas(64) uint16_t spare[kWidth];
   for (int64_t n = n0; n < n1; n++) {
     const uint16_t* w = reinterpret_cast<const uint16_t*>(weight + n * in);
-    __m512 sum[R];
-    for (int r = 0; r < R; r++) sum[r] = _mm512_setzero_ps();
-    for (int64_t c = 0; c < chunks; c++) {
-      const __m512i wc = _mm512_loadu_si512(whole_block(w, in, c * kWidth, kWidth, spare));
-      for (int r = 0; r < R; r++) {
-        const __m512i xc = _mm512_loadu_si512(xr[r] + c * kWidth);
-        sum[r] = _mm512_dpbf16_ps(sum[r], (__m512bh)xc, (__m512bh)wc);
-      }
+    __m512 sum[kC][R];
+    for (int c = 0; c < kC; c++)
+      for (int r = 0; r < R; r++) sum[c][r] = _mm512_setzero_ps();
+    int64_t c = 0;
+    for (; c + kC <= whole; c += kC)
+      for (int k = 0; k < kC; k++) bf16_chunk_avx512bf16<R>(w + (c + k) * kWidth, x, c + k, sum[k]);
+    for (; c < chunks; c++) bf16_chunk_avx512bf16<R>(whole_block(w, in, c * kWidth, kWidth, spare), x, c, sum[0]);
+    for (int r = 0; r < R; r++) {
+      for (int k = 1; k < kC; k++) sum[0][r] = _mm512_add_ps(sum[0][r], sum[k][r]);
+      y.store(r0 + r, n, _mm512_reduce_add_ps(sum[0][r]));
     }
-    for (int r = 0; r < R; r++) y.store(r0 + r, n, _mm512_reduce_add_ps(sum[r]));
   }
 }
 #endif
