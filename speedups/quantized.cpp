@@ -283,21 +283,21 @@ TARGET_AVX2 float quantize_block_avx2(const float* x, int64_t n, int8_t* codes, 
 }
 #endif
 
-// x (rows, in) quantised per block. Buffers are padded to an even number of blocks (the 512-bit variants take
-// two at a time) with codes 0 and scales 0.
+// x (rows, in) quantised per block. Buffers are padded with codes 0 and scales 0 to a whole number of groups of
+// kGroup blocks (the 512-bit int4 variant takes four at a time).
+constexpr int64_t kGroup = 4;
+
 struct Activations {
   int64_t rows, in, blocks, padded_blocks;
   std::vector<int8_t> codes;    // (rows, padded_blocks * 32)
   std::vector<float> scales;    // (rows, padded_blocks): d
   std::vector<int32_t> sums;    // (rows, padded_blocks): s
   std::vector<float> offsets;   // (rows, padded_blocks): d * s, the factor of an int4 block's low
-  std::vector<float> lanes;     // (rows, padded_blocks * 8), avx512vnni only: each d 8 times, lined up with the
-                                // 8 partial sums vpdpbusd leaves per block
 
   Activations(const float* x, int64_t rows_, int64_t in_, Variant variant)
-      : rows(rows_), in(in_), blocks((in_ + kBlock - 1) / kBlock), padded_blocks(blocks + blocks % 2),
-        codes(rows * padded_blocks * kBlock, 0), scales(rows * padded_blocks, 0.0f), sums(rows * padded_blocks, 0),
-        offsets(rows * padded_blocks, 0.0f) {
+      : rows(rows_), in(in_), blocks((in_ + kBlock - 1) / kBlock),
+        padded_blocks((blocks + kGroup - 1) / kGroup * kGroup), codes(rows * padded_blocks * kBlock, 0),
+        scales(rows * padded_blocks, 0.0f), sums(rows * padded_blocks, 0), offsets(rows * padded_blocks, 0.0f) {
     for (int64_t r = 0; r < rows; r++) {
       for (int64_t b = 0; b < blocks; b++) {
         const float* block = x + r * in + b * kBlock;
@@ -313,28 +313,58 @@ struct Activations {
       }
     }
     for (size_t i = 0; i < offsets.size(); i++) offsets[i] = scales[i] * float(sums[i]);
-    if (variant == Variant::avx512vnni) {
-      lanes.resize(scales.size() * 8);
-      for (size_t i = 0; i < lanes.size(); i++) lanes[i] = scales[i / 8];
-    }
   }
-  const int8_t* codes_of(int64_t r) const { return codes.data() + r * padded_blocks * kBlock; }
+  int64_t row_bytes() const { return padded_blocks * kBlock; }
+  const int8_t* codes_of(int64_t r) const { return codes.data() + r * row_bytes(); }
   const float* scales_of(int64_t r) const { return scales.data() + r * padded_blocks; }
   const int32_t* sums_of(int64_t r) const { return sums.data() + r * padded_blocks; }
   const float* offsets_of(int64_t r) const { return offsets.data() + r * padded_blocks; }
 };
 
-// The activations of rows r0 .. r0 + R - 1 as the SIMD kernels read them, looked up once per call.
+// The codes recoded or rearranged as a SIMD variant reads them (same size and row stride as the codes).
+// q + 128 as unsigned bytes (1 .. 255; 128 in the padding): the VNNI int8 variants' unsigned operand.
+std::vector<int8_t> biased(const Activations& a) {
+  std::vector<int8_t> out(a.codes.size());
+  for (size_t i = 0; i < out.size(); i++) out[i] = int8_t(uint8_t(a.codes[i]) ^ 0x80);
+  return out;
+}
+
+// Each block scale d 8 times, lined up with the 8 partial sums vpdpbusd leaves per block: (rows, padded_blocks * 8).
+std::vector<float> lanes(const Activations& a) {
+  std::vector<float> out(a.scales.size() * 8);
+  for (size_t i = 0; i < out.size(); i++) out[i] = a.scales[i / 8];
+  return out;
+}
+
+// For int4, in groups of `group` blocks: the first 16 codes of each block of the group, then the last 16 of each,
+// the order in which a register of the group's int4 bytes holds its low nibbles, then its high nibbles.
+std::vector<int8_t> int4_order(const Activations& a, int64_t group) {
+  constexpr int64_t half = kBlock / 2;
+  std::vector<int8_t> out(a.codes.size());
+  for (int64_t r = 0; r < a.rows; r++)
+    for (int64_t g = 0; g < a.padded_blocks; g += group)
+      for (int64_t k = 0; k < group; k++)
+        for (int64_t i = 0; i < half; i++) {
+          const int8_t* block = a.codes_of(r) + (g + k) * kBlock;
+          int8_t* to = out.data() + r * a.row_bytes() + g * kBlock;
+          to[k * half + i] = block[i];
+          to[(group + k) * half + i] = block[half + i];
+        }
+  return out;
+}
+
+// The rows r0 .. r0 + R - 1 of a variant's codes, and their block scales (and lanes() where the variant reads
+// those), looked up once per kernel call.
 template <int R>
 struct RowsOf {
   const int8_t* codes[R];
   const float* scales[R];
   const float* lanes[R];
-  RowsOf(const Activations& a, int64_t r0) {
+  RowsOf(const Activations& a, int64_t r0, const int8_t* codes_, const float* lanes_ = nullptr) {
     for (int r = 0; r < R; r++) {
-      codes[r] = a.codes_of(r0 + r);
+      codes[r] = codes_ + (r0 + r) * a.row_bytes();
       scales[r] = a.scales_of(r0 + r);
-      lanes[r] = a.lanes.empty() ? nullptr : a.lanes.data() + (r0 + r) * a.padded_blocks * 8;
+      lanes[r] = lanes_ ? lanes_ + (r0 + r) * a.padded_blocks * 8 : nullptr;
     }
   }
 };
@@ -406,12 +436,11 @@ TARGET_AVX2 inline void int8_block_avx2(const int8_t* w, const RowsOf<R>& x, int
   }
 }
 
-// 256-bit vpdpbusd: the four byte products of each 32-bit lane added into it in one instruction. Written as
-// assembly so that one function serves both encodings: VEX on CPUs with AVX-VNNI (no AVX-512), EVEX on CPUs with
+// 256-bit vpdpbusd: sum plus the four byte products of each 32-bit lane, in one instruction. Written as assembly
+// so that one function serves both encodings: VEX on CPUs with AVX-VNNI (no AVX-512), EVEX on CPUs with
 // AVX512-VNNI; the compiler only sees AVX2 here, so it keeps to registers both encodings reach.
 template <bool kVex>
-TARGET_AVX2 inline __m256i dot_bytes(__m256i unsigned_bytes, __m256i signed_bytes) {
-  __m256i sum = _mm256_setzero_si256();
+TARGET_AVX2 inline __m256i dot_bytes(__m256i sum, __m256i unsigned_bytes, __m256i signed_bytes) {
   if (kVex)
     asm("%{vex%} vpdpbusd %2, %1, %0" : "+x"(sum) : "x"(unsigned_bytes), "x"(signed_bytes));
   else
@@ -419,24 +448,27 @@ TARGET_AVX2 inline __m256i dot_bytes(__m256i unsigned_bytes, __m256i signed_byte
   return sum;
 }
 
-// AVX-VNNI: vpdpbusd in place of vpmaddubsw + vpmaddwd.
+// AVX-VNNI. vpdpbusd wants unsigned bytes too, but adds 32-bit sums (nothing saturates), so x.codes holds q + 128
+// instead: sum_j (q + 128) w = sum_j q w + 128 sum_j w, and the second sum, computed once for all rows, is where
+// each row's sum starts, negated.
 template <int R, bool kVex>
 TARGET_AVX2 inline void int8_block_avxvnni(const int8_t* w, const RowsOf<R>& x, int64_t b, __m256* sum) {
   const __m256i wb = _mm256_loadu_si256((const __m256i*)w);
+  const __m256i zero = _mm256_setzero_si256();
+  const __m256i start = _mm256_sub_epi32(zero, dot_bytes<kVex>(zero, _mm256_set1_epi8(-128), wb));
   for (int r = 0; r < R; r++) {
     const __m256i q = _mm256_loadu_si256((const __m256i*)(x.codes[r] + b * kBlock));
-    const __m256 dot = _mm256_cvtepi32_ps(dot_bytes<kVex>(_mm256_abs_epi8(q), _mm256_sign_epi8(wb, q)));
+    const __m256 dot = _mm256_cvtepi32_ps(dot_bytes<kVex>(start, q, wb));
     sum[r] = _mm256_fmadd_ps(dot, _mm256_set1_ps(x.scales[r][b]), sum[r]);
   }
 }
 
 // The 256-bit loop over a weight row's blocks (Block: one of the two above), kChains<R> sums per row.
 template <int R, void (*Block)(const int8_t*, const RowsOf<R>&, int64_t, __m256*)>
-TARGET_AVX2 void int8_rows_256(const int8_t* weight, const float* weight_scales, const Activations& a, int64_t r0,
-                               int64_t n0, int64_t n1, const Output& y) {
+TARGET_AVX2 void int8_rows_256(const int8_t* weight, const float* weight_scales, const RowsOf<R>& x, int64_t in,
+                               int64_t r0, int64_t n0, int64_t n1, const Output& y) {
   constexpr int kC = kChains<R>;
-  const RowsOf<R> x(a, r0);
-  const int64_t in = a.in, blocks = a.blocks, whole = in / kBlock;
+  const int64_t blocks = (in + kBlock - 1) / kBlock, whole = in / kBlock;
   alignas(32) int8_t spare[kBlock];
   for (int64_t n = n0; n < n1; n++) {
     const int8_t* w = weight + n * in;
@@ -454,9 +486,10 @@ TARGET_AVX2 void int8_rows_256(const int8_t* weight, const float* weight_scales,
   }
 }
 
-// AVX512-VNNI: two blocks (64 bytes) per instruction, their 16 partial sums scaled by x.lanes. AVX-512 has no
-// byte sign instruction; a mask of w's negative bytes negates q instead (|w| * (q * sign(w)) = q * w), computed
-// once per weight block for all rows.
+// AVX512-VNNI: two blocks (64 bytes) per instruction; x.lanes scales their 16 partial sums. x.codes holds q, not
+// q + 128: one vpdpbusd per row is the limit here, so the sign moves instead, as with AVX2 but from w to q
+// (|w| * (q * sign(w)) = q * w): AVX-512 has no byte sign instruction, but a mask of w's negative bytes,
+// computed once for all rows, negates q where w < 0.
 template <int R>
 TARGET_AVX512VNNI inline void int8_pair_avx512vnni(const int8_t* w, const RowsOf<R>& x, int64_t b, __m512* sum) {
   const __m512i zero = _mm512_setzero_si512();
@@ -472,11 +505,10 @@ TARGET_AVX512VNNI inline void int8_pair_avx512vnni(const int8_t* w, const RowsOf
 }
 
 template <int R>
-TARGET_AVX512VNNI void int8_avx512vnni(const int8_t* weight, const float* weight_scales, const Activations& a,
-                                       int64_t r0, int64_t n0, int64_t n1, const Output& y) {
+TARGET_AVX512VNNI void int8_avx512vnni(const int8_t* weight, const float* weight_scales, const RowsOf<R>& x,
+                                       int64_t in, int64_t r0, int64_t n0, int64_t n1, const Output& y) {
   constexpr int kC = kChains<R>;
-  const RowsOf<R> x(a, r0);
-  const int64_t in = a.in, blocks = a.blocks, whole = in / (2 * kBlock) * 2;  // blocks in whole pairs
+  const int64_t blocks = (in + kBlock - 1) / kBlock, whole = in / (2 * kBlock) * 2;  // blocks in whole pairs
   alignas(64) int8_t spare[2 * kBlock];
   for (int64_t n = n0; n < n1; n++) {
     const int8_t* w = weight + n * in;
@@ -486,7 +518,8 @@ TARGET_AVX512VNNI void int8_avx512vnni(const int8_t* weight, const float* weight
     int64_t b = 0;
     for (; b + 2 * kC <= whole; b += 2 * kC)
       for (int c = 0; c < kC; c++) int8_pair_avx512vnni<R>(w + (b + 2 * c) * kBlock, x, b + 2 * c, sum[c]);
-    for (; b < blocks; b += 2) int8_pair_avx512vnni<R>(whole_block(w, in, b * kBlock, 2 * kBlock, spare), x, b, sum[0]);
+    for (; b < blocks; b += 2)
+      int8_pair_avx512vnni<R>(whole_block(w, in, b * kBlock, 2 * kBlock, spare), x, b, sum[0]);
     for (int r = 0; r < R; r++) {
       for (int c = 1; c < kC; c++) sum[0][r] = _mm512_add_ps(sum[0][r], sum[c][r]);
       y.store(r0 + r, n, _mm512_reduce_add_ps(sum[0][r]) * weight_scales[n]);
@@ -516,28 +549,27 @@ at::Tensor int8_matvec(const at::Tensor& x, const at::Tensor& codes, const at::T
   const Activations a(xf.data, rows, in, variant);
   const int8_t* w = codes.data_ptr<int8_t>();
   const float* s = scales.data_ptr<float>();
-  for_rows(rows, out, in, [&](int64_t r0, int64_t count, int64_t n0, int64_t n1) {
-    switch (variant) {
 #ifdef X86_KERNELS
-      case Variant::avx2:
-        with_rows(count, [&](auto R) {
-          constexpr int kR = decltype(R)::value;
-          int8_rows_256<kR, int8_block_avx2<kR>>(w, s, a, r0, n0, n1, y);
-        });
-        return;
-      case Variant::avxvnni:
-        with_rows(count, [&](auto R) {
-          constexpr int kR = decltype(R)::value;
-          if (cpu().avxvnni)
-            int8_rows_256<kR, int8_block_avxvnni<kR, true>>(w, s, a, r0, n0, n1, y);
-          else
-            int8_rows_256<kR, int8_block_avxvnni<kR, false>>(w, s, a, r0, n0, n1, y);
-        });
-        return;
-      case Variant::avx512vnni: with_rows(count, [&](auto R) { int8_avx512vnni<decltype(R)::value>(w, s, a, r0, n0, n1, y); }); return;
+  const std::vector<int8_t> unsigned_codes = variant == Variant::avxvnni ? biased(a) : std::vector<int8_t>();
+  const std::vector<float> scale_lanes = variant == Variant::avx512vnni ? lanes(a) : std::vector<float>();
 #endif
-      default: int8_scalar(w, s, a, r0, count, n0, n1, y); return;
-    }
+  for_rows(rows, out, in, [&](int64_t r0, int64_t count, int64_t n0, int64_t n1) {
+#ifdef X86_KERNELS
+    if (variant != Variant::scalar)
+      return with_rows(count, [&](auto R) {
+        constexpr int kR = decltype(R)::value;
+        if (variant == Variant::avx2) {
+          return int8_rows_256<kR, int8_block_avx2<kR>>(w, s, RowsOf<kR>(a, r0, a.codes.data()), in, r0, n0, n1, y);
+        }
+        if (variant == Variant::avx512vnni)
+          return int8_avx512vnni<kR>(w, s, RowsOf<kR>(a, r0, a.codes.data(), scale_lanes.data()), in, r0,
+                                     n0, n1, y);
+        const RowsOf<kR> x(a, r0, unsigned_codes.data());
+        if (cpu().avxvnni) return int8_rows_256<kR, int8_block_avxvnni<kR, true>>(w, s, x, in, r0, n0, n1, y);
+        int8_rows_256<kR, int8_block_avxvnni<kR, false>>(w, s, x, in, r0, n0, n1, y);
+      });
+#endif
+    int8_scalar(w, s, a, r0, count, n0, n1, y);
   });
   return y.tensor.view(shape);
 }
@@ -568,7 +600,8 @@ void int4_scalar(const Int4Weight& weight, const Activations& a, int64_t r0, int
       for (int64_t b = 0; b < a.blocks; b++) {
         int32_t dot = 0;  // codes past the end of a short block are 0 on both sides
         for (int64_t i = 0; i < half; i++)
-          dot += int32_t(w[b * half + i] & 0x0F) * q[b * kBlock + i] + int32_t(w[b * half + i] >> 4) * q[b * kBlock + half + i];
+          dot += int32_t(w[b * half + i] & 0x0F) * q[b * kBlock + i] +
+                 int32_t(w[b * half + i] >> 4) * q[b * kBlock + half + i];
         sum += float(dot) * (weight.scale(n, b) * a.scales_of(r)[b]);
         sum += weight.low(n, b) * a.offsets_of(r)[b];
       }
@@ -578,7 +611,7 @@ void int4_scalar(const Int4Weight& weight, const Activations& a, int64_t r0, int
 }
 
 #ifdef X86_KERNELS
-// What the SIMD variants need per weight row n besides its codes, for each input row r: factors[r][b] =
+// What the SIMD variants read per input row: its codes in int4_order, and per weight row n, factors[r][b] =
 // scale[b] * d[b], the factor of block b's dot product (0 past the last block), and offsets[r] =
 // sum_b low[b] * (d[b] * s[b]), the part of the product that needs no weight codes.
 template <int R>
@@ -587,9 +620,9 @@ struct Int4Rows {
   float* factors[R];
   float offsets[R];
   std::vector<float> buffer;
-  Int4Rows(const Activations& a, int64_t r0) : buffer(R * a.padded_blocks, 0.0f) {
+  Int4Rows(const Activations& a, int64_t r0, const int8_t* ordered) : buffer(R * a.padded_blocks, 0.0f) {
     for (int r = 0; r < R; r++) {
-      codes[r] = a.codes_of(r0 + r);
+      codes[r] = ordered + (r0 + r) * a.row_bytes();
       factors[r] = buffer.data() + r * a.padded_blocks;
     }
   }
@@ -623,40 +656,46 @@ TARGET_AVX2 void int4_row_factors(const Int4Weight& weight, const Activations& a
   }
 }
 
-// A block's 16 bytes -> its 32 codes in order: the low nibbles are inputs 0 .. 15, the high nibbles 16 .. 31.
-TARGET_AVX2 inline __m256i int4_codes(const uint8_t* block) {
-  const __m128i bytes = _mm_loadu_si128((const __m128i*)block);
-  return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(bytes, 4), bytes), _mm256_set1_epi8(0x0F));
-}
-
-// AVX2, one block at a time: the codes are unsigned (0 .. 15) and q signed, as vpmaddubsw wants them.
+// AVX2, two blocks (32 bytes) at a time. Masking the bytes gives both blocks' first 16 codes, shifting then
+// masking their last 16; x's codes are in the same order (int4_order with groups of 2), so vpmaddubsw (codes
+// unsigned, 0 .. 15; q signed) and vpmaddwd leave 4 partial sums of block b, then 4 of block b + 1.
 template <int R>
-TARGET_AVX2 inline void int4_block_avx2(const uint8_t* block, const Int4Rows<R>& x, int64_t b, __m256* sum) {
-  const __m256i c = int4_codes(block);
+TARGET_AVX2 inline void int4_pair_avx2(__m256i bytes, const Int4Rows<R>& x, int64_t b, __m256* sum) {
+  const __m256i low_nibble = _mm256_set1_epi8(0x0F);
+  const __m256i first = _mm256_and_si256(bytes, low_nibble);
+  const __m256i last = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low_nibble);
   for (int r = 0; r < R; r++) {
-    const __m256i q = _mm256_loadu_si256((const __m256i*)(x.codes[r] + b * kBlock));
-    const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(c, q), _mm256_set1_epi16(1)));
-    sum[r] = _mm256_fmadd_ps(dot, _mm256_set1_ps(x.factors[r][b]), sum[r]);
+    const int8_t* q = x.codes[r] + b * kBlock;
+    const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(first, _mm256_loadu_si256((const __m256i*)q)),
+                                           _mm256_maddubs_epi16(last, _mm256_loadu_si256((const __m256i*)(q + 32))));
+    const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));  // |pairs| <= 4 * 15 * 127
+    const __m256 factors = _mm256_set_m128(_mm_set1_ps(x.factors[r][b + 1]), _mm_set1_ps(x.factors[r][b]));
+    sum[r] = _mm256_fmadd_ps(dot, factors, sum[r]);
   }
 }
 
 // AVX-VNNI: vpdpbusd in place of vpmaddubsw + vpmaddwd.
 template <int R, bool kVex>
-TARGET_AVX2 inline void int4_block_avxvnni(const uint8_t* block, const Int4Rows<R>& x, int64_t b, __m256* sum) {
-  const __m256i c = int4_codes(block);
+TARGET_AVX2 inline void int4_pair_avxvnni(__m256i bytes, const Int4Rows<R>& x, int64_t b, __m256* sum) {
+  const __m256i low_nibble = _mm256_set1_epi8(0x0F);
+  const __m256i first = _mm256_and_si256(bytes, low_nibble);
+  const __m256i last = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low_nibble);
   for (int r = 0; r < R; r++) {
-    const __m256i q = _mm256_loadu_si256((const __m256i*)(x.codes[r] + b * kBlock));
-    const __m256 dot = _mm256_cvtepi32_ps(dot_bytes<kVex>(c, q));
-    sum[r] = _mm256_fmadd_ps(dot, _mm256_set1_ps(x.factors[r][b]), sum[r]);
+    const int8_t* q = x.codes[r] + b * kBlock;
+    const __m256i dots = dot_bytes<kVex>(dot_bytes<kVex>(_mm256_setzero_si256(), first,
+                                                         _mm256_loadu_si256((const __m256i*)q)),
+                                         last, _mm256_loadu_si256((const __m256i*)(q + 32)));
+    const __m256 factors = _mm256_set_m128(_mm_set1_ps(x.factors[r][b + 1]), _mm_set1_ps(x.factors[r][b]));
+    sum[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), factors, sum[r]);
   }
 }
 
-// The 256-bit loop over a weight row's blocks (Block: one of the two above), kChains<R> sums per row.
-template <int R, void (*Block)(const uint8_t*, const Int4Rows<R>&, int64_t, __m256*)>
-TARGET_AVX2 void int4_rows_256(const Int4Weight& weight, const Activations& a, int64_t r0, int64_t n0, int64_t n1,
-                               const Output& y) {
+// The 256-bit loop over a weight row's blocks (Pair: one of the two above), kChains<R> sums per row; an odd last
+// block is paired with codes 0.
+template <int R, void (*Pair)(__m256i, const Int4Rows<R>&, int64_t, __m256*)>
+TARGET_AVX2 void int4_rows_256(const Int4Weight& weight, const Activations& a, Int4Rows<R>& x, int64_t r0,
+                               int64_t n0, int64_t n1, const Output& y) {
   constexpr int kC = kChains<R>;
-  Int4Rows<R> x(a, r0);
   const int64_t blocks = a.blocks;
   for (int64_t n = n0; n < n1; n++) {
     int4_row_factors(weight, a, n, r0, x);
@@ -665,9 +704,11 @@ TARGET_AVX2 void int4_rows_256(const Int4Weight& weight, const Activations& a, i
     for (int c = 0; c < kC; c++)
       for (int r = 0; r < R; r++) sum[c][r] = _mm256_setzero_ps();
     int64_t b = 0;
-    for (; b + kC <= blocks; b += kC)
-      for (int c = 0; c < kC; c++) Block(w + (b + c) * kBlock / 2, x, b + c, sum[c]);
-    for (; b < blocks; b++) Block(w + b * kBlock / 2, x, b, sum[0]);
+    for (; b + 2 * kC <= blocks; b += 2 * kC)
+      for (int c = 0; c < kC; c++)
+        Pair(_mm256_loadu_si256((const __m256i*)(w + (b + 2 * c) * kBlock / 2)), x, b + 2 * c, sum[c]);
+    for (; b + 2 <= blocks; b += 2) Pair(_mm256_loadu_si256((const __m256i*)(w + b * kBlock / 2)), x, b, sum[0]);
+    if (b < blocks) Pair(_mm256_zextsi128_si256(_mm_loadu_si128((const __m128i*)(w + b * kBlock / 2))), x, b, sum[0]);
     for (int r = 0; r < R; r++) {
       for (int c = 1; c < kC; c++) sum[0][r] = _mm256_add_ps(sum[0][r], sum[c][r]);
       y.store(r0 + r, n, sum_of(sum[0][r]) + x.offsets[r]);
@@ -675,37 +716,29 @@ TARGET_AVX2 void int4_rows_256(const Int4Weight& weight, const Activations& a, i
   }
 }
 
-// Two blocks' 32 bytes -> their 64 codes in order: the low and high nibbles are interleaved 16 bytes at a
-// time, so that the codes of block b come before those of block b + 1.
-TARGET_AVX512 inline __m512i int4_codes_pair(__m256i bytes) {
-  const __m512i order = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11);
-  const __m512i codes = _mm512_permutex2var_epi64(_mm512_castsi256_si512(bytes), order,
-                                                  _mm512_castsi256_si512(_mm256_srli_epi16(bytes, 4)));
-  return _mm512_and_si512(codes, _mm512_set1_epi8(0x0F));
-}
-
-// [f0 x 8, f1 x 8]: the factors of two blocks, lined up with vpdpbusd's 16 partial sums over them.
-TARGET_AVX512 inline __m512 pair_scales(const float* f) {
-  return _mm512_insertf32x8(_mm512_set1_ps(f[0]), _mm256_set1_ps(f[1]), 1);
-}
-
-// AVX512-VNNI: two blocks per instruction.
+// AVX512-VNNI: four blocks (64 bytes) at a time, x's codes in int4_order with groups of 4; each 128-bit lane of
+// the sums holds one block's 4 partial sums.
 template <int R>
-TARGET_AVX512VNNI inline void int4_pair_avx512vnni(__m256i bytes, const Int4Rows<R>& x, int64_t b, __m512* sum) {
-  const __m512i codes = int4_codes_pair(bytes);
+TARGET_AVX512VNNI inline void int4_group_avx512vnni(__m512i bytes, const Int4Rows<R>& x, int64_t b, __m512* sum) {
+  const __m512i low_nibble = _mm512_set1_epi8(0x0F);
+  const __m512i first = _mm512_and_si512(bytes, low_nibble);
+  const __m512i last = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low_nibble);
+  const __m512i by_lane = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
   for (int r = 0; r < R; r++) {
-    const __m512i q = _mm512_loadu_si512(x.codes[r] + b * kBlock);
-    const __m512 dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, q));
-    sum[r] = _mm512_fmadd_ps(dot, pair_scales(x.factors[r] + b), sum[r]);
+    const int8_t* q = x.codes[r] + b * kBlock;
+    const __m512i dots = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), first,
+                                                                 _mm512_loadu_si512(q)),
+                                             last, _mm512_loadu_si512(q + 64));
+    const __m512 factors = _mm512_permutexvar_ps(by_lane, _mm512_castps128_ps512(_mm_loadu_ps(x.factors[r] + b)));
+    sum[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots), factors, sum[r]);
   }
 }
 
-// The 512-bit loop; an odd last block is paired with codes 0.
+// The 512-bit loop; the last 1 to 3 blocks are read with a mask (codes 0 past them).
 template <int R>
-TARGET_AVX512VNNI void int4_avx512vnni(const Int4Weight& weight, const Activations& a, int64_t r0, int64_t n0,
-                                       int64_t n1, const Output& y) {
+TARGET_AVX512VNNI void int4_avx512vnni(const Int4Weight& weight, const Activations& a, Int4Rows<R>& x, int64_t r0,
+                                       int64_t n0, int64_t n1, const Output& y) {
   constexpr int kC = kChains<R>;
-  Int4Rows<R> x(a, r0);
   const int64_t blocks = a.blocks;
   for (int64_t n = n0; n < n1; n++) {
     int4_row_factors(weight, a, n, r0, x);
@@ -714,16 +747,15 @@ TARGET_AVX512VNNI void int4_avx512vnni(const Int4Weight& weight, const Activatio
     for (int c = 0; c < kC; c++)
       for (int r = 0; r < R; r++) sum[c][r] = _mm512_setzero_ps();
     int64_t b = 0;
-    for (; b + 2 * kC <= blocks; b += 2 * kC)
-      for (int c = 0; c < kC; c++) {
-        const int64_t pair = b + 2 * c;
-        int4_pair_avx512vnni<R>(_mm256_loadu_si256((const __m256i*)(w + pair * kBlock / 2)), x, pair, sum[c]);
-      }
-    for (; b + 2 <= blocks; b += 2)
-      int4_pair_avx512vnni<R>(_mm256_loadu_si256((const __m256i*)(w + b * kBlock / 2)), x, b, sum[0]);
-    if (b < blocks)
-      int4_pair_avx512vnni<R>(_mm256_zextsi128_si256(_mm_loadu_si128((const __m128i*)(w + b * kBlock / 2))), x, b,
-                              sum[0]);
+    for (; b + kGroup * kC <= blocks; b += kGroup * kC)
+      for (int c = 0; c < kC; c++)
+        int4_group_avx512vnni<R>(_mm512_loadu_si512(w + (b + kGroup * c) * kBlock / 2), x, b + kGroup * c, sum[c]);
+    for (; b + kGroup <= blocks; b += kGroup)
+      int4_group_avx512vnni<R>(_mm512_loadu_si512(w + b * kBlock / 2), x, b, sum[0]);
+    if (b < blocks) {
+      const __mmask64 present = (__mmask64(1) << ((blocks - b) * kBlock / 2)) - 1;
+      int4_group_avx512vnni<R>(_mm512_maskz_loadu_epi8(present, w + b * kBlock / 2), x, b, sum[0]);
+    }
     for (int r = 0; r < R; r++) {
       for (int c = 1; c < kC; c++) sum[0][r] = _mm512_add_ps(sum[0][r], sum[c][r]);
       y.store(r0 + r, n, _mm512_reduce_add_ps(sum[0][r]) + x.offsets[r]);
@@ -754,28 +786,23 @@ at::Tensor int4_matvec(const at::Tensor& x, const at::Tensor& packed, const at::
   const FloatRows xf(rows_in);
   const Activations a(xf.data, rows, in, variant);
   const Int4Weight w{packed.data_ptr<uint8_t>(), scales.data_ptr<at::Half>(), lows.data_ptr<at::Half>(), blocks};
-  for_rows(rows, out, blocks * kBlock / 2, [&](int64_t r0, int64_t count, int64_t n0, int64_t n1) {
-    switch (variant) {
 #ifdef X86_KERNELS
-      case Variant::avx2:
-        with_rows(count, [&](auto R) {
-          constexpr int kR = decltype(R)::value;
-          int4_rows_256<kR, int4_block_avx2<kR>>(w, a, r0, n0, n1, y);
-        });
-        return;
-      case Variant::avxvnni:
-        with_rows(count, [&](auto R) {
-          constexpr int kR = decltype(R)::value;
-          if (cpu().avxvnni)
-            int4_rows_256<kR, int4_block_avxvnni<kR, true>>(w, a, r0, n0, n1, y);
-          else
-            int4_rows_256<kR, int4_block_avxvnni<kR, false>>(w, a, r0, n0, n1, y);
-        });
-        return;
-      case Variant::avx512vnni: with_rows(count, [&](auto R) { int4_avx512vnni<decltype(R)::value>(w, a, r0, n0, n1, y); }); return;
+  const std::vector<int8_t> ordered = variant == Variant::scalar ? std::vector<int8_t>()
+                                      : int4_order(a, variant == Variant::avx512vnni ? 4 : 2);
 #endif
-      default: int4_scalar(w, a, r0, count, n0, n1, y); return;
-    }
+  for_rows(rows, out, blocks * kBlock / 2, [&](int64_t r0, int64_t count, int64_t n0, int64_t n1) {
+#ifdef X86_KERNELS
+    if (variant != Variant::scalar)
+      return with_rows(count, [&](auto R) {
+        constexpr int kR = decltype(R)::value;
+        Int4Rows<kR> x(a, r0, ordered.data());
+        if (variant == Variant::avx512vnni) return int4_avx512vnni<kR>(w, a, x, r0, n0, n1, y);
+        if (variant == Variant::avx2) return int4_rows_256<kR, int4_pair_avx2<kR>>(w, a, x, r0, n0, n1, y);
+        if (cpu().avxvnni) return int4_rows_256<kR, int4_pair_avxvnni<kR, true>>(w, a, x, r0, n0, n1, y);
+        int4_rows_256<kR, int4_pair_avxvnni<kR, false>>(w, a, x, r0, n0, n1, y);
+      });
+#endif
+    int4_scalar(w, a, r0, count, n0, n1, y);
   });
   return y.tensor.view(shape);
 }
