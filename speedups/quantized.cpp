@@ -65,9 +65,11 @@
 //
 // Threads: at::parallel_for splits the output rows into one contiguous range per thread.
 
-#include <torch/extension.h>
-
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/StringUtil.h>
+#include <torch/csrc/utils/pybind.h>  // at::Tensor in and out of Python (torch/extension.h would cost 4x the compile)
 
 #include <algorithm>
 #include <cfloat>
