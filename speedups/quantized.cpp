@@ -34,7 +34,8 @@
 //
 // int4 weights: our own layout; the same codes as speedups' quantize_int4 (native.py's pack_int4 builds it).
 // Each output row has ceil(in / 32) blocks of 16 bytes; byte i of a block holds the codes of inputs i (low
-// nibble) and i + 16 (high nibble), so one shift and one mask give the block's 32 codes in order:
+// nibble) and i + 16 (high nibble), so a mask gives a block's first 16 codes in order and a shift and a mask its
+// last 16 (a register of 2 or 4 blocks gives theirs side by side; x's codes are put in that order once a call):
 //
 //     packed (out, blocks * 16) uint8        block b of row n:
 //         byte:         0        1              15
@@ -52,10 +53,10 @@
 // set, written as the same loop over wider registers. All are compiled into this one file (each function gets
 // the instructions it may use with __attribute__((target))) and the caller picks one by name; `variants(kernel)`
 // lists those this CPU runs, fastest first:
-//     int8, int4:  avx512vnni  (512-bit vpdpbusd: two blocks per instruction)
-//                  avxvnni     (256-bit vpdpbusd: one block; VEX-encoded on CPUs with AVX-VNNI, EVEX-encoded on
-//                               CPUs with AVX512-VNNI, which run the same instruction on 256 bits)
-//                  avx2        (vpmaddubsw + vpmaddwd)
+//     int8, int4:  avx512vnni  (512-bit vpdpbusd: 64 byte pairs per instruction)
+//                  avxvnni     (256-bit vpdpbusd: 32; VEX-encoded on CPUs with AVX-VNNI, EVEX-encoded on CPUs with
+//                               AVX512-VNNI, which run the same instruction on 256 bits)
+//                  avx2        (vpmaddubsw + vpmaddwd: 32 byte pairs in two instructions)
 //                  scalar
 //     bf16:        avx512bf16  (vdpbf16ps where x is bfloat16, else as avx512), avx512, avx2, scalar
 //
@@ -324,14 +325,14 @@ struct Activations {
 };
 
 // The codes recoded or rearranged as a SIMD variant reads them (same size and row stride as the codes).
-// q + 128 as unsigned bytes (1 .. 255; 128 in the padding): the VNNI int8 variants' unsigned operand.
+// q + 128 as unsigned bytes (1 .. 255; 128 in the padding): avxvnni's unsigned operand for int8.
 std::vector<int8_t> biased(const Activations& a) {
   std::vector<int8_t> out(a.codes.size());
   for (size_t i = 0; i < out.size(); i++) out[i] = int8_t(uint8_t(a.codes[i]) ^ 0x80);
   return out;
 }
 
-// Each block scale d 8 times, lined up with the 8 partial sums vpdpbusd leaves per block: (rows, padded_blocks * 8).
+// Each block scale d 8 times, lined up with the 8 partial sums vpdpbusd leaves per block (rows, padded_blocks * 8).
 std::vector<float> lanes(const Activations& a) {
   std::vector<float> out(a.scales.size() * 8);
   for (size_t i = 0; i < out.size(); i++) out[i] = a.scales[i / 8];
@@ -345,13 +346,12 @@ std::vector<int8_t> int4_order(const Activations& a, int64_t group) {
   std::vector<int8_t> out(a.codes.size());
   for (int64_t r = 0; r < a.rows; r++)
     for (int64_t g = 0; g < a.padded_blocks; g += group)
-      for (int64_t k = 0; k < group; k++)
-        for (int64_t i = 0; i < half; i++) {
-          const int8_t* block = a.codes_of(r) + (g + k) * kBlock;
-          int8_t* to = out.data() + r * a.row_bytes() + g * kBlock;
-          to[k * half + i] = block[i];
-          to[(group + k) * half + i] = block[half + i];
-        }
+      for (int64_t k = 0; k < group; k++) {
+        const int8_t* block = a.codes_of(r) + (g + k) * kBlock;
+        int8_t* to = out.data() + r * a.row_bytes() + g * kBlock;
+        std::memcpy(to + k * half, block, half);
+        std::memcpy(to + (group + k) * half, block + half, half);
+      }
   return out;
 }
 
