@@ -834,9 +834,10 @@ std::vector<float> even_then_odd(const float* x, int64_t rows, int64_t in, int64
   const int64_t chunks = (in + width - 1) / width;
   std::vector<float> spread(rows * chunks * width, 0.0f);
   for (int64_t r = 0; r < rows; r++)
-    for (int64_t j = 0; j < in; j++) {
-      const int64_t chunk = j / width, i = j % width;
-      spread[(r * chunks + chunk) * width + (i % 2) * (width / 2) + i / 2] = x[r * in + j];
+    for (int64_t c = 0; c < chunks; c++) {
+      const float* from = x + r * in + c * width;
+      float* to = spread.data() + (r * chunks + c) * width;
+      for (int64_t i = 0; i < std::min(width, in - c * width); i++) to[(i % 2) * (width / 2) + i / 2] = from[i];
     }
   return spread;
 }
