@@ -14,8 +14,9 @@ key hashes the source, the build flags, the compiler's version, torch's and Pyth
 fraction of a second. The build happens in a temporary folder beside the final one and is renamed into place
 when complete, under a file lock, so processes starting together (torchrun) build it once and never see half a
 build; a build killed half-way leaves a temporary folder that the next build removes. Where it cannot be built
-(no compiler, no ninja, a compiler error, a read-only cache, a CPU other than x86-64 only loses the SIMD
-variants), `library()` returns None and `why_unavailable()` says why in one line; nothing raises.
+(no compiler, no ninja, a compiler error, a cache folder it cannot write), `library()` returns None and
+`why_unavailable()` says why in one line; nothing raises. On a CPU other than x86-64 only the scalar variants are
+built (checked on Linux x86-64 only: AVX2, AVX-512 with VNNI and BF16).
 
 API (x is (..., in) in float32, bfloat16 or float16; results are (..., out) in x's dtype; a variant is one of
 `variants(kernel)`, "" for the fastest; all threaded by at::parallel_for over output rows):
@@ -24,7 +25,8 @@ API (x is (..., in) in float32, bfloat16 or float16; results are (..., out) in x
     variants(kernel)                              "int8", "int4" or "bf16": what this CPU runs, fastest first,
                                                   from ["avx512vnni", "avxvnni", "avx2", "scalar"] (int8, int4)
                                                   or ["avx512bf16", "avx512", "avx2", "scalar"] (bf16)
-    int8_matvec(x, codes, scales, variant="")     codes (out, in) int8, scales (out,) float32
+    int8_matvec(x, codes, scales, variant="")     codes (out, in) int8 in -127 .. 127 (not -128: AVX2's sign
+                                                  trick would overflow), scales (out,) float32
     int4_matvec(x, packed, scales, lows, variant="")   pack_int4's layout
     bf16_matvec(x, weight, variant="")            weight (out, in) bfloat16
     dequantize_int8(codes, scales, out)           out: float32 (out, in), filled with codes * scales[:, None]
@@ -37,6 +39,7 @@ The same math in PyTorch (the tests compare each variant with these):
                                                   sums (rows, blocks) int32): the same rounding, bit for bit
     int8_matvec_reference(x, codes, scales)       float64 results from the integer dot products
     int4_matvec_reference(x, packed, scales, lows)
+    bf16_matvec_reference(x, weight)              float64
     quantize_int4(weight)                         (codes (out, blocks * 32) uint8, scales, lows float32): the
                                                   codes of speedups' quantize_int4, any `in` (a short last block)
     pack_int4(codes, scales, lows)                (packed (out, blocks * 16) uint8, scales, lows float16)
@@ -70,7 +73,7 @@ CACHE_FOLDER = "llama-scripts"  # under $XDG_CACHE_HOME or ~/.cache, as speedups
 FLAGS = ["-O3", "-fopenmp"]  # -fopenmp: at::parallel_for runs threads only in code compiled with OpenMP
 LINK_FLAGS = ["-fopenmp"]  # resolves to the libgomp that torch has loaded (the same soname)
 LOCK_FILE = "kernels.lock"  # in the cache folder: held while building (empty; it stays)
-BUILD_SECONDS = 70  # what the first build took on a shared 2-core EPYC: shown while it compiles
+BUILD_SECONDS = 30  # about what the first build takes on 2 cores (20 s of CPU time on an EPYC): shown meanwhile
 BLOCK = 32  # inputs per block: one activation scale; one int4 scale and low
 INT8_MAX = 127  # activation codes are in -127 .. 127
 INT4_LEVELS = 15  # int4 codes are in 0 .. 15

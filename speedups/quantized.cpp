@@ -488,20 +488,25 @@ TARGET_AVX2 void int8_rows_256(const int8_t* weight, const float* weight_scales,
   }
 }
 
-// AVX512-VNNI: two blocks (64 bytes) per instruction; x.lanes scales their 16 partial sums. x.codes holds q, not
-// q + 128: one vpdpbusd per row is the limit here, so the sign moves instead, as with AVX2 but from w to q
-// (|w| * (q * sign(w)) = q * w): AVX-512 has no byte sign instruction, but a mask of w's negative bytes,
-// computed once for all rows, negates q where w < 0.
+// AVX512-VNNI: two blocks (64 bytes) per instruction; x.lanes scales their 16 partial sums. With several rows,
+// x.codes holds q + 128 as with AVX-VNNI. With one, vpdpbusd is the limit, so x.codes holds q and the sign moves
+// instead, as with AVX2 but from w to q (|w| * (q * sign(w)) = q * w): AVX-512 has no byte sign instruction, but
+// a mask of w's negative bytes negates q where w < 0.
 template <int R>
 TARGET_AVX512VNNI inline void int8_pair_avx512vnni(const int8_t* w, const RowsOf<R>& x, int64_t b, __m512* sum) {
   const __m512i zero = _mm512_setzero_si512();
   const __m512i wb = _mm512_loadu_si512(w);
-  const __mmask64 negative = _mm512_movepi8_mask(wb);
-  const __m512i magnitude = _mm512_abs_epi8(wb);
+  if (R == 1) {
+    const __m512i q = _mm512_loadu_si512(x.codes[0] + b * kBlock);
+    const __m512i signed_q = _mm512_mask_sub_epi8(q, _mm512_movepi8_mask(wb), zero, q);
+    const __m512 dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, _mm512_abs_epi8(wb), signed_q));
+    sum[0] = _mm512_fmadd_ps(dot, _mm512_loadu_ps(x.lanes[0] + b * 8), sum[0]);
+    return;
+  }
+  const __m512i start = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, _mm512_set1_epi8(-128), wb));
   for (int r = 0; r < R; r++) {
     const __m512i q = _mm512_loadu_si512(x.codes[r] + b * kBlock);
-    const __m512i signed_q = _mm512_mask_sub_epi8(q, negative, zero, q);
-    const __m512 dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, magnitude, signed_q));
+    const __m512 dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(start, q, wb));
     sum[r] = _mm512_fmadd_ps(dot, _mm512_loadu_ps(x.lanes[r] + b * 8), sum[r]);
   }
 }
@@ -552,7 +557,8 @@ at::Tensor int8_matvec(const at::Tensor& x, const at::Tensor& codes, const at::T
   const int8_t* w = codes.data_ptr<int8_t>();
   const float* s = scales.data_ptr<float>();
 #ifdef X86_KERNELS
-  const std::vector<int8_t> unsigned_codes = variant == Variant::avxvnni ? biased(a) : std::vector<int8_t>();
+  const bool biasing = variant == Variant::avxvnni || (variant == Variant::avx512vnni && rows > 1);
+  const std::vector<int8_t> unsigned_codes = biasing ? biased(a) : std::vector<int8_t>();
   const std::vector<float> scale_lanes = variant == Variant::avx512vnni ? lanes(a) : std::vector<float>();
 #endif
   for_rows(rows, out, in, [&](int64_t r0, int64_t count, int64_t n0, int64_t n1) {
@@ -563,9 +569,10 @@ at::Tensor int8_matvec(const at::Tensor& x, const at::Tensor& codes, const at::T
         if (variant == Variant::avx2) {
           return int8_rows_256<kR, int8_block_avx2<kR>>(w, s, RowsOf<kR>(a, r0, a.codes.data()), in, r0, n0, n1, y);
         }
-        if (variant == Variant::avx512vnni)
-          return int8_avx512vnni<kR>(w, s, RowsOf<kR>(a, r0, a.codes.data(), scale_lanes.data()), in, r0,
-                                     n0, n1, y);
+        if (variant == Variant::avx512vnni) {
+          const int8_t* q = kR == 1 ? a.codes.data() : unsigned_codes.data();
+          return int8_avx512vnni<kR>(w, s, RowsOf<kR>(a, r0, q, scale_lanes.data()), in, r0, n0, n1, y);
+        }
         const RowsOf<kR> x(a, r0, unsigned_codes.data());
         if (cpu().avxvnni) return int8_rows_256<kR, int8_block_avxvnni<kR, true>>(w, s, x, in, r0, n0, n1, y);
         int8_rows_256<kR, int8_block_avxvnni<kR, false>>(w, s, x, in, r0, n0, n1, y);
