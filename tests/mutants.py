@@ -24,6 +24,7 @@ MINIMAL, TUTORIAL, SPEEDUPS = "minimal_run_inference.py", "run_inference.py", "s
 LAYOUTS, KERNELS, CALIBRATION = "speedups/layouts.py", "speedups/kernels.py", "speedups/calibration.py"
 CHECKPOINT, DEVICES, EXITS = "support/checkpoint.py", "support/devices.py", "support/exits.py"
 SETTINGS, REPORT, STANDIN, README = "support/settings.py", "support/report.py", "standin/smollm.py", "README.md"
+NATIVE = "speedups/quantized.cpp"  # each mutant of it compiles its own copy (a minute) into the user's cache
 # Tests, by what they check: pytest node ids ([...] picks parameters) or a file and a -k expression.
 SPEEDUPS_TESTS = "tests/test_speedups.py::"
 CHUNKED = SPEEDUPS_TESTS + "test_prefill_in_chunks_gives_the_cache_free_logits_and_tokens"
@@ -52,6 +53,7 @@ LOOK_TABLE = [LOOK + "test_every_column_of_the_table_and_the_picture_file"]
 LOOK_PICTURE = [LOOK + "test_the_picture_shows_the_tables_numbers_and_transformers"]
 LOOK_LONG_PICTURE = [LOOK + "test_a_long_prompts_picture_shows_its_last_positions_and_where_the_rest_went"]
 LOOK_MEMORY = [LOOK + "test_the_lens_of_every_position_of_a_long_prompt_stays_within_a_memory_bound"]
+NATIVE_TESTS = "tests/test_native_kernels.py"
 MODULES = [SPEEDUPS_TESTS + "test_speedups_off_runs_llama_models_as_written",
            SPEEDUPS_TESTS + "test_speedups_swap_named_modules"]
 # First contact: bad input (support/), the stand-in's folder, README's commands.
@@ -243,6 +245,22 @@ MUTANTS = {
                                          ["tests/test_standin.py", "-k", "relative_xdg"]),
     "stand-in-interrupted-build-left": (STANDIN, "        shutil.rmtree(building, ignore_errors=True)", "        pass",
                                         ["tests/test_standin.py", "-k", "interrupted_build"]),
+    # Our C++ kernels: the SIMD variants' activation rounding, the scalar int8 loop, every kernel's tail block,
+    # the offset term of int4 (SIMD and scalar).
+    "native-activation-scale-off": (NATIVE, "std::max(max_of(magnitude) / float(kInt8Max), FLT_MIN)",
+                                    "std::max(max_of(magnitude) / float(kInt8Max + 1), FLT_MIN)",
+                                    [NATIVE_TESTS, "-k", "activation_codes"]),
+    "native-int8-scale-of-another-row": (NATIVE, "y.store(r, n, sum * weight_scales[n]);",
+                                         "y.store(r, n, sum * weight_scales[n0]);",
+                                         [NATIVE_TESTS, "-k", "int8_product and scalar"]),
+    "native-tail-block-dropped": (NATIVE, "blocks((in_ + kBlock - 1) / kBlock)", "blocks(in_ / kBlock)",
+                                  [NATIVE_TESTS, "-k", "int8_product"]),
+    "native-int4-offset-sign": (NATIVE, "offset = _mm256_fmadd_ps(low, _mm256_loadu_ps(ds + b), offset);",
+                                "offset = _mm256_fnmadd_ps(low, _mm256_loadu_ps(ds + b), offset);",
+                                [NATIVE_TESTS, "-k", "int4_product"]),
+    "native-int4-offset-sign-scalar": (NATIVE, "sum += weight.low(n, b) * a.offsets_of(r)[b];",
+                                       "sum -= weight.low(n, b) * a.offsets_of(r)[b];",
+                                       [NATIVE_TESTS, "-k", "int4_product and scalar"]),
 }
 
 

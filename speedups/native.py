@@ -1,0 +1,387 @@
+"""speedups' own CPU kernels: quantized.cpp, compiled on first use, and the same math in plain PyTorch.
+
+quantized.cpp holds matrix-vector products for decoding (one input row, or the few rows of beam search), each
+with a scalar loop and one variant per instruction set (its opening comment draws the layouts and the math):
+    int8 weights (out, in) with one float32 scale per row, times x rounded to int8 per block of 32 inside the call;
+    int4 weights in blocks of 32 with a float16 scale and low per block (our layout: pack_int4), times x as above;
+    bfloat16 weights, widened to float32 in registers (or multiplied by vdpbf16ps where x is bfloat16);
+and dequantisation of int8 and int4 weights into a caller's float32 buffer (for prompt chunks).
+
+The build. `library()` compiles quantized.cpp once with torch.utils.cpp_extension (ninja and a C++ compiler:
+$CXX, else c++), printing one progress line on stderr while it does, and keeps the library under the user's
+cache folder ($XDG_CACHE_HOME if it is an absolute path, else ~/.cache), in CACHE_FOLDER/kernels-<key>, where the
+key hashes the source, the build flags, the compiler's version, torch's and Python's: later runs load it in a
+fraction of a second. The build happens in a temporary folder beside the final one and is renamed into place
+when complete, under a file lock, so processes starting together (torchrun) build it once and never see half a
+build; a build killed half-way leaves a temporary folder that the next build removes. Where it cannot be built
+(no compiler, no ninja, a compiler error, a cache folder it cannot write), `library()` returns None and
+`why_unavailable()` says why in one line; nothing raises. On a CPU other than x86-64 only the scalar variants are
+built (checked on Linux x86-64 only: AVX2, AVX-512 with VNNI and BF16).
+
+API (x is (..., in) in float32, bfloat16 or float16; results are (..., out) in x's dtype; a variant is one of
+`variants(kernel)`, "" for the fastest; all threaded by at::parallel_for over output rows):
+    library()                                     the loaded extension or None (built or loaded once per process)
+    why_unavailable()                             None, or why library() is None
+    variants(kernel)                              "int8", "int4" or "bf16": what this CPU runs, fastest first,
+                                                  from ["avx512vnni", "avxvnni", "avx2", "scalar"] (int8, int4)
+                                                  or ["avx512bf16", "avx512", "avx2", "scalar"] (bf16)
+    int8_matvec(x, codes, scales, variant="")     codes (out, in) int8 in -127 .. 127 (not -128: AVX2's sign
+                                                  trick would overflow), scales (out,) float32
+    int4_matvec(x, packed, scales, lows, variant="")   pack_int4's layout
+    bf16_matvec(x, weight, variant="")            weight (out, in) bfloat16
+    dequantize_int8(codes, scales, out)           out: float32 (out, in), filled with codes * scales[:, None]
+    dequantize_int4(packed, scales, lows, out)    out: float32 (out, in), filled with codes * scale + low
+    quantize_activations(x, variant="")           the kernels' int8 rounding of x: (codes, scales, sums)
+These wrappers add one Python call; a hot loop can call library()'s functions of the same names directly.
+
+The same math in PyTorch (the tests compare each variant with these):
+    quantize_activations_reference(x)             (codes (rows, blocks * 32) int8, scales (rows, blocks) float32,
+                                                  sums (rows, blocks) int32): the same rounding, bit for bit
+    int8_matvec_reference(x, codes, scales)       float64 results from the integer dot products
+    int4_matvec_reference(x, packed, scales, lows)
+    bf16_matvec_reference(x, weight)              float64
+    quantize_int4(weight)                         (codes (out, blocks * 32) uint8, scales, lows float32): the
+                                                  codes of speedups' quantize_int4, any `in` (a short last block)
+    pack_int4(codes, scales, lows)                (packed (out, blocks * 16) uint8, scales, lows float16)
+    unpack_int4(packed, in_features)              the codes (out, in) back, as uint8
+    dequantize_int4_reference(packed, scales, lows, in_features)
+
+This module imports nothing from the rest of speedups.
+"""
+
+import contextlib
+import hashlib
+import importlib.util
+import logging
+import os
+import platform
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("quantized.cpp")
+NAME = "llama_scripts_kernels"  # the Python module the build makes (quantized.cpp's TORCH_EXTENSION_NAME)
+CACHE_FOLDER = "llama-scripts"  # under $XDG_CACHE_HOME or ~/.cache, as speedups' kernel timings
+FLAGS = ["-O3", "-fopenmp"]  # -fopenmp: at::parallel_for runs threads only in code compiled with OpenMP
+LINK_FLAGS = ["-fopenmp"]  # resolves to the libgomp that torch has loaded (the same soname)
+LOCK_FILE = "kernels.lock"  # in the cache folder: held while building (empty; it stays)
+BUILD_SECONDS = 30  # about what the first build takes on 2 cores (20 s of CPU time on an EPYC): shown meanwhile
+BLOCK = 32  # inputs per block: one activation scale; one int4 scale and low
+INT8_MAX = 127  # activation codes are in -127 .. 127
+INT4_LEVELS = 15  # int4 codes are in 0 .. 15
+
+_loaded = None  # (library or None, reason or None), once per process
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The library: built once, then loaded from the cache.
+# ---------------------------------------------------------------------------------------------------------
+def library():
+    """The compiled kernels (a Python module), or None where they cannot be built: see why_unavailable()."""
+    global _loaded
+    if _loaded is None:
+        _loaded = _load()
+    return _loaded[0]
+
+
+def why_unavailable():
+    """None when library() works, else one line saying why it is None."""
+    library()
+    return _loaded[1]
+
+
+def cache_folder():
+    """$XDG_CACHE_HOME/llama-scripts, or ~/.cache/llama-scripts (the XDG rule: a relative path is ignored)."""
+    root = os.environ.get("XDG_CACHE_HOME", "")
+    return (Path(root) if os.path.isabs(root) else Path.home() / ".cache") / CACHE_FOLDER
+
+
+def _load():
+    """(library, None) or (None, reason)."""
+    try:
+        compiler = _compiler_version()
+        if compiler is None:
+            cxx = os.environ.get("CXX", "c++")
+            return None, f"no C++ compiler ({cxx} is not on PATH; set CXX to one)"
+        source = SOURCE.read_bytes()
+        key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS + LINK_FLAGS).encode(), compiler.encode(),
+                                         torch.__version__.encode(), sys.version.encode(),
+                                         platform.machine().encode()])).hexdigest()[:16]
+        folder = cache_folder() / f"kernels-{key}"
+        built = folder / f"{NAME}.so"
+        if built.exists():
+            return _import(built), None
+        return _build(folder, built)
+    except Exception as error:  # a library we cannot load must not stop the run: the stock kernels remain
+        return None, _one_line(error)
+
+
+def _compiler_version():
+    """The first line of `$CXX --version`, or None where there is no such compiler."""
+    command = shlex.split(os.environ.get("CXX", "c++"))
+    if not command or shutil.which(command[0]) is None:
+        return None
+    try:
+        result = subprocess.run(command + ["--version"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip().splitlines()[0] if result.returncode == 0 and result.stdout.strip() else None
+
+
+def _import(path):
+    spec = importlib.util.spec_from_file_location(NAME, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _build(folder, built):
+    """Compile into a temporary folder beside `folder`, then rename it into place; (library, None) or
+    (None, reason)."""
+    ninja = _ninja_folder()
+    if ninja is None:
+        return None, "ninja is not installed (pip install ninja)"
+    parent = folder.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        lock = open(parent / LOCK_FILE, "a")
+    except OSError as error:
+        return None, f"cannot write to {parent} ({error.strerror or error})"
+    with lock, _progress() as progress:
+        _lock(lock, progress)
+        if built.exists():  # another process built it while this one waited
+            return _import(built), None
+        for stale in parent.glob(f".{folder.name}-*"):  # left by a build that was killed
+            shutil.rmtree(stale, ignore_errors=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=parent))
+        try:
+            progress(f"compiling speedups' C++ kernels (once, ~{BUILD_SECONDS} s)...")
+            module = _compile(staging, ninja)
+            for path in staging.iterdir():  # keep the library only
+                if path.name != built.name:
+                    path.unlink()
+            os.rename(staging, folder)
+            return module, None
+        except Exception as error:
+            return None, _build_error(error)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _compile(staging, ninja):
+    from torch.utils import cpp_extension  # imported only to build: it takes a moment
+
+    path = os.environ.get("PATH", "")
+    os.environ["PATH"] = ninja + os.pathsep + path  # torch runs `ninja` from PATH
+    try:
+        with warnings.catch_warnings(), _quiet(logging.getLogger(cpp_extension.__name__)):
+            warnings.simplefilter("ignore")  # torch warns about compiler versions; a failure says more
+            return cpp_extension.load(name=NAME, sources=[str(SOURCE)], build_directory=str(staging),
+                                      extra_cflags=FLAGS, extra_ldflags=LINK_FLAGS, verbose=False)
+    finally:
+        os.environ["PATH"] = path
+
+
+@contextlib.contextmanager
+def _quiet(logger):
+    """logger's warnings silenced for a while."""
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _ninja_folder():
+    """The folder holding the ninja program: on PATH, or from the ninja package (a venv run without
+    activating it has the package but not its bin folder on PATH)."""
+    found = shutil.which("ninja")
+    if found:
+        return str(Path(found).parent)
+    try:
+        import ninja
+    except ImportError:
+        return None
+    return ninja.BIN_DIR if Path(ninja.BIN_DIR, "ninja").exists() else None
+
+
+def _lock(file, progress):
+    """Wait for the build lock (released by the system if its holder dies); says so if another process holds it."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no lock; the rename still keeps half a build out of sight
+        return
+    try:
+        fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        progress("waiting for another process compiling speedups' C++ kernels...")
+        fcntl.flock(file, fcntl.LOCK_EX)
+
+
+@contextlib.contextmanager
+def _progress():
+    """A progress line on stderr: show(text) replaces it; it is erased at the end on a terminal, else finished
+    with the time it took."""
+    start = time.perf_counter()
+    shown = []
+
+    def show(text):
+        sys.stderr.write(("\r\033[K" if shown and sys.stderr.isatty() else "\n" if shown else "") + text)
+        sys.stderr.flush()
+        shown.append(text)
+
+    try:
+        yield show
+    finally:
+        if shown:
+            done = f" done in {time.perf_counter() - start:.0f} s\n"
+            sys.stderr.write("\r\033[K" if sys.stderr.isatty() else done)
+            sys.stderr.flush()
+
+
+def _build_error(error):
+    """One line from a failed build: the compiler's first error where there is one."""
+    text = str(error)
+    for line in text.splitlines():
+        if re.search(r"\berror\b", line) and not line.startswith("Error building extension"):
+            return "the C++ build failed: " + line.strip()[:200]
+    return "the C++ build failed: " + _one_line(error)
+
+
+def _one_line(error):
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:200] if lines else ''}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Thin wrappers (see the module docstring).
+# ---------------------------------------------------------------------------------------------------------
+def variants(kernel):
+    """The variants of "int8", "int4" or "bf16" this CPU runs, fastest first ([] without the library)."""
+    return library().variants(kernel) if library() else []
+
+
+def int8_matvec(x, codes, scales, variant=""):
+    return library().int8_matvec(x, codes, scales, variant)
+
+
+def int4_matvec(x, packed, scales, lows, variant=""):
+    return library().int4_matvec(x, packed, scales, lows, variant)
+
+
+def bf16_matvec(x, weight, variant=""):
+    return library().bf16_matvec(x, weight, variant)
+
+
+def dequantize_int8(codes, scales, out):
+    library().dequantize_int8(codes, scales, out)
+    return out
+
+
+def dequantize_int4(packed, scales, lows, out):
+    library().dequantize_int4(packed, scales, lows, out)
+    return out
+
+
+def quantize_activations(x, variant=""):
+    return tuple(library().quantize_activations(x, variant))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The same math in plain PyTorch.
+# ---------------------------------------------------------------------------------------------------------
+def _blocks(in_features):
+    return -(-in_features // BLOCK)
+
+
+def _padded(x, in_features):
+    """x (..., in) as float32 (rows, blocks, 32), zeros past in."""
+    rows = x.reshape(-1, in_features).float()
+    return _pad(rows, _blocks(in_features) * BLOCK - in_features).view(rows.shape[0], -1, BLOCK)
+
+
+def _pad(x, extra):
+    """x with `extra` zeros appended along its last dimension."""
+    return torch.nn.functional.pad(x, (0, extra)) if extra else x
+
+
+def quantize_activations_reference(x):
+    """x (..., in) rounded to int8 per block of 32, exactly as the kernels do: d = max(max|x| / 127, FLT_MIN)
+    (one float32 division), codes = round(x / d) (half to even). (codes, scales, sums) as quantize_activations."""
+    blocks = _padded(x, x.shape[-1])
+    scales = (blocks.abs().amax(dim=2) / INT8_MAX).clamp_(min=torch.finfo(torch.float32).tiny)
+    codes = (blocks / scales[..., None]).round_()
+    return codes.to(torch.int8).flatten(1), scales, codes.sum(dim=2).to(torch.int32)
+
+
+def int8_matvec_reference(x, codes, scales):
+    """The int8 kernel's math in float64 (its integer sums exact): (rows, out)."""
+    q, d, _ = quantize_activations_reference(x)
+    w = _pad(codes.double(), q.shape[1] - codes.shape[1]).view(codes.shape[0], -1, BLOCK)  # (out, blocks, 32)
+    dots = torch.einsum("rbj,obj->rob", q.double().view(q.shape[0], -1, BLOCK), w)  # (rows, out, blocks)
+    return (dots * d.double()[:, None, :]).sum(dim=2) * scales.double()
+
+
+def int4_matvec_reference(x, packed, scales, lows):
+    """The int4 kernel's math in float64: sum_b d[b] * (scale[b] * sum_j c[j] q[j] + low[b] * sum_j q[j])."""
+    q, d, sums = quantize_activations_reference(x)
+    c = unpack_int4(packed, q.shape[1]).double().view(packed.shape[0], -1, BLOCK)  # (out, blocks, 32)
+    dots = torch.einsum("rbj,obj->rob", q.double().view(q.shape[0], -1, BLOCK), c)
+    d = d.double()[:, None, :]
+    return (dots * scales.double() * d + lows.double() * (d * sums.double()[:, None, :])).sum(dim=2)
+
+
+def bf16_matvec_reference(x, weight):
+    """x times the bfloat16 weight, in float64."""
+    return x.reshape(-1, weight.shape[1]).double() @ weight.double().t()
+
+
+def quantize_int4(weight):
+    """(codes (out, blocks * 32) uint8 in 0 .. 15, zero past in; scales, lows (out, blocks) float32) with
+    weight ~= codes * scale + low per block of 32: speedups' quantize_int4 rounding, float op for float op, with
+    a shorter last block where in is not a multiple of 32."""
+    out_features, in_features = weight.shape
+    groups = weight.float().view(out_features, in_features)
+    full = in_features // BLOCK * BLOCK
+    parts = [groups[:, :full].reshape(out_features, -1, BLOCK)]
+    if full < in_features:
+        parts.append(groups[:, full:].reshape(out_features, 1, -1))
+    codes, scales, lows = [], [], []
+    for part in parts:
+        low, high = torch.aminmax(part, dim=2)
+        scale = ((high - low) / INT4_LEVELS).clamp_(min=torch.finfo(torch.float32).tiny)
+        codes.append(_pad((part - low[..., None]).div_(scale[..., None]).round_().clamp_(0, INT4_LEVELS),
+                           BLOCK - part.shape[2]))
+        scales.append(scale)
+        lows.append(low)
+    return torch.cat(codes, dim=1).to(torch.uint8).flatten(1), torch.cat(scales, dim=1), torch.cat(lows, dim=1)
+
+
+def pack_int4(codes, scales, lows):
+    """quantize_int4's codes (out, blocks * 32) -> the kernels' layout: byte i of each block's 16 holds the codes
+    of inputs i (low nibble) and i + 16 (high nibble). Scales and lows become float16."""
+    blocks = codes.to(torch.uint8).view(codes.shape[0], -1, 2, BLOCK // 2)  # (out, blocks, halves, 16)
+    packed = blocks[:, :, 0] | (blocks[:, :, 1] << 4)
+    return packed.flatten(1).contiguous(), scales.to(torch.float16).contiguous(), lows.to(torch.float16).contiguous()
+
+
+def unpack_int4(packed, in_features):
+    """pack_int4's bytes -> codes (out, in_features) uint8 (in_features may be padded to whole blocks)."""
+    blocks = packed.view(packed.shape[0], -1, BLOCK // 2)
+    codes = torch.stack([blocks & 0x0F, blocks >> 4], dim=2).flatten(1)  # (out, blocks * 32)
+    return codes[:, :in_features]
+
+
+def dequantize_int4_reference(packed, scales, lows, in_features):
+    """codes * scale + low per block, float32 (out, in_features)."""
+    codes = unpack_int4(packed, _blocks(in_features) * BLOCK).float().view(packed.shape[0], -1, BLOCK)
+    return (codes * scales.float()[..., None] + lows.float()[..., None]).flatten(1)[:, :in_features]

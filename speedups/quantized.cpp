@@ -1,0 +1,1138 @@
+// Our own matrix-vector products for decoding on a CPU: int8 and int4 weights times an activation row that is
+// rounded to int8 inside the call, and bfloat16 weights widened in registers. speedups/native.py compiles this
+// file on first use and documents the Python API; tests/test_native_kernels.py compares every variant with a
+// plain PyTorch computation of the same math.
+//
+// Why integers. A decoding step multiplies each weight once (one input row), so a kernel is as fast as it reads
+// weights. Stock kernels widen each 8- or 4-bit weight to a float and use one float multiply-add per weight;
+// with few cores that arithmetic, not memory, is the limit. Here the activation row is rounded to 8-bit codes
+// once per call, and the CPU's integer dot-product instructions multiply 4 byte pairs per 32-bit lane at once
+// (VNNI `vpdpbusd`; AVX2 needs two instructions, `vpmaddubsw` then `vpmaddwd`).
+//
+// Blocks. Everything works on blocks of 32 consecutive inputs (kBlock). A row of `in` inputs has
+// ceil(in / 32) blocks; when `in` is not a multiple of 32 the last block is shorter (a "tail"), and the code
+// treats it as a whole block whose missing entries are zero.
+//
+// The activation row, quantised once per call (all variants round identically: one IEEE division, round
+// half to even, as PyTorch's `(x / d).round()` does):
+//
+//     x (float32; bfloat16 and float16 are widened first)
+//     | x[0] .. x[31] | x[32] .. x[63] | ... | x[32b] .. x[in-1] |     blocks of 32, the last one maybe short
+//     for each block b:  d[b] = max(max_j |x[j]| / 127, FLT_MIN)       one float32 scale per block
+//                        q[j] = round(x[j] / d[b])                    codes in -127 .. 127
+//                        s[b] = sum_j q[j]                            (the int4 product's offset term needs it)
+//
+// Codes stay within -127 .. 127 so that |q| * |w| pairs cannot saturate AVX2's 16-bit sums (2 * 127 * 127 <
+// 32767).
+//
+// int8 weights: PyTorch's stock layout (speedups' quantize_int8), shared with its int8 kernels.
+//
+//     codes  (out, in)  int8 in -127 .. 127, row n:  | w[n][0] .. w[n][31] | w[n][32] .. | ... tail |
+//     scales (out,)     float32, one per output row
+//
+//     y[n] = scales[n] * sum_b d[b] * (sum_j q[32b + j] * w[n][32b + j])       the inner sum in int32, exact
+//
+// int4 weights: our own layout; the same codes as speedups' quantize_int4 (native.py's pack_int4 builds it).
+// Each output row has ceil(in / 32) blocks of 16 bytes; byte i of a block holds the codes of inputs i (low
+// nibble) and i + 16 (high nibble), so a mask gives a block's first 16 codes in order and a shift and a mask its
+// last 16 (a register of 2 or 4 blocks gives theirs side by side; x's codes are put in that order once a call):
+//
+//     packed (out, blocks * 16) uint8        block b of row n:
+//         byte:         0        1              15
+//         low nibble:   c[0]     c[1]    ...    c[15]
+//         high nibble:  c[16]    c[17]   ...    c[31]      codes c in 0 .. 15 (0 past the end of a short tail)
+//     scales (out, blocks) float16, lows (out, blocks) float16:   weight[32b + j] ~= c[j] * scale[b] + low[b]
+//
+//     y[n] = sum_b d[b] * (scale[n][b] * sum_j c[j] * q[32b + j]  +  low[n][b] * s[b])
+//
+// bfloat16 weights, (out, in) as stored: each weight is widened to float32 in a register (a bfloat16 is the top
+// half of a float32, so a 16-bit shift does it) and multiplied in float32; AVX512-BF16's `vdpbf16ps` multiplies
+// bfloat16 pairs directly where x is bfloat16 too.
+//
+// Variants. Each kernel has a scalar loop, the reference a reader starts from, then one variant per instruction
+// set, written as the same loop over wider registers. All are compiled into this one file (each function gets
+// the instructions it may use with __attribute__((target))) and the caller picks one by name; `variants(kernel)`
+// lists those this CPU runs, fastest first:
+//     int8, int4:  avx512vnni  (512-bit vpdpbusd: 64 byte pairs per instruction)
+//                  avxvnni     (256-bit vpdpbusd: 32; VEX-encoded on CPUs with AVX-VNNI, EVEX-encoded on CPUs with
+//                               AVX512-VNNI, which run the same instruction on 256 bits)
+//                  avx2        (vpmaddubsw + vpmaddwd: 32 byte pairs in two instructions)
+//                  scalar
+//     bf16:        avx512bf16  (vdpbf16ps where x is bfloat16, else as avx512), avx512, avx2, scalar
+//
+// Rows. A call takes any number of input rows (beam search runs a few). Each weight block is read once for up
+// to kMaxRows rows, so a few rows cost little more than one; more rows go kMaxRows at a time over a tile of
+// weight rows small enough to stay in the core's cache.
+//
+// Threads: at::parallel_for splits the output rows into one contiguous range per thread.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/StringUtil.h>
+#include <torch/csrc/utils/pybind.h>  // at::Tensor in and out of Python (torch/extension.h would cost 4x the compile)
+
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define X86_KERNELS 1
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t kBlock = 32;       // inputs per block: one activation scale, one int4 scale and low
+constexpr int64_t kInt8Max = 127;    // activation codes are in -127 .. 127
+constexpr int64_t kMaxRows = 8;      // input rows multiplied per pass over a weight block
+constexpr int64_t kTaskBytes = 1 << 16;   // the least weight bytes worth a thread of their own
+constexpr int64_t kTileBytes = 1 << 18;   // with more than kMaxRows rows: weight bytes reread from the cache
+
+// ---------------------------------------------------------------------------------------------------------
+// Variants and what this CPU runs.
+// ---------------------------------------------------------------------------------------------------------
+enum class Variant { scalar, avx2, avxvnni, avx512vnni, avx512, avx512bf16 };
+
+struct VariantName {
+  Variant variant;
+  const char* name;
+};
+const VariantName kVariantNames[] = {{Variant::avx512bf16, "avx512bf16"}, {Variant::avx512vnni, "avx512vnni"},
+                                     {Variant::avx512, "avx512"},         {Variant::avxvnni, "avxvnni"},
+                                     {Variant::avx2, "avx2"},             {Variant::scalar, "scalar"}};
+
+struct Cpu {
+  bool avx2 = false, avxvnni = false, avx512 = false, avx512vnni = false, avx512bf16 = false;
+  Cpu() {
+#ifdef X86_KERNELS
+    __builtin_cpu_init();
+    avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    avxvnni = avx2 && __builtin_cpu_supports("avxvnni");
+    avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+    avx512vnni = avx512 && __builtin_cpu_supports("avx512vnni");
+    avx512bf16 = avx512 && __builtin_cpu_supports("avx512bf16");
+#endif
+  }
+};
+const Cpu& cpu() {
+  static const Cpu detected;
+  return detected;
+}
+
+// The variants of each kernel ("int8", "int4" or "bf16") that this CPU runs, fastest first.
+std::vector<std::string> variants(const std::string& kernel) {
+  const Cpu& c = cpu();
+  const bool integer = kernel == "int8" || kernel == "int4";
+  TORCH_CHECK(integer || kernel == "bf16", "unknown kernel ", kernel, ": int8, int4 or bf16");
+  std::vector<std::string> names;
+  for (const VariantName& v : kVariantNames) {
+    bool runs = false;
+    switch (v.variant) {
+      case Variant::scalar: runs = true; break;
+      case Variant::avx2: runs = c.avx2; break;
+      case Variant::avxvnni: runs = integer && (c.avxvnni || c.avx512vnni); break;
+      case Variant::avx512vnni: runs = integer && c.avx512vnni; break;
+      case Variant::avx512: runs = !integer && c.avx512; break;
+      case Variant::avx512bf16: runs = !integer && c.avx512bf16; break;
+    }
+    if (runs) names.push_back(v.name);
+  }
+  return names;
+}
+
+// The variant named `name` ("" for the fastest), checked against what this CPU runs.
+Variant parse_variant(const std::string& kernel, const std::string& name) {
+  static const std::vector<std::string> integer = variants("int8"), bf16 = variants("bf16");  // once: every call asks
+  const std::vector<std::string>& runs = kernel == "bf16" ? bf16 : integer;
+  const std::string& chosen = name.empty() ? runs.front() : name;
+  TORCH_CHECK(std::find(runs.begin(), runs.end(), chosen) != runs.end(), "the ", kernel, " kernel has no variant ",
+              chosen, " on this CPU (it runs: ", c10::Join(", ", runs), ")");
+  for (const VariantName& v : kVariantNames)
+    if (chosen == v.name) return v.variant;
+  return Variant::scalar;  // not reached
+}
+
+// Calls f(std::integral_constant<int, R>) for R = rows (1 .. kMaxRows): kernels unroll their loops over rows.
+template <class F>
+void with_rows(int64_t rows, F&& f) {
+  static_assert(kMaxRows == 8, "one case per row count");
+  switch (rows) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    default: f(std::integral_constant<int, 8>{}); break;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Inputs and outputs.
+// ---------------------------------------------------------------------------------------------------------
+// x (rows, in) as float32: x's own memory when it is float32, else a widened copy.
+struct FloatRows {
+  const float* data;
+  std::vector<float> copy;
+  explicit FloatRows(const at::Tensor& x) {
+    if (x.scalar_type() == at::kFloat) {
+      data = x.data_ptr<float>();
+      return;
+    }
+    copy.resize(x.numel());
+    if (x.scalar_type() == at::kBFloat16) {  // a bfloat16 is the top 16 bits of a float32
+      const uint16_t* bits = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+      for (int64_t i = 0; i < x.numel(); i++) {
+        const uint32_t wide = uint32_t(bits[i]) << 16;
+        std::memcpy(&copy[i], &wide, sizeof(float));
+      }
+    } else {
+      const at::Half* half = x.data_ptr<at::Half>();
+      for (int64_t i = 0; i < x.numel(); i++) copy[i] = float(half[i]);
+    }
+    data = copy.data();
+  }
+};
+
+// y (rows, out) in x's dtype, written one float32 result at a time.
+struct Output {
+  at::Tensor tensor;
+  void* data;
+  at::ScalarType type;
+  int64_t out;
+  explicit Output(const at::Tensor& like, int64_t rows, int64_t out_)
+      : tensor(at::empty({rows, out_}, like.options())), data(tensor.data_ptr()), type(like.scalar_type()),
+        out(out_) {}
+  void store(int64_t row, int64_t n, float value) const {
+    const int64_t i = row * out + n;
+    switch (type) {
+      case at::kFloat: static_cast<float*>(data)[i] = value; break;
+      case at::kBFloat16: static_cast<at::BFloat16*>(data)[i] = at::BFloat16(value); break;
+      default: static_cast<at::Half*>(data)[i] = at::Half(value); break;
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------------------------------------
+// The activation row, quantised once per call.
+// ---------------------------------------------------------------------------------------------------------
+// One block of n <= 32 inputs: 32 codes (0 past n) and their sum; returns the block's scale d.
+float quantize_block_scalar(const float* x, int64_t n, int8_t* codes, int32_t* sum) {
+  float amax = 0.0f;
+  for (int64_t j = 0; j < n; j++) amax = std::max(amax, std::fabs(x[j]));
+  const float d = std::max(amax / float(kInt8Max), FLT_MIN);  // FLT_MIN: an all-zero block gets codes 0
+  int32_t total = 0;
+  for (int64_t j = 0; j < kBlock; j++) {
+    const int32_t q = j < n ? int32_t(std::nearbyint(x[j] / d)) : 0;  // half to even, as torch.round
+    codes[j] = int8_t(q);
+    total += q;
+  }
+  *sum = total;
+  return d;
+}
+
+#ifdef X86_KERNELS
+#define TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define TARGET_AVX512 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq")))
+#define TARGET_AVX512VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
+#define TARGET_AVX512BF16 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+
+TARGET_AVX2 inline float max_of(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
+TARGET_AVX2 inline float sum_of(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+TARGET_AVX2 inline int32_t sum_of(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1)));
+}
+
+// The same block with AVX2 (every SIMD variant uses it): the same division and rounding, 8 inputs at a time.
+TARGET_AVX2 float quantize_block_avx2(const float* x, int64_t n, int8_t* codes, int32_t* sum) {
+  if (n < kBlock) return quantize_block_scalar(x, n, codes, sum);  // a short tail
+  const __m256 sign_bit = _mm256_set1_ps(-0.0f);
+  __m256 v[4], magnitude = _mm256_setzero_ps();
+  for (int i = 0; i < 4; i++) {
+    v[i] = _mm256_loadu_ps(x + 8 * i);
+    magnitude = _mm256_max_ps(magnitude, _mm256_andnot_ps(sign_bit, v[i]));
+  }
+  const float d = std::max(max_of(magnitude) / float(kInt8Max), FLT_MIN);
+  const __m256 scale = _mm256_set1_ps(d);
+  __m256i q[4];  // _mm256_cvtps_epi32 rounds half to even (the default MXCSR mode)
+  for (int i = 0; i < 4; i++) q[i] = _mm256_cvtps_epi32(_mm256_div_ps(v[i], scale));
+  *sum = sum_of(_mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3])));
+  // 32-bit -> 8-bit: the packs work within 128-bit lanes, so the 4-byte groups come out as q0 q1 q2 q3 of the
+  // low lane, then of the high lane; the permutation puts them back in order.
+  const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes),
+                      _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+  return d;
+}
+#endif
+
+// x (rows, in) quantised per block. Buffers are padded with codes 0 and scales 0 to a whole number of groups of
+// kGroup blocks (the 512-bit int4 variant takes four at a time).
+constexpr int64_t kGroup = 4;
+
+struct Activations {
+  int64_t rows, in, blocks, padded_blocks;
+  std::vector<int8_t> codes;    // (rows, padded_blocks * 32)
+  std::vector<float> scales;    // (rows, padded_blocks): d
+  std::vector<int32_t> sums;    // (rows, padded_blocks): s
+  std::vector<float> offsets;   // (rows, padded_blocks): d * s, the factor of an int4 block's low
+
+  Activations(const float* x, int64_t rows_, int64_t in_, Variant variant)
+      : rows(rows_), in(in_), blocks((in_ + kBlock - 1) / kBlock),
+        padded_blocks((blocks + kGroup - 1) / kGroup * kGroup), codes(rows * padded_blocks * kBlock, 0),
+        scales(rows * padded_blocks, 0.0f), sums(rows * padded_blocks, 0), offsets(rows * padded_blocks, 0.0f) {
+    for (int64_t r = 0; r < rows; r++) {
+      for (int64_t b = 0; b < blocks; b++) {
+        const float* block = x + r * in + b * kBlock;
+        const int64_t n = std::min(kBlock, in - b * kBlock);
+        const int64_t i = r * padded_blocks + b;
+#ifdef X86_KERNELS
+        if (variant != Variant::scalar) {
+          scales[i] = quantize_block_avx2(block, n, &codes[i * kBlock], &sums[i]);
+          continue;
+        }
+#endif
+        scales[i] = quantize_block_scalar(block, n, &codes[i * kBlock], &sums[i]);
+      }
+    }
+    for (size_t i = 0; i < offsets.size(); i++) offsets[i] = scales[i] * float(sums[i]);
+  }
+  int64_t row_bytes() const { return padded_blocks * kBlock; }
+  const int8_t* codes_of(int64_t r) const { return codes.data() + r * row_bytes(); }
+  const float* scales_of(int64_t r) const { return scales.data() + r * padded_blocks; }
+  const int32_t* sums_of(int64_t r) const { return sums.data() + r * padded_blocks; }
+  const float* offsets_of(int64_t r) const { return offsets.data() + r * padded_blocks; }
+};
+
+// The codes recoded or rearranged as a SIMD variant reads them (same size and row stride as the codes).
+// q + 128 as unsigned bytes (1 .. 255; 128 in the padding): avxvnni's unsigned operand for int8.
+std::vector<int8_t> biased(const Activations& a) {
+  std::vector<int8_t> out(a.codes.size());
+  for (size_t i = 0; i < out.size(); i++) out[i] = int8_t(uint8_t(a.codes[i]) ^ 0x80);
+  return out;
+}
+
+// Each block scale d 8 times, lined up with the 8 partial sums vpdpbusd leaves per block (rows, padded_blocks * 8).
+std::vector<float> lanes(const Activations& a) {
+  std::vector<float> out(a.scales.size() * 8);
+  for (size_t i = 0; i < out.size(); i++) out[i] = a.scales[i / 8];
+  return out;
+}
+
+// For int4, in groups of `group` blocks: the first 16 codes of each block of the group, then the last 16 of each,
+// the order in which a register of the group's int4 bytes holds its low nibbles, then its high nibbles.
+std::vector<int8_t> int4_order(const Activations& a, int64_t group) {
+  constexpr int64_t half = kBlock / 2;
+  std::vector<int8_t> out(a.codes.size());
+  for (int64_t r = 0; r < a.rows; r++)
+    for (int64_t g = 0; g < a.padded_blocks; g += group)
+      for (int64_t k = 0; k < group; k++) {
+        const int8_t* block = a.codes_of(r) + (g + k) * kBlock;
+        int8_t* to = out.data() + r * a.row_bytes() + g * kBlock;
+        std::memcpy(to + k * half, block, half);
+        std::memcpy(to + (group + k) * half, block + half, half);
+      }
+  return out;
+}
+
+// The rows r0 .. r0 + R - 1 of a variant's codes, and their block scales (and lanes() where the variant reads
+// those), looked up once per kernel call.
+template <int R>
+struct RowsOf {
+  const int8_t* codes[R];
+  const float* scales[R];
+  const float* lanes[R];
+  RowsOf(const Activations& a, int64_t r0, const int8_t* codes_, const float* lanes_ = nullptr) {
+    for (int r = 0; r < R; r++) {
+      codes[r] = codes_ + (r0 + r) * a.row_bytes();
+      scales[r] = a.scales_of(r0 + r);
+      lanes[r] = lanes_ ? lanes_ + (r0 + r) * a.padded_blocks * 8 : nullptr;
+    }
+  }
+};
+
+// A sum of products is a chain of dependent multiply-adds, each waiting for the one before (4 cycles or so).
+// Several input rows give the CPU independent chains; with one or two, the SIMD kernels keep kChains<R>
+// partial sums per row, each taking every kChains-th step, and add them up at the end.
+template <int R>
+constexpr int kChains = R == 1 ? 4 : R == 2 ? 2 : 1;
+
+// Runs kernel(first_row, rows, n0, n1) over every output row, threaded, kMaxRows input rows at a time; with
+// more input rows, over tiles of weight rows that stay in the cache while each group of input rows reads them.
+template <class Kernel>
+void for_rows(int64_t rows, int64_t out, int64_t row_bytes, const Kernel& kernel) {
+  const int64_t grain = std::max<int64_t>(1, kTaskBytes / std::max<int64_t>(1, row_bytes));
+  const int64_t tile = rows <= kMaxRows ? out : std::max<int64_t>(1, kTileBytes / std::max<int64_t>(1, row_bytes));
+  at::parallel_for(0, out, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t n0 = begin; n0 < end; n0 += tile) {
+      const int64_t n1 = std::min(end, n0 + tile);
+      for (int64_t r0 = 0; r0 < rows; r0 += kMaxRows) kernel(r0, std::min(kMaxRows, rows - r0), n0, n1);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// int8 weights x int8 activations.
+// ---------------------------------------------------------------------------------------------------------
+// The reference: y[r][n] = scales[n] * sum_b d[b] * (sum_j q[j] * w[j]).
+void int8_scalar(const int8_t* weight, const float* weight_scales, const Activations& a, int64_t r0, int64_t rows,
+                 int64_t n0, int64_t n1, const Output& y) {
+  for (int64_t n = n0; n < n1; n++) {
+    const int8_t* w = weight + n * a.in;
+    for (int64_t r = r0; r < r0 + rows; r++) {
+      const int8_t* q = a.codes_of(r);
+      const float* d = a.scales_of(r);
+      float sum = 0.0f;
+      for (int64_t b = 0; b < a.blocks; b++) {
+        int32_t dot = 0;  // at most 32 * 127 * 127: exact
+        for (int64_t j = b * kBlock; j < std::min(a.in, (b + 1) * kBlock); j++) dot += int32_t(q[j]) * int32_t(w[j]);
+        sum += float(dot) * d[b];
+      }
+      y.store(r, n, sum * weight_scales[n]);
+    }
+  }
+}
+
+#ifdef X86_KERNELS
+// The weight's last, shorter block copied into a zeroed block, so that the SIMD loops read whole blocks without
+// reading past the end of the weight. Returns the block to read.
+template <class T>
+inline const T* whole_block(const T* w, int64_t in, int64_t start, int64_t width, T* spare) {
+  if (start + width <= in) return w + start;
+  std::memset(spare, 0, width * sizeof(T));
+  std::memcpy(spare, w + start, (in - start) * sizeof(T));
+  return spare;
+}
+
+// AVX2, one block of 32 at a time. vpmaddubsw multiplies unsigned by signed bytes, so the sign moves from q to w
+// (|q| * (w * sign(q)) = q * w), then adds pairs in 16 bits (no saturation: |q|, |w| <= 127); vpmaddwd adds
+// pairs again into 32 bits: 8 partial sums per block, scaled by d[b] in float32.
+template <int R>
+TARGET_AVX2 inline void int8_block_avx2(const int8_t* w, const RowsOf<R>& x, int64_t b, __m256* sum) {
+  const __m256i wb = _mm256_loadu_si256((const __m256i*)w);
+  for (int r = 0; r < R; r++) {
+    const __m256i q = _mm256_loadu_si256((const __m256i*)(x.codes[r] + b * kBlock));
+    const __m256i pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(q), _mm256_sign_epi8(wb, q));
+    const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+    sum[r] = _mm256_fmadd_ps(dot, _mm256_set1_ps(x.scales[r][b]), sum[r]);
+  }
+}
+
+// 256-bit vpdpbusd: sum plus the four byte products of each 32-bit lane, in one instruction. Written as assembly
+// so that one function serves both encodings: VEX on CPUs with AVX-VNNI (no AVX-512), EVEX on CPUs with
+// AVX512-VNNI; the compiler only sees AVX2 here, so it keeps to registers both encodings reach.
+template <bool kVex>
+TARGET_AVX2 inline __m256i dot_bytes(__m256i sum, __m256i unsigned_bytes, __m256i signed_bytes) {
+  if (kVex)
+    asm("%{vex%} vpdpbusd %2, %1, %0" : "+x"(sum) : "x"(unsigned_bytes), "x"(signed_bytes));
+  else
+    asm("vpdpbusd %2, %1, %0" : "+x"(sum) : "x"(unsigned_bytes), "x"(signed_bytes));
+  return sum;
+}
+
+// AVX-VNNI. vpdpbusd wants unsigned bytes too, but adds 32-bit sums (nothing saturates), so x.codes holds q + 128
+// instead: sum_j (q + 128) w = sum_j q w + 128 sum_j w, and the second sum, computed once for all rows, is where
+// each row's sum starts, negated.
+template <int R, bool kVex>
+TARGET_AVX2 inline void int8_block_avxvnni(const int8_t* w, const RowsOf<R>& x, int64_t b, __m256* sum) {
+  const __m256i wb = _mm256_loadu_si256((const __m256i*)w);
+  const __m256i zero = _mm256_setzero_si256();
+  const __m256i start = _mm256_sub_epi32(zero, dot_bytes<kVex>(zero, _mm256_set1_epi8(-128), wb));
+  for (int r = 0; r < R; r++) {
+    const __m256i q = _mm256_loadu_si256((const __m256i*)(x.codes[r] + b * kBlock));
+    const __m256 dot = _mm256_cvtepi32_ps(dot_bytes<kVex>(start, q, wb));
+    sum[r] = _mm256_fmadd_ps(dot, _mm256_set1_ps(x.scales[r][b]), sum[r]);
+  }
+}
+
+// The 256-bit loop over a weight row's blocks (Block: one of the two above), kChains<R> sums per row.
+template <int R, void (*Block)(const int8_t*, const RowsOf<R>&, int64_t, __m256*)>
+TARGET_AVX2 void int8_rows_256(const int8_t* weight, const float* weight_scales, const RowsOf<R>& x, int64_t in,
+                               int64_t r0, int64_t n0, int64_t n1, const Output& y) {
+  constexpr int kC = kChains<R>;
+  const int64_t blocks = (in + kBlock - 1) / kBlock, whole = in / kBlock;
+  alignas(32) int8_t spare[kBlock];
+  for (int64_t n = n0; n < n1; n++) {
+    const int8_t* w = weight + n * in;
+    __m256 sum[kC][R];
+    for (int c = 0; c < kC; c++)
+      for (int r = 0; r < R; r++) sum[c][r] = _mm256_setzero_ps();
+    int64_t b = 0;
+    for (; b + kC <= whole; b += kC)
+      for (int c = 0; c < kC; c++) Block(w + (b + c) * kBlock, x, b + c, sum[c]);
+    for (; b < blocks; b++) Block(whole_block(w, in, b * kBlock, kBlock, spare), x, b, sum[0]);
+    for (int r = 0; r < R; r++) {
+      for (int c = 1; c < kC; c++) sum[0][r] = _mm256_add_ps(sum[0][r], sum[c][r]);
+      y.store(r0 + r, n, sum_of(sum[0][r]) * weight_scales[n]);
+    }
+  }
+}
+
+// AVX512-VNNI: two blocks (64 bytes) per instruction; x.lanes scales their 16 partial sums. With several rows,
+// x.codes holds q + 128 as with AVX-VNNI. With one, vpdpbusd is the limit, so x.codes holds q and the sign moves
+// instead, as with AVX2 but from w to q (|w| * (q * sign(w)) = q * w): AVX-512 has no byte sign instruction, but
+// a mask of w's negative bytes negates q where w < 0.
+template <int R>
+TARGET_AVX512VNNI inline void int8_pair_avx512vnni(const int8_t* w, const RowsOf<R>& x, int64_t b, __m512* sum) {
+  const __m512i zero = _mm512_setzero_si512();
+  const __m512i wb = _mm512_loadu_si512(w);
+  if (R == 1) {
+    const __m512i q = _mm512_loadu_si512(x.codes[0] + b * kBlock);
+    const __m512i signed_q = _mm512_mask_sub_epi8(q, _mm512_movepi8_mask(wb), zero, q);
+    const __m512 dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, _mm512_abs_epi8(wb), signed_q));
+    sum[0] = _mm512_fmadd_ps(dot, _mm512_loadu_ps(x.lanes[0] + b * 8), sum[0]);
+    return;
+  }
+  const __m512i start = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, _mm512_set1_epi8(-128), wb));
+  for (int r = 0; r < R; r++) {
+    const __m512i q = _mm512_loadu_si512(x.codes[r] + b * kBlock);
+    const __m512 dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(start, q, wb));
+    sum[r] = _mm512_fmadd_ps(dot, _mm512_loadu_ps(x.lanes[r] + b * 8), sum[r]);
+  }
+}
+
+template <int R>
+TARGET_AVX512VNNI void int8_avx512vnni(const int8_t* weight, const float* weight_scales, const RowsOf<R>& x,
+                                       int64_t in, int64_t r0, int64_t n0, int64_t n1, const Output& y) {
+  constexpr int kC = kChains<R>;
+  const int64_t blocks = (in + kBlock - 1) / kBlock, whole = in / (2 * kBlock) * 2;  // blocks in whole pairs
+  alignas(64) int8_t spare[2 * kBlock];
+  for (int64_t n = n0; n < n1; n++) {
+    const int8_t* w = weight + n * in;
+    __m512 sum[kC][R];
+    for (int c = 0; c < kC; c++)
+      for (int r = 0; r < R; r++) sum[c][r] = _mm512_setzero_ps();
+    int64_t b = 0;
+    for (; b + 2 * kC <= whole; b += 2 * kC)
+      for (int c = 0; c < kC; c++) int8_pair_avx512vnni<R>(w + (b + 2 * c) * kBlock, x, b + 2 * c, sum[c]);
+    for (; b < blocks; b += 2)
+      int8_pair_avx512vnni<R>(whole_block(w, in, b * kBlock, 2 * kBlock, spare), x, b, sum[0]);
+    for (int r = 0; r < R; r++) {
+      for (int c = 1; c < kC; c++) sum[0][r] = _mm512_add_ps(sum[0][r], sum[c][r]);
+      y.store(r0 + r, n, _mm512_reduce_add_ps(sum[0][r]) * weight_scales[n]);
+    }
+  }
+}
+#endif
+
+at::Tensor int8_matvec(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
+                       const std::string& variant_name) {
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kChar && codes.is_contiguous(),
+              "int8 codes must be a contiguous int8 (out, in) tensor");
+  const int64_t out = codes.size(0), in = codes.size(1);
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == out,
+              "int8 scales must be float32, one per output row");
+  TORCH_CHECK(x.size(-1) == in, "x has ", x.size(-1), " inputs, the weight ", in);
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+              "x must be float32, bfloat16 or float16");
+  const Variant variant = parse_variant("int8", variant_name);
+  const at::Tensor rows_in = x.reshape({-1, in}).contiguous();
+  const int64_t rows = rows_in.size(0);
+  std::vector<int64_t> shape = x.sizes().vec();
+  shape.back() = out;
+  const Output y(x, rows, out);
+  if (rows == 0 || out == 0) return y.tensor.view(shape);
+  const FloatRows xf(rows_in);
+  const Activations a(xf.data, rows, in, variant);
+  const int8_t* w = codes.data_ptr<int8_t>();
+  const float* s = scales.data_ptr<float>();
+#ifdef X86_KERNELS
+  const bool biasing = variant == Variant::avxvnni || (variant == Variant::avx512vnni && rows > 1);
+  const std::vector<int8_t> unsigned_codes = biasing ? biased(a) : std::vector<int8_t>();
+  const std::vector<float> scale_lanes = variant == Variant::avx512vnni ? lanes(a) : std::vector<float>();
+#endif
+  for_rows(rows, out, in, [&](int64_t r0, int64_t count, int64_t n0, int64_t n1) {
+#ifdef X86_KERNELS
+    if (variant != Variant::scalar)
+      return with_rows(count, [&](auto R) {
+        constexpr int kR = decltype(R)::value;
+        if (variant == Variant::avx2) {
+          return int8_rows_256<kR, int8_block_avx2<kR>>(w, s, RowsOf<kR>(a, r0, a.codes.data()), in, r0, n0, n1, y);
+        }
+        if (variant == Variant::avx512vnni) {
+          const int8_t* q = kR == 1 ? a.codes.data() : unsigned_codes.data();
+          return int8_avx512vnni<kR>(w, s, RowsOf<kR>(a, r0, q, scale_lanes.data()), in, r0, n0, n1, y);
+        }
+        const RowsOf<kR> x(a, r0, unsigned_codes.data());
+        if (cpu().avxvnni) return int8_rows_256<kR, int8_block_avxvnni<kR, true>>(w, s, x, in, r0, n0, n1, y);
+        int8_rows_256<kR, int8_block_avxvnni<kR, false>>(w, s, x, in, r0, n0, n1, y);
+      });
+#endif
+    int8_scalar(w, s, a, r0, count, n0, n1, y);
+  });
+  return y.tensor.view(shape);
+}
+
+
+// ---------------------------------------------------------------------------------------------------------
+// int4 weights x int8 activations.
+// ---------------------------------------------------------------------------------------------------------
+struct Int4Weight {
+  const uint8_t* packed;   // (out, blocks * 16)
+  const at::Half* scales;  // (out, blocks)
+  const at::Half* lows;    // (out, blocks)
+  int64_t blocks;
+  const uint8_t* row(int64_t n) const { return packed + n * blocks * (kBlock / 2); }
+  float scale(int64_t n, int64_t b) const { return float(scales[n * blocks + b]); }
+  float low(int64_t n, int64_t b) const { return float(lows[n * blocks + b]); }
+};
+
+// The reference: y[r][n] = sum_b d[b] * (scale[b] * sum_j c[j] * q[j] + low[b] * s[b]).
+void int4_scalar(const Int4Weight& weight, const Activations& a, int64_t r0, int64_t rows, int64_t n0, int64_t n1,
+                 const Output& y) {
+  constexpr int64_t half = kBlock / 2;
+  for (int64_t n = n0; n < n1; n++) {
+    const uint8_t* w = weight.row(n);
+    for (int64_t r = r0; r < r0 + rows; r++) {
+      const int8_t* q = a.codes_of(r);
+      float sum = 0.0f;
+      for (int64_t b = 0; b < a.blocks; b++) {
+        int32_t dot = 0;  // codes past the end of a short block are 0 on both sides
+        for (int64_t i = 0; i < half; i++)
+          dot += int32_t(w[b * half + i] & 0x0F) * q[b * kBlock + i] +
+                 int32_t(w[b * half + i] >> 4) * q[b * kBlock + half + i];
+        sum += float(dot) * (weight.scale(n, b) * a.scales_of(r)[b]);
+        sum += weight.low(n, b) * a.offsets_of(r)[b];
+      }
+      y.store(r, n, sum);
+    }
+  }
+}
+
+#ifdef X86_KERNELS
+// What the SIMD variants read per input row: its codes in int4_order, and per weight row n, factors[r][b] =
+// scale[b] * d[b], the factor of block b's dot product (0 past the last block), and offsets[r] =
+// sum_b low[b] * (d[b] * s[b]), the part of the product that needs no weight codes.
+template <int R>
+struct Int4Rows {
+  const int8_t* codes[R];
+  float* factors[R];
+  float offsets[R];
+  std::vector<float> buffer;
+  Int4Rows(const Activations& a, int64_t r0, const int8_t* ordered) : buffer(R * a.padded_blocks, 0.0f) {
+    for (int r = 0; r < R; r++) {
+      codes[r] = ordered + (r0 + r) * a.row_bytes();
+      factors[r] = buffer.data() + r * a.padded_blocks;
+    }
+  }
+};
+
+// Int4Rows' factors and offsets for weight row n, 8 blocks at a time.
+template <int R>
+TARGET_AVX2 void int4_row_factors(const Int4Weight& weight, const Activations& a, int64_t n, int64_t r0,
+                                  Int4Rows<R>& x) {
+  constexpr int64_t kWidth = 8;
+  const int64_t blocks = a.blocks, whole = blocks / kWidth * kWidth;
+  const at::Half* scales = weight.scales + n * blocks;
+  const at::Half* lows = weight.lows + n * blocks;
+  for (int r = 0; r < R; r++) {
+    float* f = x.factors[r];
+    const float* d = a.scales_of(r0 + r);
+    const float* ds = a.offsets_of(r0 + r);
+    __m256 offset = _mm256_setzero_ps();
+    for (int64_t b = 0; b < whole; b += kWidth) {
+      const __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(scales + b)));
+      const __m256 low = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(lows + b)));
+      _mm256_storeu_ps(f + b, _mm256_mul_ps(scale, _mm256_loadu_ps(d + b)));
+      offset = _mm256_fmadd_ps(low, _mm256_loadu_ps(ds + b), offset);
+    }
+    float total = sum_of(offset);
+    for (int64_t b = whole; b < blocks; b++) {
+      f[b] = float(scales[b]) * d[b];
+      total += float(lows[b]) * ds[b];
+    }
+    x.offsets[r] = total;
+  }
+}
+
+// AVX2, two blocks (32 bytes) at a time. Masking the bytes gives both blocks' first 16 codes, shifting then
+// masking their last 16; x's codes are in the same order (int4_order with groups of 2), so vpmaddubsw (codes
+// unsigned, 0 .. 15; q signed) and vpmaddwd leave 4 partial sums of block b, then 4 of block b + 1.
+template <int R>
+TARGET_AVX2 inline void int4_pair_avx2(__m256i bytes, const Int4Rows<R>& x, int64_t b, __m256* sum) {
+  const __m256i low_nibble = _mm256_set1_epi8(0x0F);
+  const __m256i first = _mm256_and_si256(bytes, low_nibble);
+  const __m256i last = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low_nibble);
+  for (int r = 0; r < R; r++) {
+    const int8_t* q = x.codes[r] + b * kBlock;
+    const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(first, _mm256_loadu_si256((const __m256i*)q)),
+                                           _mm256_maddubs_epi16(last, _mm256_loadu_si256((const __m256i*)(q + 32))));
+    const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));  // |pairs| <= 4 * 15 * 127
+    const __m256 factors = _mm256_set_m128(_mm_set1_ps(x.factors[r][b + 1]), _mm_set1_ps(x.factors[r][b]));
+    sum[r] = _mm256_fmadd_ps(dot, factors, sum[r]);
+  }
+}
+
+// AVX-VNNI: vpdpbusd in place of vpmaddubsw + vpmaddwd.
+template <int R, bool kVex>
+TARGET_AVX2 inline void int4_pair_avxvnni(__m256i bytes, const Int4Rows<R>& x, int64_t b, __m256* sum) {
+  const __m256i low_nibble = _mm256_set1_epi8(0x0F);
+  const __m256i first = _mm256_and_si256(bytes, low_nibble);
+  const __m256i last = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low_nibble);
+  for (int r = 0; r < R; r++) {
+    const int8_t* q = x.codes[r] + b * kBlock;
+    const __m256i dots = dot_bytes<kVex>(dot_bytes<kVex>(_mm256_setzero_si256(), first,
+                                                         _mm256_loadu_si256((const __m256i*)q)),
+                                         last, _mm256_loadu_si256((const __m256i*)(q + 32)));
+    const __m256 factors = _mm256_set_m128(_mm_set1_ps(x.factors[r][b + 1]), _mm_set1_ps(x.factors[r][b]));
+    sum[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), factors, sum[r]);
+  }
+}
+
+// The 256-bit loop over a weight row's blocks (Pair: one of the two above), kChains<R> sums per row; an odd last
+// block is paired with codes 0.
+template <int R, void (*Pair)(__m256i, const Int4Rows<R>&, int64_t, __m256*)>
+TARGET_AVX2 void int4_rows_256(const Int4Weight& weight, const Activations& a, Int4Rows<R>& x, int64_t r0,
+                               int64_t n0, int64_t n1, const Output& y) {
+  constexpr int kC = kChains<R>;
+  const int64_t blocks = a.blocks;
+  for (int64_t n = n0; n < n1; n++) {
+    int4_row_factors(weight, a, n, r0, x);
+    const uint8_t* w = weight.row(n);
+    __m256 sum[kC][R];
+    for (int c = 0; c < kC; c++)
+      for (int r = 0; r < R; r++) sum[c][r] = _mm256_setzero_ps();
+    int64_t b = 0;
+    for (; b + 2 * kC <= blocks; b += 2 * kC)
+      for (int c = 0; c < kC; c++)
+        Pair(_mm256_loadu_si256((const __m256i*)(w + (b + 2 * c) * kBlock / 2)), x, b + 2 * c, sum[c]);
+    for (; b + 2 <= blocks; b += 2) Pair(_mm256_loadu_si256((const __m256i*)(w + b * kBlock / 2)), x, b, sum[0]);
+    if (b < blocks) Pair(_mm256_zextsi128_si256(_mm_loadu_si128((const __m128i*)(w + b * kBlock / 2))), x, b, sum[0]);
+    for (int r = 0; r < R; r++) {
+      for (int c = 1; c < kC; c++) sum[0][r] = _mm256_add_ps(sum[0][r], sum[c][r]);
+      y.store(r0 + r, n, sum_of(sum[0][r]) + x.offsets[r]);
+    }
+  }
+}
+
+// AVX512-VNNI: four blocks (64 bytes) at a time, x's codes in int4_order with groups of 4; each 128-bit lane of
+// the sums holds one block's 4 partial sums.
+template <int R>
+TARGET_AVX512VNNI inline void int4_group_avx512vnni(__m512i bytes, const Int4Rows<R>& x, int64_t b, __m512* sum) {
+  const __m512i low_nibble = _mm512_set1_epi8(0x0F);
+  const __m512i first = _mm512_and_si512(bytes, low_nibble);
+  const __m512i last = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low_nibble);
+  const __m512i by_lane = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+  for (int r = 0; r < R; r++) {
+    const int8_t* q = x.codes[r] + b * kBlock;
+    const __m512i dots = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), first,
+                                                                 _mm512_loadu_si512(q)),
+                                             last, _mm512_loadu_si512(q + 64));
+    const __m512 factors = _mm512_permutexvar_ps(by_lane, _mm512_castps128_ps512(_mm_loadu_ps(x.factors[r] + b)));
+    sum[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots), factors, sum[r]);
+  }
+}
+
+// The 512-bit loop; the last 1 to 3 blocks are read with a mask (codes 0 past them).
+template <int R>
+TARGET_AVX512VNNI void int4_avx512vnni(const Int4Weight& weight, const Activations& a, Int4Rows<R>& x, int64_t r0,
+                                       int64_t n0, int64_t n1, const Output& y) {
+  constexpr int kC = kChains<R>;
+  const int64_t blocks = a.blocks;
+  for (int64_t n = n0; n < n1; n++) {
+    int4_row_factors(weight, a, n, r0, x);
+    const uint8_t* w = weight.row(n);
+    __m512 sum[kC][R];
+    for (int c = 0; c < kC; c++)
+      for (int r = 0; r < R; r++) sum[c][r] = _mm512_setzero_ps();
+    int64_t b = 0;
+    for (; b + kGroup * kC <= blocks; b += kGroup * kC)
+      for (int c = 0; c < kC; c++)
+        int4_group_avx512vnni<R>(_mm512_loadu_si512(w + (b + kGroup * c) * kBlock / 2), x, b + kGroup * c, sum[c]);
+    for (; b + kGroup <= blocks; b += kGroup)
+      int4_group_avx512vnni<R>(_mm512_loadu_si512(w + b * kBlock / 2), x, b, sum[0]);
+    if (b < blocks) {
+      const __mmask64 present = (__mmask64(1) << ((blocks - b) * kBlock / 2)) - 1;
+      int4_group_avx512vnni<R>(_mm512_maskz_loadu_epi8(present, w + b * kBlock / 2), x, b, sum[0]);
+    }
+    for (int r = 0; r < R; r++) {
+      for (int c = 1; c < kC; c++) sum[0][r] = _mm512_add_ps(sum[0][r], sum[c][r]);
+      y.store(r0 + r, n, _mm512_reduce_add_ps(sum[0][r]) + x.offsets[r]);
+    }
+  }
+}
+#endif
+
+at::Tensor int4_matvec(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+                       const at::Tensor& lows, const std::string& variant_name) {
+  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kByte && packed.is_contiguous(),
+              "int4 codes must be a contiguous uint8 (out, blocks * 16) tensor");
+  const int64_t out = packed.size(0), in = x.size(-1), blocks = (in + kBlock - 1) / kBlock;
+  TORCH_CHECK(packed.size(1) == blocks * kBlock / 2, "x has ", in, " inputs: the int4 codes need ",
+              blocks * kBlock / 2, " bytes a row, not ", packed.size(1));
+  for (const at::Tensor& t : {scales, lows})
+    TORCH_CHECK(t.scalar_type() == at::kHalf && t.is_contiguous() && t.dim() == 2 && t.size(0) == out &&
+                    t.size(1) == blocks, "int4 scales and lows must be contiguous float16 (out, blocks)");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+              "x must be float32, bfloat16 or float16");
+  const Variant variant = parse_variant("int4", variant_name);
+  const at::Tensor rows_in = x.reshape({-1, in}).contiguous();
+  const int64_t rows = rows_in.size(0);
+  std::vector<int64_t> shape = x.sizes().vec();
+  shape.back() = out;
+  const Output y(x, rows, out);
+  if (rows == 0 || out == 0) return y.tensor.view(shape);
+  const FloatRows xf(rows_in);
+  const Activations a(xf.data, rows, in, variant);
+  const Int4Weight w{packed.data_ptr<uint8_t>(), scales.data_ptr<at::Half>(), lows.data_ptr<at::Half>(), blocks};
+#ifdef X86_KERNELS
+  const std::vector<int8_t> ordered = variant == Variant::scalar ? std::vector<int8_t>()
+                                      : int4_order(a, variant == Variant::avx512vnni ? 4 : 2);
+#endif
+  for_rows(rows, out, blocks * kBlock / 2, [&](int64_t r0, int64_t count, int64_t n0, int64_t n1) {
+#ifdef X86_KERNELS
+    if (variant != Variant::scalar)
+      return with_rows(count, [&](auto R) {
+        constexpr int kR = decltype(R)::value;
+        Int4Rows<kR> x(a, r0, ordered.data());
+        if (variant == Variant::avx512vnni) return int4_avx512vnni<kR>(w, a, x, r0, n0, n1, y);
+        if (variant == Variant::avx2) return int4_rows_256<kR, int4_pair_avx2<kR>>(w, a, x, r0, n0, n1, y);
+        if (cpu().avxvnni) return int4_rows_256<kR, int4_pair_avxvnni<kR, true>>(w, a, x, r0, n0, n1, y);
+        int4_rows_256<kR, int4_pair_avxvnni<kR, false>>(w, a, x, r0, n0, n1, y);
+      });
+#endif
+    int4_scalar(w, a, r0, count, n0, n1, y);
+  });
+  return y.tensor.view(shape);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// bfloat16 weights x float32 (or bfloat16) activations.
+// ---------------------------------------------------------------------------------------------------------
+// The reference: y[r][n] = sum_j float(w[j]) * x[j], in float32.
+void bf16_scalar(const at::BFloat16* weight, const float* x, int64_t in, int64_t r0, int64_t rows, int64_t n0,
+                 int64_t n1, const Output& y) {
+  for (int64_t n = n0; n < n1; n++) {
+    const at::BFloat16* w = weight + n * in;
+    for (int64_t r = r0; r < r0 + rows; r++) {
+      float sum = 0.0f;
+      for (int64_t j = 0; j < in; j++) sum += float(w[j]) * x[r * in + j];
+      y.store(r, n, sum);
+    }
+  }
+}
+
+#ifdef X86_KERNELS
+// x for the SIMD variants, in chunks of `width` inputs (16 for AVX2, 32 for AVX-512), each chunk's even-numbered
+// inputs first, then its odd-numbered ones, and zeros past the end. Why: a register of `width` bfloat16 weights,
+// read as 32-bit lanes, holds weight 2i in the low half of lane i and weight 2i + 1 in the high half; shifting
+// each lane left by 16 bits gives the even weights as float32, clearing the low halves gives the odd ones.
+std::vector<float> even_then_odd(const float* x, int64_t rows, int64_t in, int64_t width) {
+  const int64_t chunks = (in + width - 1) / width;
+  std::vector<float> spread(rows * chunks * width, 0.0f);
+  for (int64_t r = 0; r < rows; r++)
+    for (int64_t c = 0; c < chunks; c++) {
+      const float* from = x + r * in + c * width;
+      float* to = spread.data() + (r * chunks + c) * width;
+      for (int64_t i = 0; i < std::min(width, in - c * width); i++) to[(i % 2) * (width / 2) + i / 2] = from[i];
+    }
+  return spread;
+}
+
+// AVX2, 16 weights (a chunk) at a time: the even weights times x's even inputs, the odd times the odd.
+template <int R>
+TARGET_AVX2 inline void bf16_chunk_avx2(const uint16_t* w, const float* const* x, int64_t c, __m256* sum) {
+  constexpr int64_t kWidth = 16;
+  const __m256i wc = _mm256_loadu_si256((const __m256i*)w);
+  const __m256 even = _mm256_castsi256_ps(_mm256_slli_epi32(wc, 16));
+  const __m256 odd = _mm256_castsi256_ps(_mm256_and_si256(wc, _mm256_set1_epi32(int32_t(0xFFFF0000u))));
+  for (int r = 0; r < R; r++) {
+    sum[r] = _mm256_fmadd_ps(even, _mm256_loadu_ps(x[r] + c * kWidth), sum[r]);
+    sum[r] = _mm256_fmadd_ps(odd, _mm256_loadu_ps(x[r] + c * kWidth + kWidth / 2), sum[r]);
+  }
+}
+
+template <int R>
+TARGET_AVX2 void bf16_avx2(const at::BFloat16* weight, const float* spread, int64_t in, int64_t r0, int64_t n0,
+                           int64_t n1, const Output& y) {
+  constexpr int64_t kWidth = 16;
+  constexpr int kC = kChains<R>;
+  const int64_t chunks = (in + kWidth - 1) / kWidth, whole = in / kWidth;
+  const float* x[R];  // x's rows, spread
+  for (int r = 0; r < R; r++) x[r] = spread + (r0 + r) * chunks * kWidth;
+  alignas(32) uint16_t spare[kWidth];
+  for (int64_t n = n0; n < n1; n++) {
+    const uint16_t* w = reinterpret_cast<const uint16_t*>(weight + n * in);
+    __m256 sum[kC][R];
+    for (int c = 0; c < kC; c++)
+      for (int r = 0; r < R; r++) sum[c][r] = _mm256_setzero_ps();
+    int64_t c = 0;
+    for (; c + kC <= whole; c += kC)
+      for (int k = 0; k < kC; k++) bf16_chunk_avx2<R>(w + (c + k) * kWidth, x, c + k, sum[k]);
+    for (; c < chunks; c++) bf16_chunk_avx2<R>(whole_block(w, in, c * kWidth, kWidth, spare), x, c, sum[0]);
+    for (int r = 0; r < R; r++) {
+      for (int k = 1; k < kC; k++) sum[0][r] = _mm256_add_ps(sum[0][r], sum[k][r]);
+      y.store(r0 + r, n, sum_of(sum[0][r]));
+    }
+  }
+}
+
+// AVX-512: the same, 32 weights at a time.
+template <int R>
+TARGET_AVX512 inline void bf16_chunk_avx512(const uint16_t* w, const float* const* x, int64_t c, __m512* sum) {
+  constexpr int64_t kWidth = 32;
+  const __m512i wc = _mm512_loadu_si512(w);
+  const __m512 even = _mm512_castsi512_ps(_mm512_slli_epi32(wc, 16));
+  const __m512 odd = _mm512_castsi512_ps(_mm512_and_si512(wc, _mm512_set1_epi32(int32_t(0xFFFF0000u))));
+  for (int r = 0; r < R; r++) {
+    sum[r] = _mm512_fmadd_ps(even, _mm512_loadu_ps(x[r] + c * kWidth), sum[r]);
+    sum[r] = _mm512_fmadd_ps(odd, _mm512_loadu_ps(x[r] + c * kWidth + kWidth / 2), sum[r]);
+  }
+}
+
+template <int R>
+TARGET_AVX512 void bf16_avx512(const at::BFloat16* weight, const float* spread, int64_t in, int64_t r0, int64_t n0,
+                               int64_t n1, const Output& y) {
+  constexpr int64_t kWidth = 32;
+  constexpr int kC = kChains<R>;
+  const int64_t chunks = (in + kWidth - 1) / kWidth, whole = in / kWidth;
+  const float* x[R];  // x's rows, spread
+  for (int r = 0; r < R; r++) x[r] = spread + (r0 + r) * chunks * kWidth;
+  alignas(64) uint16_t spare[kWidth];
+  for (int64_t n = n0; n < n1; n++) {
+    const uint16_t* w = reinterpret_cast<const uint16_t*>(weight + n * in);
+    __m512 sum[kC][R];
+    for (int c = 0; c < kC; c++)
+      for (int r = 0; r < R; r++) sum[c][r] = _mm512_setzero_ps();
+    int64_t c = 0;
+    for (; c + kC <= whole; c += kC)
+      for (int k = 0; k < kC; k++) bf16_chunk_avx512<R>(w + (c + k) * kWidth, x, c + k, sum[k]);
+    for (; c < chunks; c++) bf16_chunk_avx512<R>(whole_block(w, in, c * kWidth, kWidth, spare), x, c, sum[0]);
+    for (int r = 0; r < R; r++) {
+      for (int k = 1; k < kC; k++) sum[0][r] = _mm512_add_ps(sum[0][r], sum[k][r]);
+      y.store(r0 + r, n, _mm512_reduce_add_ps(sum[0][r]));
+    }
+  }
+}
+
+// AVX512-BF16, x in bfloat16 too: vdpbf16ps multiplies 32 bfloat16 pairs and adds each two neighbours' products
+// into a float32 lane. x is padded with zeros to whole chunks of 32.
+template <int R>
+TARGET_AVX512BF16 inline void bf16_chunk_avx512bf16(const uint16_t* w, const uint16_t* const* x, int64_t c,
+                                                    __m512* sum) {
+  constexpr int64_t kWidth = 32;
+  const __m512i wc = _mm512_loadu_si512(w);
+  for (int r = 0; r < R; r++)
+    sum[r] = _mm512_dpbf16_ps(sum[r], (__m512bh)_mm512_loadu_si512(x[r] + c * kWidth), (__m512bh)wc);
+}
+
+template <int R>
+TARGET_AVX512BF16 void bf16_avx512bf16(const at::BFloat16* weight, const uint16_t* padded, int64_t in, int64_t r0,
+                                       int64_t n0, int64_t n1, const Output& y) {
+  constexpr int64_t kWidth = 32;
+  constexpr int kC = kChains<R>;
+  const int64_t chunks = (in + kWidth - 1) / kWidth, whole = in / kWidth;
+  const uint16_t* x[R];  // x's rows
+  for (int r = 0; r < R; r++) x[r] = padded + (r0 + r) * chunks * kWidth;
+  alignas(64) uint16_t spare[kWidth];
+  for (int64_t n = n0; n < n1; n++) {
+    const uint16_t* w = reinterpret_cast<const uint16_t*>(weight + n * in);
+    __m512 sum[kC][R];
+    for (int c = 0; c < kC; c++)
+      for (int r = 0; r < R; r++) sum[c][r] = _mm512_setzero_ps();
+    int64_t c = 0;
+    for (; c + kC <= whole; c += kC)
+      for (int k = 0; k < kC; k++) bf16_chunk_avx512bf16<R>(w + (c + k) * kWidth, x, c + k, sum[k]);
+    for (; c < chunks; c++) bf16_chunk_avx512bf16<R>(whole_block(w, in, c * kWidth, kWidth, spare), x, c, sum[0]);
+    for (int r = 0; r < R; r++) {
+      for (int k = 1; k < kC; k++) sum[0][r] = _mm512_add_ps(sum[0][r], sum[k][r]);
+      y.store(r0 + r, n, _mm512_reduce_add_ps(sum[0][r]));
+    }
+  }
+}
+#endif
+
+at::Tensor bf16_matvec(const at::Tensor& x, const at::Tensor& weight, const std::string& variant_name) {
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kBFloat16 && weight.is_contiguous(),
+              "the weight must be a contiguous bfloat16 (out, in) tensor");
+  const int64_t out = weight.size(0), in = weight.size(1);
+  TORCH_CHECK(x.size(-1) == in, "x has ", x.size(-1), " inputs, the weight ", in);
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+              "x must be float32, bfloat16 or float16");
+  Variant variant = parse_variant("bf16", variant_name);
+  if (variant == Variant::avx512bf16 && x.scalar_type() != at::kBFloat16) variant = Variant::avx512;
+  const at::Tensor rows_in = x.reshape({-1, in}).contiguous();
+  const int64_t rows = rows_in.size(0);
+  std::vector<int64_t> shape = x.sizes().vec();
+  shape.back() = out;
+  const Output y(x, rows, out);
+  if (rows == 0 || out == 0) return y.tensor.view(shape);
+  const at::BFloat16* w = weight.data_ptr<at::BFloat16>();
+#ifdef X86_KERNELS
+  if (variant == Variant::avx512bf16) {
+    constexpr int64_t kWidth = 32;
+    const int64_t chunks = (in + kWidth - 1) / kWidth;
+    std::vector<uint16_t> padded(rows * chunks * kWidth, 0);
+    const uint16_t* bits = reinterpret_cast<const uint16_t*>(rows_in.data_ptr<at::BFloat16>());
+    for (int64_t r = 0; r < rows; r++) std::memcpy(&padded[r * chunks * kWidth], bits + r * in, in * sizeof(uint16_t));
+    for_rows(rows, out, 2 * in, [&](int64_t r0, int64_t count, int64_t n0, int64_t n1) {
+      with_rows(count, [&](auto R) { bf16_avx512bf16<decltype(R)::value>(w, padded.data(), in, r0, n0, n1, y); });
+    });
+    return y.tensor.view(shape);
+  }
+#endif
+  const FloatRows xf(rows_in);
+#ifdef X86_KERNELS
+  if (variant == Variant::avx2 || variant == Variant::avx512) {
+    const std::vector<float> spread = even_then_odd(xf.data, rows, in, variant == Variant::avx2 ? 16 : 32);
+    for_rows(rows, out, 2 * in, [&](int64_t r0, int64_t count, int64_t n0, int64_t n1) {
+      if (variant == Variant::avx2)
+        with_rows(count, [&](auto R) { bf16_avx2<decltype(R)::value>(w, spread.data(), in, r0, n0, n1, y); });
+      else
+        with_rows(count, [&](auto R) { bf16_avx512<decltype(R)::value>(w, spread.data(), in, r0, n0, n1, y); });
+    });
+    return y.tensor.view(shape);
+  }
+#endif
+  for_rows(rows, out, 2 * in, [&](int64_t r0, int64_t count, int64_t n0, int64_t n1) {
+    bf16_scalar(w, xf.data, in, r0, count, n0, n1, y);
+  });
+  return y.tensor.view(shape);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Dequantising into a float32 buffer (for prompt chunks: one float32 matrix product per weight). The loops are
+// plain C++; the compiler vectorises each copy of them for the instruction set its caller names.
+// ---------------------------------------------------------------------------------------------------------
+inline __attribute__((always_inline)) void dequantize_int8_rows(const int8_t* codes, const float* scales,
+                                                                float* out, int64_t in, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; n++)
+    for (int64_t j = 0; j < in; j++) out[n * in + j] = float(codes[n * in + j]) * scales[n];
+}
+
+inline __attribute__((always_inline)) void dequantize_int4_rows(const Int4Weight& weight, float* out, int64_t in,
+                                                                int64_t n0, int64_t n1) {
+  constexpr int64_t half = kBlock / 2;
+  for (int64_t n = n0; n < n1; n++)
+    for (int64_t b = 0; b < weight.blocks; b++) {
+      const uint8_t* block = weight.row(n) + b * half;
+      const float scale = weight.scale(n, b), low = weight.low(n, b);
+      float* o = out + n * in + b * kBlock;
+      if ((b + 1) * kBlock <= in) {
+        for (int64_t i = 0; i < half; i++) {
+          o[i] = float(block[i] & 0x0F) * scale + low;
+          o[i + half] = float(block[i] >> 4) * scale + low;
+        }
+      } else {  // a short tail block
+        for (int64_t j = 0; j < in - b * kBlock; j++)
+          o[j] = float(j < half ? block[j] & 0x0F : block[j - half] >> 4) * scale + low;
+      }
+    }
+}
+
+#ifdef X86_KERNELS
+TARGET_AVX512 void dequantize_int8_avx512(const int8_t* c, const float* s, float* o, int64_t in, int64_t n0,
+                                          int64_t n1) {
+  dequantize_int8_rows(c, s, o, in, n0, n1);
+}
+TARGET_AVX2 void dequantize_int8_avx2(const int8_t* c, const float* s, float* o, int64_t in, int64_t n0, int64_t n1) {
+  dequantize_int8_rows(c, s, o, in, n0, n1);
+}
+TARGET_AVX512 void dequantize_int4_avx512(const Int4Weight& w, float* o, int64_t in, int64_t n0, int64_t n1) {
+  dequantize_int4_rows(w, o, in, n0, n1);
+}
+TARGET_AVX2 void dequantize_int4_avx2(const Int4Weight& w, float* o, int64_t in, int64_t n0, int64_t n1) {
+  dequantize_int4_rows(w, o, in, n0, n1);
+}
+#endif
+
+void check_buffer(const at::Tensor& out, int64_t rows, int64_t in) {
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.dim() == 2 && out.size(0) == rows &&
+                  out.size(1) == in, "the buffer must be a contiguous float32 (", rows, ", ", in, ") tensor");
+}
+
+void dequantize_int8(const at::Tensor& codes, const at::Tensor& scales, at::Tensor& out) {
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kChar && codes.is_contiguous(),
+              "int8 codes must be a contiguous int8 (out, in) tensor");
+  const int64_t rows = codes.size(0), in = codes.size(1);
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == rows,
+              "int8 scales must be float32, one per output row");
+  check_buffer(out, rows, in);
+  const int8_t* c = codes.data_ptr<int8_t>();
+  const float* s = scales.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, rows, std::max<int64_t>(1, kTaskBytes / std::max<int64_t>(1, in)), [&](int64_t n0, int64_t n1) {
+#ifdef X86_KERNELS
+    if (cpu().avx512) return dequantize_int8_avx512(c, s, o, in, n0, n1);
+    if (cpu().avx2) return dequantize_int8_avx2(c, s, o, in, n0, n1);
+#endif
+    dequantize_int8_rows(c, s, o, in, n0, n1);
+  });
+}
+
+void dequantize_int4(const at::Tensor& packed, const at::Tensor& scales, const at::Tensor& lows, at::Tensor& out) {
+  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kByte && packed.is_contiguous(),
+              "int4 codes must be a contiguous uint8 (out, blocks * 16) tensor");
+  const int64_t rows = packed.size(0), in = out.size(-1), blocks = (in + kBlock - 1) / kBlock;
+  TORCH_CHECK(packed.size(1) == blocks * kBlock / 2, "the buffer has ", in, " columns: the int4 codes need ",
+              blocks * kBlock / 2, " bytes a row, not ", packed.size(1));
+  for (const at::Tensor& t : {scales, lows})
+    TORCH_CHECK(t.scalar_type() == at::kHalf && t.is_contiguous() && t.dim() == 2 && t.size(0) == rows &&
+                    t.size(1) == blocks, "int4 scales and lows must be contiguous float16 (out, blocks)");
+  check_buffer(out, rows, in);
+  const Int4Weight w{packed.data_ptr<uint8_t>(), scales.data_ptr<at::Half>(), lows.data_ptr<at::Half>(), blocks};
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, rows, std::max<int64_t>(1, kTaskBytes / std::max<int64_t>(1, in)), [&](int64_t n0, int64_t n1) {
+#ifdef X86_KERNELS
+    if (cpu().avx512) return dequantize_int4_avx512(w, o, in, n0, n1);
+    if (cpu().avx2) return dequantize_int4_avx2(w, o, in, n0, n1);
+#endif
+    dequantize_int4_rows(w, o, in, n0, n1);
+  });
+}
+
+// The activation quantisation on its own, for the tests: (codes (rows, blocks * 32) int8, scales (rows, blocks)
+// float32, sums (rows, blocks) int32), as the int8 and int4 kernels' variant `variant` computes them.
+std::vector<at::Tensor> quantize_activations(const at::Tensor& x, const std::string& variant_name) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+              "x must be float32, bfloat16 or float16");
+  const int64_t in = x.size(-1);
+  const at::Tensor rows_in = x.reshape({-1, in}).contiguous();
+  const int64_t rows = rows_in.size(0);
+  const FloatRows xf(rows_in);
+  const Activations a(xf.data, rows, in, parse_variant("int8", variant_name));
+  at::Tensor codes = at::empty({rows, a.blocks * kBlock}, at::kChar);
+  at::Tensor scales = at::empty({rows, a.blocks}, at::kFloat);
+  at::Tensor sums = at::empty({rows, a.blocks}, at::kInt);
+  for (int64_t r = 0; r < rows; r++) {
+    std::memcpy(codes.data_ptr<int8_t>() + r * a.blocks * kBlock, a.codes_of(r), a.blocks * kBlock);
+    std::memcpy(scales.data_ptr<float>() + r * a.blocks, a.scales_of(r), a.blocks * sizeof(float));
+    std::memcpy(sums.data_ptr<int32_t>() + r * a.blocks, a.sums_of(r), a.blocks * sizeof(int32_t));
+  }
+  return {codes, scales, sums};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "speedups' own CPU kernels: see speedups/native.py";
+  m.def("variants", &variants, "the variants of kernel 'int8', 'int4' or 'bf16' that this CPU runs, fastest first",
+        py::arg("kernel"));
+  m.def("quantize_activations", &quantize_activations, py::arg("x"), py::arg("variant") = "");
+  m.def("int8_matvec", &int8_matvec, py::arg("x"), py::arg("codes"), py::arg("scales"), py::arg("variant") = "");
+  m.def("int4_matvec", &int4_matvec, py::arg("x"), py::arg("packed"), py::arg("scales"), py::arg("lows"),
+        py::arg("variant") = "");
+  m.def("bf16_matvec", &bf16_matvec, py::arg("x"), py::arg("weight"), py::arg("variant") = "");
+  m.def("dequantize_int8", &dequantize_int8, py::arg("codes"), py::arg("scales"), py::arg("out"));
+  m.def("dequantize_int4", &dequantize_int4, py::arg("packed"), py::arg("scales"), py::arg("lows"), py::arg("out"));
+}
