@@ -40,7 +40,8 @@ from torch import nn
 
 from speedups.calibration import (SAMPLE_MAX_WEIGHTS, StepThreads, build_layout, copy_in_dtype, kernel_choice,
                                   plan_kernels, row_classes, vet)
-from speedups.kernels import BASE_LAYOUT, DEFAULT_KERNEL, KERNELS
+from speedups import native
+from speedups.kernels import DEFAULT_KERNEL, KERNELS, base_layout
 from speedups.layouts import FORMATS, Concatenated, FastLinear, row_class, trim_heap
 
 __all__ = ["FORMATS", "FusedFeedForward", "GroupedQueryAttention", "LastPositionLogits", "apply", "describe",
@@ -59,7 +60,8 @@ def apply(model, device, dtype, quantize="", kernels="measure", progress=None):
         layer.attention = GroupedQueryAttention(layer.attention, args.max_batch_size, args.max_seq_len)
         layer.feed_forward = FusedFeedForward(layer.feed_forward)
     layers = linear_layers(model)
-    base = BASE_LAYOUT[quantize]
+    ours = device.type == "cpu" and kernel_choice(kernels) != "rule" and native.library() is not None
+    base = base_layout(quantize, ours)
     for done, (parent, name, layer) in enumerate(layers):  # the largest first, while little else is converted
         setattr(parent, name, base(layer))
         if isinstance(layer, Concatenated):
@@ -69,7 +71,7 @@ def apply(model, device, dtype, quantize="", kernels="measure", progress=None):
             progress(done + 1, len(layers))
     in_order = [module for module in model.modules() if isinstance(module, FastLinear)]  # the model's order
     plans, skipped, report, timings_check = plan_kernels(in_order, device, dtype, quantize, args.max_batch_size,
-                                                         kernels)
+                                                         kernels, ours)
     kept = convert_layers(layers, plans, device, dtype, args.max_batch_size)
     model.kernel_report = report + skipped_report(skipped, kept)
     for module in in_order:

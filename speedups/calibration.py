@@ -36,7 +36,8 @@ from types import SimpleNamespace
 
 import torch
 
-from speedups.kernels import BASE_LAYOUT, DEFAULT_KERNEL, KERNELS, round_activations
+from speedups import native
+from speedups.kernels import DEFAULT_KERNEL, KERNELS, base_layout, round_activations
 from speedups.layouts import FORMATS, ROW_CLASSES, PlainLinear
 
 CALIBRATION_SECONDS = 2.0  # the most the timing may take, once per cache key (paging the weights in aside)
@@ -69,19 +70,20 @@ def kernel_choice(value):
     return names
 
 
-def plan_kernels(modules, device, dtype, quantize, few_rows, setting="measure"):
+def plan_kernels(modules, device, dtype, quantize, few_rows, setting="measure", ours=False):
     """({weight shape: (layout, {row class: kernel name})}, {kernel: why it was skipped}, a short report of
     what was chosen and how, a TimingsCheck or None). modules: the model's linear layers in their base
-    layout, in the model's order."""
+    layout, in the model's order; ours: whether the project's own kernels were built (native.py)."""
     setting = kernel_choice(setting) if isinstance(setting, str) else setting
     decode_class = "one" if few_rows == 1 else "few"
     shapes = {module.shape for module in modules}
     if setting == "measure" and device.type == "cpu":
-        seconds, skipped, how = calibrate(modules, dtype, quantize, few_rows)
+        seconds, skipped, how = calibrate(modules, dtype, quantize, few_rows, ours)
         plans = {shape: choose(seconds[shape], decode_class) for shape in shapes}
         linears = sum(seconds[m.shape][decode_class].get(plans[m.shape][1][decode_class], 0) for m in modules)
-        keys = [cache_key(shape, rows, dtype, quantize, few_rows) for shape in shapes for rows in row_classes(few_rows)]
-        report = how + "; " + rates_report(seconds, modules, plans, dtype, quantize, few_rows)
+        keys = [cache_key(shape, rows, dtype, quantize, few_rows, ours) for shape in shapes
+                for rows in row_classes(few_rows)]
+        report = how + "; " + rates_report(seconds, modules, plans, dtype, quantize, few_rows) + native_report(ours)
         return plans, skipped, report, TimingsCheck(linears, keys)
     seconds = rule_seconds(quantize, device, dtype, few_rows)
     how = f"kernels by the fixed rule on {device.type}"
@@ -93,6 +95,14 @@ def plan_kernels(modules, device, dtype, quantize, few_rows, setting="measure"):
     plan = choose(seconds, decode_class)
     used = ", ".join(f"{rows} {plan[1][rows]}" for rows in ROW_CLASSES)
     return dict.fromkeys(shapes, plan), {}, f"{how}: {used}", None
+
+
+def native_report(ours):
+    """The project's own kernels, in a clause: the instruction sets they run here, or why there are none."""
+    if ours:
+        built = dict.fromkeys(native.variants("int8") + native.variants("bf16"))
+        return f"; our C++ kernels built for {', '.join(built)}"
+    return f"; our C++ kernels: not available ({native.why_unavailable()}), PyTorch's only"
 
 
 def choose(seconds, decode_class):
@@ -222,7 +232,7 @@ def reason(error):
 # ---------------------------------------------------------------------------------------------------------
 # Measuring the candidates on this CPU, once per cache key.
 # ---------------------------------------------------------------------------------------------------------
-def calibrate(modules, dtype, quantize, few_rows):
+def calibrate(modules, dtype, quantize, few_rows, ours=False):
     """({weight shape: {row class: {kernel: seconds per product}}}, {kernel: why skipped}, how they were
     obtained): from the cache file where it holds every key, else measured on the model's own weights and
     written to it.
@@ -233,7 +243,7 @@ def calibrate(modules, dtype, quantize, few_rows):
     between timings) and freed before the model is converted. Prompt chunks (compute-bound) are timed on that
     one layer per shape. Candidates take turns, up to CALIBRATION_ROUNDS rounds within CALIBRATION_SECONDS
     (one round at least); the fastest round counts."""
-    keys = {(shape, rows): cache_key(shape, rows, dtype, quantize, few_rows)
+    keys = {(shape, rows): cache_key(shape, rows, dtype, quantize, few_rows, ours)
             for shape in {module.shape for module in modules} for rows in row_classes(few_rows)}
     cache = read_cache()
     if all(key in cache for key in keys.values()):
@@ -243,7 +253,7 @@ def calibrate(modules, dtype, quantize, few_rows):
                 seconds.setdefault(shape, {})[rows] = cache[key]["seconds"]
             skipped.update(cache[key]["skipped"])
         return seconds, skipped, f"kernels measured on this CPU earlier (cached in {cache_path()})"
-    seconds, skipped, warmup_s, timing_s = time_candidates(modules, dtype, quantize, few_rows)
+    seconds, skipped, warmup_s, timing_s = time_candidates(modules, dtype, quantize, few_rows, ours)
     entries = {key: {"seconds": seconds.get(shape, {}).get(rows, {}), "skipped": skipped}
                for (shape, rows), key in keys.items()}
     stored = write_cache(entries)
@@ -255,11 +265,12 @@ def row_classes(few_rows):
     return ROW_CLASSES if few_rows > 1 else ("one", "chunk")
 
 
-def time_candidates(modules, dtype, quantize, few_rows):
+def time_candidates(modules, dtype, quantize, few_rows, ours=False):
     """({shape: {row class: {kernel: seconds}}}, {kernel: why skipped}, seconds preparing, seconds timing)."""
     start = time.perf_counter()
-    base, decode_class = BASE_LAYOUT[quantize], "one" if few_rows == 1 else "few"
-    candidates = [kernel for kernel in KERNELS.values() if kernel.layout.FORMAT == quantize and "cpu" in kernel.devices]
+    base, decode_class = base_layout(quantize, ours), "one" if few_rows == 1 else "few"
+    candidates = [kernel for kernel in KERNELS.values() if kernel.layout.FORMAT == quantize and "cpu" in kernel.devices
+                  and kernel.candidate and (ours or not kernel.ours) and dtype in (kernel.dtypes or (dtype,))]
     sweep = timing_sweep(modules, dtype)
     samples = {}  # shape: its first layer in the sweep
     for module in sweep:
@@ -377,11 +388,11 @@ def machine_key():
     return f"{cpu} flags:{digest} {platform.machine()} torch {torch.__version__} threads {torch.get_num_threads()}"
 
 
-def cache_key(shape, rows, dtype, quantize, few_rows):
+def cache_key(shape, rows, dtype, quantize, few_rows, ours=False):
     format_ = f"{str(dtype).removeprefix('torch.')}{'/' + quantize if quantize else ''}"
     rows_count = {"one": 1, "few": few_rows, "chunk": CHUNK_ROWS}[rows]
     return (f"{machine_key()} | {format_} | {rows} rows {rows_count} | weight {shape[0]}x{shape[1]} "
-            f"| choice v{CALIBRATION_VERSION}")
+            f"| {'with' if ours else 'without'} our kernels | choice v{CALIBRATION_VERSION}")
 
 
 def cache_folder():

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from speedups.layouts import (INT4_GROUP, INT8_MAX, ROW_CLASSES, Int4Linear, Int8Linear, PackedInt8Linear,
-                              PackedLinear, PlainLinear)
+from speedups import native
+from speedups.layouts import (INT4_GROUP, INT8_MAX, ROW_CLASSES, BlockInt4Linear, Int4Linear, Int8Linear,
+                              PackedInt8Linear, PackedLinear, PlainLinear)
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,9 @@ class Kernel:
     run: object  # (module, x (rows, in)) -> (rows, out)
     timed_rows: tuple = ()  # the row classes it is timed for, where fewer than it serves (default: all it serves)
     input_rounding: object = None  # x -> x as the kernel rounds it before multiplying (None: not rounded)
+    dtypes: tuple = ()  # the dtypes of x it takes (default: any)
+    candidate: bool = True  # timed by the calibration; else only run when KERNELS names it
+    ours: bool = False  # one of the project's own kernels (native.py): only where they were built
 
     @property
     def candidate_rows(self):
@@ -153,6 +157,58 @@ def onednn_int8_matmul(module, x):
     return (out * x_scales).to(x.dtype)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# The project's own kernels (native.py builds quantized.cpp): x rounded to 8 bits per block of 32 inside the
+# call, then integer dot products with 8- or 4-bit weights; bfloat16 weights widened in registers. Each comes
+# in one variant per instruction set; the kernel without a suffix is the fastest this CPU runs.
+# ---------------------------------------------------------------------------------------------------------
+def float32_scales(module):
+    """An Int8Linear's scales in float32, as the int8 kernel reads them (kept while the buffer is the same)."""
+    kept = module.__dict__.get("float32_scales")
+    if kept is None or kept[0] is not module.scales:
+        kept = module.__dict__["float32_scales"] = (module.scales, module.scales.float().contiguous())
+    return kept[1]
+
+
+def block_rounding(x):
+    """x as the project's kernels multiply it: rounded to 8 bits per block of 32 inputs."""
+    codes, scales, _ = native.quantize_activations_reference(x)
+    blocks = codes.float().view(codes.shape[0], -1, native.BLOCK) * scales[..., None]
+    return blocks.flatten(1)[:, : x.shape[-1]]
+
+
+def our_bf16_product(module, x, variant):
+    return native.bf16_matvec(x, module.weight, variant)
+
+
+def our_int8_product(module, x, variant):
+    return native.int8_matvec(x, module.weight, float32_scales(module), variant)
+
+
+def our_int4_product(module, x, variant):
+    return native.int4_matvec(x, module.weight, module.scales, module.lows, variant)
+
+
+def int4_float32_product(module, x):
+    """A prompt chunk on our 4-bit layout: each block of rows dequantized into float32, then float32's product."""
+    return widened_product(x, module, lambda start, end, buffer: native.dequantize_int4(
+        module.weight[start:end], module.scales[start:end], module.lows[start:end], buffer))
+
+
+NATIVE_VARIANTS = {  # native.variants(): the instruction sets each of our kernels comes in, fastest first
+    "int8": ("avx512vnni", "avxvnni", "avx2", "scalar"), "int4": ("avx512vnni", "avxvnni", "avx2", "scalar"),
+    "bf16": ("avx512bf16", "avx512", "avx2", "scalar")}
+
+
+def native_kernels(family, kind, layout, run, dtypes=(), input_rounding=None):
+    """The kernel named `family` (our `kind` kernel's fastest variant here) and one per variant (family-avx2,
+    ...), which only KERNELS=name runs: timing the slower ones would only cost time."""
+    variants = NATIVE_VARIANTS[kind]
+    return [Kernel(f"{family}-{variant}" if variant else family, layout, ("one", "few"), ("cpu",),
+                   lambda m, x, variant=variant: run(m, x, variant), input_rounding=input_rounding, dtypes=dtypes,
+                   candidate=not variant, ours=True) for variant in ("", *variants)]
+
+
 ALL_ROWS, ANY_DEVICE = ROW_CLASSES, ("cpu", "cuda", "mps")
 KERNELS = {kernel.name: kernel for kernel in (  # the candidates
     Kernel("mv", PlainLinear, ("one",), ANY_DEVICE, mv_product),  # torch.mv: PyTorch's matrix-vector kernel
@@ -160,26 +216,38 @@ KERNELS = {kernel.name: kernel for kernel in (  # the candidates
     Kernel("linear-native", PlainLinear, ALL_ROWS, ("cpu",), native_product),  # F.linear with oneDNN off
     Kernel("packed", PackedLinear, ALL_ROWS, ("cpu",),
            lambda m, x: torch.ops.mkldnn._linear_pointwise(x, m.weight, None, "none", [], "")),
+    Kernel("linear-f32", PlainLinear, ("chunk",), ("cpu",), float32_product),
+    *native_kernels("bf16-mv", "bf16", PlainLinear, our_bf16_product, dtypes=(torch.bfloat16,)),
     Kernel("w8", Int8Linear, ALL_ROWS, ("cpu", "mps"), lambda m, x: int8_matmul(x, m.weight, m.scales)),
     Kernel("w8-copy", Int8Linear, ALL_ROWS, ANY_DEVICE, lambda m, x: int8_copy_matmul(x, m.weight, m.scales),
            ("chunk",)),  # copying the weight to read it once loses to every kernel but for chunks
-    Kernel("linear-f32", PlainLinear, ("chunk",), ("cpu",), float32_product),
     Kernel("w8a8", Int8Linear, ALL_ROWS, ("cpu",), lambda m, x: int8_int8_matmul(x, m.weight, m.scales),
            input_rounding=per_token_rounding),
     Kernel("w8a8-onednn", PackedInt8Linear, ALL_ROWS, ("cpu",), onednn_int8_matmul,
            input_rounding=per_token_rounding),
     Kernel("w8-f32", Int8Linear, ("chunk",), ("cpu",), int8_float32_product),
+    *native_kernels("q8", "int8", Int8Linear, our_int8_product, input_rounding=block_rounding),
     Kernel("int4", Int4Linear, ALL_ROWS, ("cpu",), lambda m, x: torch._weight_int4pack_mm_for_cpu(
         x, m.weight, INT4_GROUP, m.scales_and_zeros)),
+    *native_kernels("q4", "int4", BlockInt4Linear, our_int4_product, input_rounding=block_rounding),
+    Kernel("q4-f32", BlockInt4Linear, ("chunk",), ("cpu",), int4_float32_product),
 )}
-BASE_LAYOUT = {"": PlainLinear, "int8": Int8Linear, "int4": Int4Linear}  # what each format converts to first
 DEFAULT_KERNEL = {  # a layout's kernel for a row class that nothing was timed for
     PlainLinear: {"one": "linear", "few": "linear", "chunk": "linear"},
     PackedLinear: dict.fromkeys(ROW_CLASSES, "packed"),
     Int8Linear: {"one": "w8", "few": "w8", "chunk": "w8-copy"},
     PackedInt8Linear: dict.fromkeys(ROW_CLASSES, "w8a8-onednn"),
     Int4Linear: dict.fromkeys(ROW_CLASSES, "int4"),
+    BlockInt4Linear: {"one": "q4", "few": "q4", "chunk": "q4-f32"},
 }
+
+
+def base_layout(quantize, ours):
+    """What each format's layers are converted to first: the layout every layer holds unless another measures
+    faster. 4-bit weights: ours where our kernels were built (`ours`), else PyTorch's packing."""
+    if quantize == "int4":
+        return BlockInt4Linear if ours else Int4Linear
+    return {"": PlainLinear, "int8": Int8Linear}[quantize]
 
 
 def use(module, names, few_rows):

@@ -22,6 +22,8 @@ from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallel
 from fairscale.nn.model_parallel.mappings import gather_from_model_parallel_region, reduce_from_model_parallel_region
 from torch import nn
 
+from speedups import native
+
 QUANTIZE_BLOCK_ROWS = 4096  # rows of a weight converted at a time: bounds the conversion's temporary memory
 INT4_PACK_ROWS = 64  # PyTorch's CPU int4 packing interleaves blocks of up to 64 rows: ours must hold whole ones
 assert QUANTIZE_BLOCK_ROWS % INT4_PACK_ROWS == 0
@@ -248,18 +250,66 @@ class ErrorSum:
         return (self.error / self.norm) ** 0.5 if self.norm else 0.0
 
 
-class Int4Linear(FastLinear):
-    """4-bit weights in groups of INT4_GROUP along each row, each group with its own scale and offset
-    (weight ~= q * scale + minimum, q in 0..15), packed for PyTorch's CPU int4 kernel."""
+class BlockInt4Linear(FastLinear):
+    """4-bit weights in blocks of INT4_GROUP along each row, each block with its own scale and minimum
+    (weight ~= q * scale + minimum, q in 0..15: Int4Linear's numbers), laid out plainly for the project's
+    own kernels (native.pack_int4: a block's 32 codes in 16 bytes, its scale and minimum in float16)."""
 
     FORMAT = "int4"
 
     def __init__(self, layer):
         super().__init__(fairscale_facts(layer))
-        weight, scales_and_zeros, self.relative_error = quantize_int4(layer.weight.detach(), from_file(layer))
+        weight = layer.weight.detach()
+        parts, error, sample = [], ErrorSum(), slice(None, None, ERROR_SAMPLE)
+        for start in range(0, weight.shape[0], QUANTIZE_BLOCK_ROWS):
+            block = weight[start : start + QUANTIZE_BLOCK_ROWS]
+            packed, scales, lows = native.pack_int4(*native.quantize_int4(block))
+            parts.append((packed, scales, lows))
+            error.add(block[sample], native.dequantize_int4_reference(packed[sample].contiguous(), scales[sample],
+                                                                      lows[sample], self.in_features))
+            if from_file(layer):
+                release_pages(block)
+        packed, scales, lows = (torch.cat(part) for part in zip(*parts))
+        self.relative_error = error.relative()
+        self.weight = nn.Parameter(packed, requires_grad=False)  # (out, blocks * 16) uint8
+        # float16, as the kernels read them, kept as their bits so that model.to(dtype) leaves them so
+        self.register_buffer("scale_bits", scales.view(torch.int16))  # (out, blocks)
+        self.register_buffer("low_bits", lows.view(torch.int16))
+
+    scales = property(lambda self: self.scale_bits.view(torch.float16))
+    lows = property(lambda self: self.low_bits.view(torch.float16))
+
+    def codes(self, start, end):
+        """The 4-bit codes of rows start .. end - 1, (rows, in) uint8."""
+        return native.unpack_int4(self.weight[start:end], self.in_features)
+
+    def dequantized(self, rows):
+        return native.dequantize_int4_reference(self.weight[:rows], self.scales[:rows], self.lows[:rows],
+                                                self.in_features)
+
+    def rows_view(self, start, end):
+        return self.view_of(start, end, weight=self.weight[start:end], scales=self.scales[start:end],
+                            lows=self.lows[start:end])
+
+
+class Int4Linear(FastLinear):
+    """4-bit weights in groups of INT4_GROUP along each row, each group with its own scale and offset
+    (weight ~= q * scale + minimum, q in 0..15), packed for PyTorch's CPU int4 kernel: quantized from the
+    file's weights, or repacked from a BlockInt4Linear (the same numbers)."""
+
+    FORMAT = "int4"
+
+    def __init__(self, layer, dtype=None, rows=None, release=True):
+        if isinstance(layer, BlockInt4Linear):
+            super().__init__(layer)
+            self.relative_error = layer.relative_error
+            weight, scales_and_zeros = repack_int4(layer)
+        else:
+            super().__init__(fairscale_facts(layer))
+            weight, scales_and_zeros, self.relative_error = quantize_int4(layer.weight.detach(), from_file(layer))
+            self.first_rows = layer.weight.detach()[:INT4_PACK_ROWS].clone()  # see dequantized
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.register_buffer("scales_and_zeros", scales_and_zeros)  # converted to the model's dtype by .to()
-        self.first_rows = layer.weight.detach()[:INT4_PACK_ROWS].clone()  # see dequantized
 
     def rows_view(self, start, end):
         if start % INT4_PACK_ROWS or end % INT4_PACK_ROWS:  # PyTorch's packing interleaves blocks of rows
@@ -299,6 +349,17 @@ def quantize_int4(weight, release=True):
             release_pages(block)
     # the kernel's layout: (groups, out, 2)
     return packed, scales_and_zeros.transpose(0, 1).contiguous(), error.relative()
+
+
+def repack_int4(block_int4):
+    """A BlockInt4Linear's codes, scales and minima in PyTorch's int4 layout: (packed weight, scales and zeros)."""
+    packed = torch.empty(block_int4.out_features, block_int4.in_features // 2, dtype=torch.uint8)
+    for start in range(0, block_int4.out_features, QUANTIZE_BLOCK_ROWS):
+        end = min(start + QUANTIZE_BLOCK_ROWS, block_int4.out_features)
+        packed[start:end] = torch._convert_weight_to_int4pack_for_cpu(block_int4.codes(start, end).to(torch.int32), 1)
+    scale, low = block_int4.scales.float(), block_int4.lows.float()
+    zero = low + INT4_MIDPOINT * scale  # the kernel's offset is the value of the middle code
+    return packed, torch.stack([scale, zero], dim=2).transpose(0, 1).contiguous()  # (groups, out, 2)
 
 
 def int4_groups(block):

@@ -15,6 +15,7 @@ import speedups
 from speedups import calibration, kernels, layouts
 from conftest import CPU, SCRIPTS, load, run_script
 from standin.smollm import BASE_MODEL
+from test_quantize import successor_chain
 
 EPYC_ONE_ROW = {"linear-native": 0.061, "linear": 0.090, "mv": 0.070, "packed": 0.25}  # REFERENCE.md's table
 XEON_ONE_ROW = {"mv": 0.075, "linear-native": 0.088, "linear": 0.103, "packed": 0.67}  # this project's Xeon, AMX
@@ -75,7 +76,8 @@ def test_an_unknown_kernel_name_is_one_line():
 def test_the_cache_key_names_the_machine_format_rows_shape_and_version():
     key = calibration.cache_key((8192, 2048), "few", torch.bfloat16, "int8", 5)
     assert f"torch {torch.__version__} threads {torch.get_num_threads()}" in key and "flags:" in key
-    assert f"bfloat16/int8 | few rows 5 | weight 8192x2048 | choice v{calibration.CALIBRATION_VERSION}" in key
+    assert (f"bfloat16/int8 | few rows 5 | weight 8192x2048 | without our kernels "
+            f"| choice v{calibration.CALIBRATION_VERSION}") in key
 
 
 ENTRY = {"seconds": {"mv": 0.5}, "skipped": {"packed": "cannot build PackedLinear"}}
@@ -153,7 +155,8 @@ def test_timings_taken_on_a_busier_machine_are_measured_again(step_seconds, drop
 # ---------------------------------------------------------------------------------------------------------
 def other_layouts():
     """Every layout a kernel reads that no format is first converted to."""
-    return {kernel.layout for kernel in kernels.KERNELS.values()} - set(kernels.BASE_LAYOUT.values())
+    bases = {kernels.base_layout(quantize, ours) for quantize in layouts.FORMATS for ours in (False, True)}
+    return {kernel.layout for kernel in kernels.KERNELS.values()} - bases
 
 
 def break_other_layouts(monkeypatch):
@@ -168,19 +171,21 @@ def break_other_layouts(monkeypatch):
 
 @pytest.mark.parametrize("quantize", ["", "int8"])
 @pytest.mark.parametrize("setting", ["measure", "packed,w8a8-onednn"])
-def test_a_layout_that_cannot_be_built_is_skipped_and_the_run_completes(quantize, setting, models_dir, tokenizer,
-                                                                        tmp_path, monkeypatch, distributed):
+def test_a_layout_that_cannot_be_built_is_skipped_and_the_run_completes(quantize, setting, confident_dir, successor,
+                                                                        tokenizer, tmp_path, monkeypatch,
+                                                                        distributed):
     """Measured (KERNELS unset) or forced: beam search's few rows would take the packed layouts; they raise, so
-    every layer keeps its base layout, the fast-path line says why, and the text is that of the rule."""
+    every layer keeps its base layout, the fast-path line says why, and the confident model's text follows."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     prompt_ids = tokenizer.encode("Once upon a time", bos=True, eos=False)
-    expected = list(run_inference.generate(load(run_inference, models_dir / "Tiny", 30, quantize=quantize),
-                                           prompt_ids, 12, tokenizer.stop_tokens))
     break_other_layouts(monkeypatch)
-    model = load(run_inference, models_dir / "Tiny", 30, batch=4, quantize=quantize, kernels=setting)
-    assert {type(m) for m in model.modules() if isinstance(m, layouts.FastLinear)} == {kernels.BASE_LAYOUT[quantize]}
+    model = load(run_inference, confident_dir / "Tiny", 30, torch.bfloat16, batch=4, quantize=quantize,
+                 kernels=setting)
+    assert {type(m) for m in model.modules() if isinstance(m, layouts.FastLinear)} == {kernels.base_layout(quantize,
+                                                                                                           False)}
     assert "skipped here: " in speedups.describe(model) and "cannot build Packed" in speedups.describe(model)
-    assert list(run_inference.generate(model, prompt_ids, 12, tokenizer.stop_tokens)) == expected
+    assert list(run_inference.generate(model, prompt_ids, 12, tokenizer.stop_tokens)) == \
+        successor_chain(successor, prompt_ids[-1], 12)
 
 
 def fast_and_wrong(module, x):

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import speedups
+from speedups import layouts
 from speedups import native
 
 REPO = Path(__file__).resolve().parent.parent
@@ -210,9 +210,9 @@ def test_an_unknown_variant_is_one_clear_error(kernels):
 # int4's layout and dequantising.
 # ---------------------------------------------------------------------------------------------------------
 def test_int4_codes_are_speedups_quantize_int4s(kernels):
-    """pack_int4(quantize_int4(w)) holds the codes PyTorch's int4 layout gets from speedups.quantize_int4."""
+    """pack_int4(quantize_int4(w)) holds the codes PyTorch's int4 layout gets from layouts.quantize_int4."""
     weight = torch.randn(64, 128) * 0.02
-    stock, scales_and_zeros, _ = speedups.quantize_int4(weight.clone())  # it lets go of (zeroes) its input's pages
+    stock, scales_and_zeros, _ = layouts.quantize_int4(weight.clone())  # it lets go of (zeroes) its input's pages
     dense = torch._weight_int4pack_mm_for_cpu(torch.eye(128), stock, native.BLOCK, scales_and_zeros).t()  # (out, in)
     codes, scales, lows = native.quantize_int4(weight)
     stock_codes = ((dense.view(64, -1, native.BLOCK) - lows[..., None]) / scales[..., None]).round().flatten(1)
