@@ -39,10 +39,10 @@ from llama_models.llama3.model import apply_rotary_emb
 from torch import nn
 
 from speedups.calibration import (SAMPLE_MAX_WEIGHTS, StepThreads, build_layout, copy_in_dtype, kernel_choice,
-                                  plan_kernels, row_classes, vet)
+                                  plan_kernels, vet)
 from speedups import native
 from speedups.kernels import DEFAULT_KERNEL, KERNELS, base_layout
-from speedups.layouts import FORMATS, Concatenated, FastLinear, row_class, trim_heap
+from speedups.layouts import FEW_ROWS, FORMATS, ROW_CLASSES, Concatenated, FastLinear, row_class, trim_heap
 
 __all__ = ["FORMATS", "FusedFeedForward", "GroupedQueryAttention", "LastPositionLogits", "apply", "describe",
            "kernel_choice"]
@@ -110,8 +110,8 @@ def try_plan(module, layout, names, dtype, few_rows):
     converted, why = sample, None
     if type(module) is not layout:
         converted, why = build_layout(layout, module, dtype, few_rows, release=False)
-    rows_count = {"one": 1, "few": few_rows, "chunk": few_rows + 1}
-    for rows in row_classes(few_rows):
+    rows_count = {"one": 1, "few": few_rows + 1, "chunk": max(few_rows, FEW_ROWS) + 1}
+    for rows in ROW_CLASSES:
         if rows != "chunk" or module.shape[0] * module.shape[1] <= SAMPLE_MAX_WEIGHTS:  # the output layer
             why = why or vet(KERNELS[names[rows]], converted, sample, rows_count[rows], dtype)
     return why

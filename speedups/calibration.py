@@ -45,6 +45,7 @@ CALIBRATION_ROUNDS = 3  # each candidate is timed up to this many times, interle
 CALIBRATION_VERSION = 3  # part of the cache key: raise it when what is measured or how it is chosen changes
 SWEEP_BYTES = 2**30  # the weights one timed pass streams: more than this machine's caches (a 480 MiB L3)
 CHUNK_ROWS = 64  # a prompt chunk is timed with this many rows (compute-bound: one layer per shape)
+FEW_TIMED = 8  # a few rows (a short prompt's) are timed with this many, where beam search does not say
 SAMPLE_MAX_WEIGHTS = 2**26  # larger weights (the output layer) are not copied into another layout to be timed
 CHECK_ROWS = 64  # output rows of the sample compared with the float32 product (a multiple of INT4_PACK_ROWS)
 # The largest relative error (Frobenius norm over the checked outputs) a right kernel may have: the
@@ -81,8 +82,7 @@ def plan_kernels(modules, device, dtype, quantize, few_rows, setting="measure", 
         seconds, skipped, how = calibrate(modules, dtype, quantize, few_rows, ours)
         plans = {shape: choose(seconds[shape], decode_class) for shape in shapes}
         linears = sum(seconds[m.shape][decode_class].get(plans[m.shape][1][decode_class], 0) for m in modules)
-        keys = [cache_key(shape, rows, dtype, quantize, few_rows, ours) for shape in shapes
-                for rows in row_classes(few_rows)]
+        keys = [cache_key(shape, rows, dtype, quantize, few_rows, ours) for shape in shapes for rows in ROW_CLASSES]
         report = how + "; " + rates_report(seconds, modules, plans, dtype, quantize, few_rows) + native_report(ours)
         return plans, skipped, report, TimingsCheck(linears, keys)
     seconds = rule_seconds(quantize, device, dtype, few_rows)
@@ -100,8 +100,8 @@ def plan_kernels(modules, device, dtype, quantize, few_rows, setting="measure", 
 def native_report(ours):
     """The project's own kernels, in a clause: the instruction sets they run here, or why there are none."""
     if ours:
-        built = dict.fromkeys(native.variants("int8") + native.variants("bf16"))
-        return f"; our C++ kernels built for {', '.join(built)}"
+        return (f"; our C++ kernels ({native.variants('int8')[0]} for 8 and 4 bits, {native.variants('bf16')[0]} for "
+                "bfloat16)")
     return f"; our C++ kernels: not available ({native.why_unavailable()}), PyTorch's only"
 
 
@@ -165,7 +165,7 @@ def rates_report(seconds, modules, plans, dtype, quantize, few_rows):
     count = {}
     for module in modules:
         count[module.shape] = count.get(module.shape, 0) + 1
-    labels = {"one": "1 row", "few": f"{few_rows} rows", "chunk": f"{CHUNK_ROWS} rows"}
+    labels = {rows: f"{count} row{'s' if count > 1 else ''}" for rows, count in rows_timed(few_rows).items()}
     parts = []
     for rows in ROW_CLASSES:
         weight_bytes, total = {}, {}
@@ -244,7 +244,7 @@ def calibrate(modules, dtype, quantize, few_rows, ours=False):
     one layer per shape. Candidates take turns, up to CALIBRATION_ROUNDS rounds within CALIBRATION_SECONDS
     (one round at least); the fastest round counts."""
     keys = {(shape, rows): cache_key(shape, rows, dtype, quantize, few_rows, ours)
-            for shape in {module.shape for module in modules} for rows in row_classes(few_rows)}
+            for shape in {module.shape for module in modules} for rows in ROW_CLASSES}
     cache = read_cache()
     if all(key in cache for key in keys.values()):
         seconds, skipped = {}, {}
@@ -261,8 +261,9 @@ def calibrate(modules, dtype, quantize, few_rows, ours=False):
                               f"weights in and trying each kernel), {stored}")
 
 
-def row_classes(few_rows):
-    return ROW_CLASSES if few_rows > 1 else ("one", "chunk")
+def rows_timed(few_rows):
+    """{row class: the rows its products are timed with}: a few are beam search's (few_rows), or FEW_TIMED."""
+    return {"one": 1, "few": few_rows if few_rows > 1 else FEW_TIMED, "chunk": CHUNK_ROWS}
 
 
 def time_candidates(modules, dtype, quantize, few_rows, ours=False):
@@ -277,8 +278,8 @@ def time_candidates(modules, dtype, quantize, few_rows, ours=False):
         samples.setdefault(module.shape, module)
     copies, skipped = other_layouts(candidates, base, samples, dtype, few_rows)
     chunk_samples = [sample for shape, sample in samples.items() if shape[0] * shape[1] <= SAMPLE_MAX_WEIGHTS]
-    rows_in = {"one": 1, "few": few_rows, "chunk": CHUNK_ROWS}
-    inputs = {(rows, n): torch.randn(rows_in[rows], n, dtype=dtype) for rows in row_classes(few_rows)
+    rows_in = rows_timed(few_rows)
+    inputs = {(rows, n): torch.randn(rows_in[rows], n, dtype=dtype) for rows in ROW_CLASSES
               for n in {module.in_features for module in sweep}}
     evict = KERNELS[DEFAULT_KERNEL[base]["one"]].run
 
@@ -306,7 +307,7 @@ def time_candidates(modules, dtype, quantize, few_rows, ours=False):
         for module in sweep:  # reads the memory-mapped weights in, and starts the threads
             evict(module, inputs["one", module.in_features])
         tasks = []  # (kernel, row class) to time: those that run right on every sample
-        for rows in sorted(row_classes(few_rows), key=lambda rows: rows != decode_class):
+        for rows in sorted(ROW_CLASSES, key=lambda rows: rows != decode_class):
             for kernel in candidates:
                 if rows not in kernel.candidate_rows or kernel.name in skipped:
                     continue
@@ -390,7 +391,7 @@ def machine_key():
 
 def cache_key(shape, rows, dtype, quantize, few_rows, ours=False):
     format_ = f"{str(dtype).removeprefix('torch.')}{'/' + quantize if quantize else ''}"
-    rows_count = {"one": 1, "few": few_rows, "chunk": CHUNK_ROWS}[rows]
+    rows_count = rows_timed(few_rows)[rows]
     return (f"{machine_key()} | {format_} | {rows} rows {rows_count} | weight {shape[0]}x{shape[1]} "
             f"| {'with' if ours else 'without'} our kernels | choice v{CALIBRATION_VERSION}")
 

@@ -51,13 +51,15 @@ FORMATS = {
                    "weights (5 bits a weight in all), packed for PyTorch's CPU kernel: about 2 s per GB"),
 }
 
-ROW_CLASSES = ("one", "few", "chunk")  # 1 row; 2 .. max_batch_size rows (beam search); more (a prompt chunk)
+ROW_CLASSES = ("one", "few", "chunk")  # 1 row; a few (beam search's, a short prompt's); more (a prompt chunk)
+FEW_ROWS = 16  # rows that still count as a few, whatever the beam width: each weight read once serves them all
 
 
 def row_class(rows, few_rows):
+    """The class of a product of `rows` rows, where beam search runs `few_rows` (max_batch_size) at a time."""
     if rows == 1:
         return "one"
-    return "few" if rows <= few_rows else "chunk"
+    return "few" if rows <= max(few_rows, FEW_ROWS) else "chunk"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -304,6 +306,7 @@ class Int4Linear(FastLinear):
             super().__init__(layer)
             self.relative_error = layer.relative_error
             weight, scales_and_zeros = repack_int4(layer)
+            scales_and_zeros = scales_and_zeros.to(dtype)  # as model.to(dtype) leaves a quantized layer's
         else:
             super().__init__(fairscale_facts(layer))
             weight, scales_and_zeros, self.relative_error = quantize_int4(layer.weight.detach(), from_file(layer))
