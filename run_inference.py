@@ -301,29 +301,32 @@ def compare_layer_by_hand(model, prompt_ids):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Making the layer fast (speedups.py; its docstring has the details, `python benchmarks/bench_kernels.py`
-# measures every candidate on your machine).
+# Making the layer fast (speedups/; its docstrings have the details, `python benchmarks/bench_kernels.py`
+# measures every kernel on your machine).
 # The linear layers: most of the time, and most of the bytes. Decoding one token multiplies every weight
-# matrix by one vector: each weight is read from memory once and used for one multiply-add, so the time
-# per token is about the bytes of the weights divided by the memory bandwidth. Which kernel streams them
-# fastest depends on the CPU, the number format and the rows per product: one (greedy, sampling), a few
-# (beam search's k beams) or many (a prompt chunk). The fastest on one CPU was the slowest on another, so
-# speedups.py times the stock candidates (PyTorch's own matrix-vector code, torch.mv, oneDNN's kernels,
-# oneDNN's with the weight laid out once in its blocked format, the 8- and 4-bit kernels) on this machine
-# once, caches the timings, and keeps the fastest: the "fast path" line says which, with the rates.
+# matrix by one vector: each weight is read from memory once for one multiply-add, so the time per token is
+# about the bytes of the weights over the memory bandwidth. wq, wk and wv read the same input, and so do w1
+# and w3: each group becomes one matrix (wqkv, w13), one product that reads its input once. A prompt chunk
+# is the other way round: each weight serves hundreds of rows, arithmetic sets the pace, and on a CPU
+# without bfloat16 instructions float32's products are several times faster, so the weights are widened to
+# float32 a block at a time there. The fastest kernel depends on the CPU, the number format and the rows
+# per product (one, a few, a chunk); the fastest on one CPU was the slowest on another, and some were wrong
+# on some CPUs. So speedups/ first tries every candidate here (it must build, run, and give the float32
+# product of the same weights to within rounding), times the survivors on the model's own weights once,
+# caches the timings, and keeps the fastest: the "fast path" line says which, and what it skipped.
 #
-# 8-bit and 4-bit weights (QUANTIZE): fewer bytes to stream per token, and less memory (Llama 3.1 8B:
-# 16 GB in bfloat16, about 8 in int8 and 5 in int4, so it fits a 16 GB laptop).
-#   int8: each output row w gets a scale, scale = max(|w|) / 127, w_int8 = round(w / scale), so that
-#     w ~ w_int8 * scale with an error of at most scale / 2 per weight. The product is x @ w_int8.T * scale;
-#     where it measures faster, x is rounded to 8 bits too, with a scale per token (int8 x int8).
-#   int4: each run of 32 weights in a row gets a scale and an offset, scale = (max - min) / 15,
-#     q = round((w - min) / scale) in 0 .. 15, w ~ q * scale + min; two weights per byte.
-# The embedding table stays in bfloat16 and memory-mapped (a lookup reads one row per token). Each weight
-# is converted a block of rows at a time, and the block's pages of the mapped file are then released
-# (speedups.release_pages), so the bfloat16 model is never resident beside its converted copy. The
-# weights' relative error is printed at load; benchmarks/README.md gives what each format costs a real
-# model's text (`python benchmarks/bench_accuracy.py` measures it).
+# 8-bit and 4-bit weights (QUANTIZE): fewer bytes to stream per token, and less memory.
+#   int8: each output row w gets a scale, scale = max(|w|) / 127, w_int8 = round(w / scale): w ~ w_int8 *
+#     scale, at most scale / 2 off per weight. The product is x @ w_int8.T * scale.
+#   int4: each run of 32 weights in a row gets a scale = (max - min) / 15 and an offset min; q = round((w -
+#     min) / scale) in 0 .. 15, w ~ q * scale + min; two weights per byte.
+# Integers times integers: PyTorch's stock kernels widen each weight to a float and spend a float
+# multiply-add on it, so on a few cores they run out of instructions before memory runs out of bytes.
+# speedups/quantized.cpp rounds x to 8 bits too (a scale per 32 inputs) and multiplies bytes by bytes: one
+# AVX-512 VNNI instruction makes 64 byte products and adds them into 16 sums. Integer sums are exact; the
+# new error is x's rounding (`python benchmarks/bench_accuracy.py`: what each format costs real text).
+# The embedding table stays in bfloat16, memory-mapped; each weight is converted a block of rows at a
+# time, and the block's pages of the mapped file released, so the bfloat16 model is never resident beside it.
 #
 # Attention. llama-models' Attention copies each key-value head's cached keys and values 4 times
 # (repeat_kv), so that every query head has its own: copies that grow with the context, at every step.
