@@ -6,12 +6,12 @@
     python benchmarks/bench_kernels.py --threads 1 --rows 1    # one core
     python benchmarks/bench_kernels.py --contexts 128,512,4096 # attention at other context lengths
 
-speedups.py measures the stock kernels briefly at load time and picks for each case (KERNELS=measure); this
-script measures every candidate at length on your CPU, so that you can check what it picked. Models are
+speedups/ tries and times the kernels briefly at load time and picks for each case (KERNELS=measure); this
+script measures every kernel, each variant of ours included, at length on your CPU, so that you can check what it picked. Models are
 loaded by the scripts' own load_model from the random 1B checkpoint that benchmarks/bench_decode.py writes
 (and this script too).
 
-1. Linear layers: every linear layer of the model once, with each kernel in speedups.KERNELS forced, on
+1. Linear layers: every linear layer of the model once, with each kernel in speedups/kernels.py forced, on
    `rows` random input rows: the weights' share of a decode step with that many
    sequences (256 rows: about a prompt chunk). GB/s is the weights' bytes over the time.
 2. Attention: one layer's attention in a decode step with a number of tokens already cached, without its
@@ -36,6 +36,7 @@ sys.path[:0] = [str(REPO), str(REPO / "benchmarks"), str(REPO / "tests")]  # the
 
 import run_inference  # noqa: E402
 import speedups  # noqa: E402
+from speedups import kernels, layouts, native  # noqa: E402
 from support import checkpoint, devices  # noqa: E402
 from bench_decode import CHECKPOINT_DIR, CHECKPOINT_NAME, ensure_checkpoint  # noqa: E402
 
@@ -64,30 +65,38 @@ def load(model_dir, dtype, max_seq_len, batch, use_speedups=True, quantize="", k
 def time_kernels(model_dir, dtype, quantize, rows_list, passes):
     """{kernel: {rows: seconds for one call of every linear layer, or None where it does not serve}}, the
     weight bytes, and speedups' own choice (its describe line), for one format."""
-    model = load(model_dir, dtype, 8, PACKED_FOR, True, quantize)  # the format's base layout, every layer
-    layers = [m for m in model.modules() if isinstance(m, speedups.FastLinear)]
-    base, results = type(layers[0]), {}
-    for name, kernel in speedups.KERNELS.items():
-        if kernel.layout.FORMAT != quantize or "cpu" not in kernel.devices:
+    ours = native.library() is not None
+    base = kernels.base_layout(quantize, ours)
+    forced = kernels.DEFAULT_KERNEL[base]["one"]  # every layer in the format's base layout, ours where built
+    model = load(model_dir, dtype, 8, PACKED_FOR, True, quantize, kernels=forced)
+    layers = [m for m in model.modules() if isinstance(m, layouts.FastLinear)]
+    results = {}
+    for name, kernel in kernels.KERNELS.items():
+        if (kernel.layout.FORMAT != quantize or "cpu" not in kernel.devices or (kernel.ours and not ours)
+                or dtype not in (kernel.dtypes or (dtype,))):
             continue
         print(f"{name} ...", file=sys.stderr)
         try:
             modules = layers if kernel.layout is base else [kernel.layout(m, dtype, PACKED_FOR, release=False)
                                                             for m in layers]
-        except (RuntimeError, NotImplementedError) as error:
+        except Exception as error:  # a layout this CPU cannot build
             print(f"  not on this CPU: {error}", file=sys.stderr)
             continue
         for module in modules:
-            module.use(dict.fromkeys(speedups.ROW_CLASSES, name), PACKED_FOR)
+            kernels.use(module, dict.fromkeys(layouts.ROW_CLASSES, name), PACKED_FOR)
         results[name] = {}
         with torch.inference_mode():
             for rows in rows_list:
-                classes = [speedups.row_class(rows, PACKED_FOR)]
-                if not set(classes) <= set(kernel.rows):
+                if layouts.row_class(rows, PACKED_FOR) not in kernel.rows:
                     results[name][rows] = None
                     continue
                 xs = {n: torch.randn(rows, 1, n, dtype=dtype) for n in {m.in_features for m in modules}}
-                results[name][rows] = fastest(lambda: [m(xs[m.in_features]) for m in modules], passes)
+                try:
+                    results[name][rows] = fastest(lambda: [m(xs[m.in_features]) for m in modules], passes)
+                except Exception as error:  # an instruction set this CPU lacks
+                    print(f"  not on this CPU: {error}", file=sys.stderr)
+                    del results[name]
+                    break
         del modules
     weight_bytes = sum(layer.weight.nbytes for layer in layers)
     del model, layers
@@ -123,7 +132,7 @@ def time_step(model_dir, dtype, quantize):
     """(seconds of a whole decode step after a short prompt, seconds of its linear layers alone,
     tensor operations in the step, of which in the linear layers)."""
     model = load(model_dir, dtype, 64, 1, True, quantize, kernels="measure")
-    layers = [m for m in model.modules() if isinstance(m, speedups.FastLinear)]
+    layers = [m for m in model.modules() if isinstance(m, layouts.FastLinear)]
     xs = {layer.in_features: torch.randn(1, 1, layer.in_features, dtype=dtype) for layer in layers}
     with torch.inference_mode():
         run_inference.prefill(model, list(range(1000, 1016)))
