@@ -167,7 +167,7 @@ def _build(folder, built):
             module = _compile(staging, ninja)
             for path in staging.iterdir():  # keep the library only
                 if path.name != built.name:
-                    path.unlink()
+                    shutil.rmtree(path) if path.is_dir() else path.unlink()
             os.rename(staging, folder)
             return module, None
         except Exception as error:

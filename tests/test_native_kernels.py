@@ -183,12 +183,14 @@ def test_bf16_product_is_a_float32_product_of_the_same_weights(kernels, variant,
 
 @pytest.mark.parametrize("kernel", ["int8", "int4", "bf16"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_16_bit_inputs_give_16_bit_outputs_of_the_same_math(kernels, kernel, dtype):
-    x, weights, reference, allowed = case(kernel, 3, 100, dtype)
+@pytest.mark.parametrize("rows", [1, 11])
+@pytest.mark.parametrize("in_features", IN)
+def test_16_bit_inputs_give_16_bit_outputs_of_the_same_math(kernels, kernel, dtype, rows, in_features):
+    x, weights, reference, allowed = case(kernel, rows, in_features, dtype)
     product = getattr(native, f"{kernel}_matvec")
     for variant in native.variants(kernel):
         y = product(x, *weights, variant)
-        assert y.dtype == dtype and y.shape == (3, OUT)
+        assert y.dtype == dtype and y.shape == (rows, OUT)
         assert_within(y, reference, allowed)
 
 
