@@ -309,8 +309,8 @@ class Int4Linear(FastLinear):
             scales_and_zeros = scales_and_zeros.to(dtype)  # as model.to(dtype) leaves a quantized layer's
         else:
             super().__init__(fairscale_facts(layer))
+            self.first_rows = layer.weight.detach()[:INT4_PACK_ROWS].clone()  # see dequantized; before its pages go
             weight, scales_and_zeros, self.relative_error = quantize_int4(layer.weight.detach(), from_file(layer))
-            self.first_rows = layer.weight.detach()[:INT4_PACK_ROWS].clone()  # see dequantized
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.register_buffer("scales_and_zeros", scales_and_zeros)  # converted to the model's dtype by .to()
 
