@@ -284,3 +284,14 @@ def test_each_script_with_its_default_settings_knows_paris(script_name, smollm_d
                         MAX_NEW_TOKENS=8)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(" Paris")
+
+
+def test_without_a_compiler_the_stock_kernels_run_and_the_line_says_so(confident_dir, successor, tokenizer, tmp_path):
+    """A machine without a C++ compiler (CXX names none, and no build is cached in the fresh cache folder):
+    int4 decodes with PyTorch's kernels, the confident model's text, and the fast-path line says why."""
+    result = run_script("run_inference.py", confident_dir, "Tiny", KERNELS=None, XDG_CACHE_HOME=tmp_path,
+                        CXX=str(tmp_path / "no-such-compiler"), QUANTIZE="int4", MAX_NEW_TOKENS=12, LOOK_INSIDE=0)
+    assert result.returncode == 0, result.stderr
+    assert "our C++ kernels: not available (no C++ compiler" in result.stderr
+    last = tokenizer.encode(run_inference.INPUT_STRING, bos=True, eos=False)[-1]
+    assert result.stdout == tokenizer.decode(successor_chain(successor, last, 12))
