@@ -22,7 +22,6 @@ loaded by the scripts' own load_model from the random 1B checkpoint that benchma
 """
 
 import argparse
-import os
 import sys
 import time
 from contextlib import redirect_stdout
@@ -97,7 +96,7 @@ def time_kernels(model_dir, dtype, quantize, rows_list, passes):
                     print(f"  not on this CPU: {error}", file=sys.stderr)
                     del results[name]
                     break
-        del modules
+        modules = None  # the layout copies go before the next kernel's
     weight_bytes = sum(layer.weight.nbytes for layer in layers)
     del model, layers
     chosen = speedups.describe(load(model_dir, dtype, 8, 1, True, quantize, kernels="measure"))

@@ -16,7 +16,6 @@ fixed rule (KERNELS=rule), so that no trial of another thread count runs between
 """
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -29,8 +28,7 @@ from bench_decode import CHECKPOINT_DIR, CHECKPOINT_NAME, DTYPE, ensure_checkpoi
 from llama_models.llama3.tokenizer import Tokenizer  # on the path, and the tests' helpers
 
 import run_inference
-import speedups
-from support import checkpoint, devices
+from support import checkpoint, devices, picture
 
 
 def timed(work):
@@ -43,11 +41,11 @@ def measure(model, tokenizer, ids, rounds, folder):
     """{what: [seconds per round]}."""
     layer = run_inference.shown_layer(len(model.layers))
     first = max(0, len(ids) - run_inference.LOOK_INSIDE_POSITIONS)
-    picture = Path(folder) / "look.png"
+    path = Path(folder) / "look.png"
     looks = {}
 
     def draw():
-        run_inference.save_picture(run_inference.draw_look_inside(looks["script"], tokenizer, ids, layer), picture)
+        picture.save(picture.draw_look_inside(looks["script"], tokenizer, ids, layer), path)
 
     work = {"prefill": lambda: run_inference.prefill(model, ids),
             "look (script)": lambda: looks.update(script=run_inference.look_inside(model, ids, layer, first)),

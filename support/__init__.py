@@ -9,6 +9,7 @@ those listed before it, so every import points one way, from the scripts down:
                    stand-in's names find standin/'s SmolLM2 (which is made with this module, so imported late)
     memory.py      whether the job fits: the context, the processes, the weights and the KV cache in memory
     report.py      during and after generation: the scores' check, the progress line, speed and memory
+    picture.py     the tutorial's look inside drawn as a PNG file (matplotlib, imported only when asked)
 
 Every check stops the script with one line on stderr that says what is wrong and what to do, and a
 non-zero exit status. Set DEBUG=1 to see the traceback of an unexpected error instead.

@@ -16,7 +16,6 @@ from llama_models.llama3.tokenizer import Tokenizer
 
 import minimal_run_inference
 import run_inference
-import speedups
 from standin import smollm
 from standin.random_checkpoint import (LLAMA_3_2_1B, TINY, TOKENIZER, fixed_distribution_weights, random_weights,
                                        write_checkpoint)

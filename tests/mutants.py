@@ -24,6 +24,7 @@ MINIMAL, TUTORIAL, SPEEDUPS = "minimal_run_inference.py", "run_inference.py", "s
 LAYOUTS, KERNELS, CALIBRATION = "speedups/layouts.py", "speedups/kernels.py", "speedups/calibration.py"
 CHECKPOINT, DEVICES, EXITS = "support/checkpoint.py", "support/devices.py", "support/exits.py"
 SETTINGS, REPORT, STANDIN, README = "support/settings.py", "support/report.py", "standin/smollm.py", "README.md"
+PICTURE = "support/picture.py"
 NATIVE = "speedups/quantized.cpp"  # each mutant of it compiles its own copy (a minute) into the user's cache
 # Tests, by what they check: pytest node ids ([...] picks parameters) or a file and a -k expression.
 SPEEDUPS_TESTS = "tests/test_speedups.py::"
@@ -164,16 +165,16 @@ MUTANTS = {
                                                  LOOK_TABLE),
     "look-table-attention-tokens-shifted": (TUTORIAL, 'f"{tokenizer.decode([prompt_ids[i]])!r} {w:.2f}"',
                                             'f"{tokenizer.decode([prompt_ids[i - 1]])!r} {w:.2f}"', LOOK_TABLE),
-    "look-picture-lens-transposed": (TUTORIAL, "image = axes.imshow(top, cmap=colours",
+    "look-picture-lens-transposed": (PICTURE, "image = axes.imshow(top, cmap=colours",
                                      "image = axes.imshow(top.T, cmap=colours", LOOK_PICTURE),
-    "look-picture-cell-texts-transposed": (TUTORIAL, "axes.text(position, layer, token_label(",
+    "look-picture-cell-texts-transposed": (PICTURE, "axes.text(position, layer, token_label(",
                                            "axes.text(layer, position, token_label(", LOOK_PICTURE),
-    "look-picture-heads-transposed": (TUTORIAL, "image = axes.imshow(maps[head].cpu().numpy(),",
+    "look-picture-heads-transposed": (PICTURE, "image = axes.imshow(maps[head].cpu().numpy(),",
                                       "image = axes.imshow(maps[head].cpu().numpy().T,", LOOK_PICTURE),
     "look-picture-heads-of-the-layer-below": (TUTORIAL, "look = look_inside(model, prompt_ids, layer, max(",
                                               "look = look_inside(model, prompt_ids, layer - 1, max(", LOOK_PICTURE),
     "look-picture-summed-column-misses-position-1": (
-        TUTORIAL, "maps = torch.cat([look.head_maps[:, :, 1 : look.first].sum(",
+        PICTURE, "maps = torch.cat([look.head_maps[:, :, 1 : look.first].sum(",
         "maps = torch.cat([look.head_maps[:, :, 2 : look.first].sum(", LOOK_LONG_PICTURE),
     "look-picture-window-ignored": (TUTORIAL, "max(0, len(prompt_ids) - LOOK_INSIDE_POSITIONS))", "0)",
                                     LOOK_LONG_PICTURE),

@@ -29,6 +29,7 @@ from conftest import REPO, clean_environment, load, run_script
 from hf_reference import lens_and_attention, transformers_llama
 from standin import smollm
 from standin.random_checkpoint import TINY
+from support import picture
 
 TOP = run_inference.LOOK_INSIDE_TOP
 STORY = "The Eiffel Tower is in the city of"  # README's picture: SmolLM2 knows the answer, " Paris"
@@ -180,9 +181,9 @@ def test_every_column_of_the_table_and_the_picture_file(story, tmp_path):
 def drawn(model, tokenizer, ids, path, monkeypatch, capsys):
     """show_look_inside as main calls it, with LOOK_INSIDE_PNG=path: (the figure it drew, what it printed)."""
     figures = []
-    draw = run_inference.draw_look_inside
+    draw = picture.draw_look_inside
     monkeypatch.setattr(run_inference, "LOOK_INSIDE_PNG", str(path))
-    monkeypatch.setattr(run_inference, "draw_look_inside", lambda *args: figures.append(draw(*args)) or figures[-1])
+    monkeypatch.setattr(picture, "draw_look_inside", lambda *args: figures.append(draw(*args)) or figures[-1])
     capsys.readouterr()
     run_inference.show_look_inside(model, tokenizer, ids)
     [figure] = figures
@@ -214,11 +215,11 @@ def test_the_picture_shows_the_tables_numbers_and_transformers(story, distribute
     cells = numbers(lens_axes)  # (layers, positions)
     top_probs, top_ids = hf_lens.max(dim=-1)
     assert (cells - top_probs).abs().max() <= REAL_GAP
-    texts = [[run_inference.token_label(tokenizer.decode([i])) for i in layer] for layer in top_ids.tolist()]
+    texts = [[picture.token_label(tokenizer.decode([i])) for i in layer] for layer in top_ids.tolist()]
     at = {(round(text.get_position()[1]), round(text.get_position()[0])): text.get_text() for text in lens_axes.texts}
     assert at == {(layer, position): text for layer, row in enumerate(texts) for position, text in enumerate(row)}
     _, _, rows = printed_table(printed)
-    assert [run_inference.token_label(lens[0][0]) for _, lens, _ in rows] == [layer[-1] for layer in texts]
+    assert [picture.token_label(lens[0][0]) for _, lens, _ in rows] == [layer[-1] for layer in texts]
     assert all(abs(lens[0][1] - cell) <= PRINTED_GAP for (_, lens, _), cell in zip(rows, cells[:, -1]))
     layer = int(re.search(r"layer (\d+)", title).group(1))
     assert layer == run_inference.shown_layer(len(hf_lens)) and len(maps) == hf_attention.shape[1]
