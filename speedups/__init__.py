@@ -5,7 +5,7 @@ are loaded and before the model moves to its device. It swaps the module classes
 Transformer, so `print(model)` shows what runs:
 
     GroupedQueryAttention   llama-models' Attention, without copying the shared key-value heads
-    LastPositionLogits      the output layer, for the last position only
+    LastPositionLogits      the output layer, for the last position only (every_position(model): for all)
     PlainLinear             a linear layer with its weight as stored (16 or 32 bits)
     PackedLinear            the weight laid out once for oneDNN's kernels
     Int8Linear              8-bit weights, one scale per row (QUANTIZE=int8)
@@ -222,11 +222,30 @@ class LastPositionLogits(nn.Module):
         super().__init__()
         self.layer = layer
         self.threads = threads
+        self.every_position = False  # set by every_position(model)
 
     def forward(self, h):  # (batch, seqlen, dim) -> (batch, 1, vocab)
         if self.threads:
             self.threads.step(decoding=h.shape[1] == 1)
+        if self.every_position:
+            return self.layer(h)  # (batch, seqlen, vocab)
         return self.layer(h[:, -1:])
+
+
+@contextmanager
+def every_position(model):
+    """Within: the model's forward returns the logits of every position it is fed, as llama-models' own output
+    layer does (speculative decoding's verify pass reads them all); a model without LastPositionLogits
+    (SPEEDUPS=0) always does."""
+    output = model.output
+    if not isinstance(output, LastPositionLogits):
+        yield
+        return
+    output.every_position = True
+    try:
+        yield
+    finally:
+        output.every_position = False
 
 
 class StepThreads:
