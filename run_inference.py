@@ -2,7 +2,8 @@
 
 This is the tutorial twin of minimal_run_inference.py: the same steps, in the same order, under the same
 names, with the reasons written next to the code, plus two more ways to choose tokens (beam search and
-top-p sampling) and a chat mode that keeps the conversation in the KV cache. Read it top to bottom; it
+top-p sampling), speculative decoding (a proposer drafts tokens, the model checks several in one pass) and a
+chat mode that keeps the conversation in the KV cache. Read it top to bottom; it
 follows the data: text, tokens, weights and cache, one layer, logits, the next token, text again.
 
 What makes it fast lives in speedups.py, applied by one call in load_model; each idea is explained here,
@@ -67,7 +68,7 @@ SEED = 0  # sampling: the same seed gives the same text
 # Speculative decoding (see "Speculative decoding"): a proposer drafts tokens, the model checks them in one pass.
 DRAFT = ""  # "": off; "lookup": tokens copied from the prompt and the text so far; "self-int4": this model in int4;
 # or a smaller model's folder in LLAMA_MODELS_DIR with the same tokenizer (Llama3.2-1B drafting for Llama3.1-8B)
-DRAFT_TOKENS = 4  # tokens drafted per round (k): measured best on this project's CPUs, see "Speculative decoding"
+DRAFT_TOKENS = 4  # drafts per round (k), chosen by measuring: see "What the numbers say" under "Speculative decoding"
 DRAFT_MEASURE = 1  # 1: after the text, decode the same tokens again one per step, to report the measured speedup
 
 CHAT = 0  # 1: a conversation with an Instruct model: your messages on stdin, one per line; the replies on stdout
@@ -702,14 +703,18 @@ def show_drafted_token(step, token_id, logits, draft, tokenizer):
 
 
 # What the numbers say. A round costs a verify pass (k + 1 rows) plus the proposer's k steps, and yields one
-# token plus the drafts accepted. Whether that beats one token a step is a measurement: the acceptance rate
-# depends on the text and the proposer, the cost of a pass on the hardware, and both on k (DRAFT_TOKENS).
-# Each run reports the acceptance rate and the tokens per pass; with DRAFT_MEASURE=1 it then decodes the
-# same tokens again, one step a token as plain decoding would, and reports both times: the speedup, or
-# the slowdown, measured. `python benchmarks/bench_decode.py --only tutorial,tutorial-lookup-summary,...`
-# compares each proposer with plain decoding, and benchmarks/README.md has the tables: prompt lookup pays
-# where the text repeats its prompt and costs where it does not; a draft model must agree often and cost
-# a small share of a step.
+# token plus the drafts accepted: with a share a of drafts accepted, independently, (1 - a**(k + 1)) / (1 - a)
+# tokens a pass on average, which grows ever slower with k. Whether that beats one token a step is a
+# measurement: the acceptance rate depends on the text and the proposer, the cost of a pass on the hardware.
+#   python benchmarks/bench_decode.py --only verify-cost              a pass of k + 1 tokens against one step
+#   python benchmarks/bench_decode.py --only stand-in-summary,stand-in-summary-lookup,...   each proposer
+# benchmarks/README.md has the tables. On the CPUs measured there, a verify pass costs more than a step but
+# about the same for any k from 2 to 8, so prompt lookup, whose drafts cost nothing, pays where the text
+# repeats its prompt and loses a little where it does not; a draft model pays a step for each draft, and its
+# later drafts are accepted less often. DRAFT_TOKENS = 4 is where those tables put the best trade-off.
+# Each run reports its acceptance rate and tokens per pass; with DRAFT_MEASURE=1 it then decodes the same
+# tokens again, one step a token as plain decoding would, and reports both times: the speedup, or the
+# slowdown, measured.
 def run_speculative(model, tokenizer, prompt_ids, timer, proposer):
     """Speculative decoding streamed to stdout, the usual report, then what the drafts did."""
     on_token = partial(show_drafted_token, tokenizer=tokenizer) if SHOW_TOKENS else None
@@ -766,9 +771,10 @@ def draft_checkpoint(model_dir, params, device):
     return draft_dir, draft_params
 
 
-def draft_format():
-    """The draft model's QUANTIZE: int4 for self-int4, else the model's."""
-    return "int4" if DRAFT == "self-int4" else QUANTIZE
+def draft_format(dtype):
+    """The draft model's QUANTIZE and dtype: self-int4's 4-bit weights compute in bfloat16 (PyTorch's CPU kernel
+    for them, in float32, was slower than the float32 model itself); a folder's, the model's."""
+    return ("int4", torch.bfloat16) if DRAFT == "self-int4" else (QUANTIZE, dtype)
 
 
 def load_proposer(draft_dir, draft_params, device, dtype, max_seq_len):
@@ -778,8 +784,9 @@ def load_proposer(draft_dir, draft_params, device, dtype, max_seq_len):
     if DRAFT == "lookup":
         return PromptLookup(DRAFT_TOKENS, sampling_rule(device))
     start = time.perf_counter()
-    draft = load_model(draft_dir, draft_params, device, dtype, max_seq_len, 1, SPEEDUPS, draft_format())
-    form = draft_format() or devices.dtype_name(dtype)
+    quantize, draft_dtype = draft_format(dtype)
+    draft = load_model(draft_dir, draft_params, device, draft_dtype, max_seq_len, 1, SPEEDUPS, quantize)
+    form = quantize or devices.dtype_name(draft_dtype)
     print(f"loaded the draft model {checkpoint.model_name_of(draft_dir)} ({form}) in {time.perf_counter() - start:.1f} "
           f"s; fast path: {speedups.describe(draft) or 'off'}", file=sys.stderr)
     return DraftModel(draft, DRAFT_TOKENS, sampling_rule(device))
@@ -892,6 +899,8 @@ def show_beams(step, beams, beam_scores, finished, tokenizer):
 # stderr): dropping only the oldest turns would change every later position, so the cache would have to
 # be recomputed anyway. Ctrl-C during a reply stops that reply and keeps the session; the reply so far
 # stays in the conversation. Ctrl-C at the prompt, or end of input (Ctrl-D), ends it.
+# With DRAFT, replies are decoded speculatively; a draft model's cache is kept across turns too, and each
+# round it catches up on what it has not seen (the user's turn, the model's own tokens).
 # ---------------------------------------------------------------------------------------------------------
 def user_messages(first_message):
     """The user's messages: `first_message` if any (INPUT_FILE), then stdin's lines, with a prompt on stderr
@@ -1091,8 +1100,8 @@ def main():
                       BEAM_WIDTH)
     draft_dir, draft_params = draft_checkpoint(model_dir, params, device)  # DRAFT: checked before loading too
     if draft_dir:  # on its own (the two together are not checked)
-        memory.check_job(draft_dir, draft_params, max_seq_len - MAX_NEW_TOKENS, MAX_NEW_TOKENS, dtype, device,
-                         draft_format())
+        memory.check_job(draft_dir, draft_params, max_seq_len - MAX_NEW_TOKENS, MAX_NEW_TOKENS,
+                         draft_format(dtype)[1], device, draft_format(dtype)[0])
 
     # One process, or many. llama-models builds the model from fairscale's model-parallel layers, written
     # so that a model too big for one device is split across N processes (one per GPU), each holding a

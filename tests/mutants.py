@@ -43,6 +43,9 @@ LAYER = ["tests/test_layer.py", "-k", "float32 or transformers"]
 REAL_NLL = "tests/test_real_weights.py::test_english_is_predictable_in_float32"  # [minimal] or [tutorial]
 MODULES = [SPEEDUPS_TESTS + "test_speedups_off_runs_llama_models_as_written",
            SPEEDUPS_TESTS + "test_speedups_swap_named_modules"]
+SPECULATIVE = "tests/test_speculative.py::"
+SPECULATIVE_GREEDY = [SPECULATIVE + "test_greedy_with_any_proposer_is_plain_greedy"]
+SPECULATIVE_SAMPLING = [SPECULATIVE + "test_sampling_with_drafts_draws_from_the_model"]
 
 # name: (file, the line fragment, its replacement, the tests that must catch it)
 MUTANTS = {
@@ -95,8 +98,7 @@ MUTANTS = {
                             ["tests/test_speedups.py", "-k", "tied_weights_stay_one_tensor"]),
     "chat-reply-not-closed": (TUTORIAL, "dialog += reply + [closing_token(tokenizer, chosen)]", "dialog += reply",
                               CHAT),
-    "chat-cache-not-kept": (TUTORIAL, "            cached = len(dialog) + len(reply)\n", "            cached = 0\n",
-                            CHAT),
+    "chat-cache-not-kept": (TUTORIAL, "        return len(dialog) + len(reply)\n", "        return 0\n", CHAT),
     "chat-cut-reply-last-token-not-fed": (TUTORIAL, "if reply and (interrupted or len(reply) == MAX_NEW_TOKENS):",
                                           "if reply and interrupted:", CHAT),
     "torchrun-threads-not-shared": (DEVICES, "return max(1, physical_cores // local_processes)", "return None",
@@ -122,6 +124,28 @@ MUTANTS = {
                                    [REAL_NLL + "[minimal]"]),
     "closed-pipe-is-an-error": (EXITS, "return isinstance(error, BrokenPipeError) or", "return False and",
                                 ["tests/test_scripts.py", "-k", "closed_pipe and minimal"]),
+    # speculative decoding (run_inference.py's DRAFT)
+    "speculation-keeps-a-rejected-draft": (TUTORIAL, "    return drafts[:kept] + [choices[kept]]",
+                                           "    return drafts[: kept + 1] + [choices[kept]]", SPECULATIVE_GREEDY),
+    "verify-pass-one-position-late": (TUTORIAL, "logits = verify(model, [token_ids[-1], *drafts], pos)",
+                                      "logits = verify(model, [token_ids[-1], *drafts], pos + 1)", SPECULATIVE_GREEDY),
+    "verify-reads-the-last-position-only": (SPEEDUPS, "        if self.every_position:\n", "        if False:\n",
+                                            SPECULATIVE_GREEDY),
+    "draft-cache-not-rolled-back": (TUTORIAL, "agreed = common_prefix_length(self.cached, token_ids[:-1])",
+                                    "agreed = min(len(self.cached), len(token_ids) - 1)",
+                                    [SPECULATIVE + "test_a_draft_model_drafts_what_it_would_from_scratch"]),
+    "draft-cache-not-kept": (TUTORIAL, "agreed = common_prefix_length(self.cached, token_ids[:-1])", "agreed = 0",
+                             [SPECULATIVE + "test_chat_keeps_the_draft_models_cache_across_turns"]),
+    "rejection-draws-from-p": (TUTORIAL, "residual = (p[i] - q).clamp(min=0)", "residual = p[i].clone()",
+                               SPECULATIVE_SAMPLING),
+    "acceptance-ignores-q": (TUTORIAL, "< p[i, draft] / q[draft]:", "< p[i, draft]:", SPECULATIVE_SAMPLING),
+    "lookup-takes-the-first-match": (TUTORIAL, "for start in range(len(token_ids) - n - 1, -1, -1):",
+                                     "for start in range(len(token_ids) - n):",
+                                     [SPECULATIVE + "test_prompt_lookup_proposes_what_followed_the_latest_longest_"
+                                      "match"]),
+    "speculation-counts-the-models-token-as-accepted": (TUTORIAL, "accepted=len(kept) - 1)", "accepted=len(kept))",
+                                                        [SPECULATIVE + "test_the_script_with_a_draft_prints_greedys_"
+                                                         "text_and_what_the_drafts_did"]),
 }
 
 
