@@ -754,20 +754,24 @@ def plain_decode(model, prompt_ids, new_ids):
     return time.perf_counter() - start, choices == new_ids
 
 
-def draft_checkpoint(model_dir, params, device):
-    """DRAFT's folder and params.json, checked against the model before any weights load: (None, None)
-    for lookup or no draft, the model's own for self-int4."""
+def draft_checkpoint(model_dir, params, device, dtype, max_seq_len):
+    """DRAFT's folder and params.json, checked against the model and for its fit in memory (on its own: the two
+    together are not checked) before any weights load: (None, None) for lookup or no draft."""
     if DRAFT in ("", "lookup"):
         return None, None
     if DRAFT == "self-int4":
         if not SPEEDUPS or device.type not in speedups.FORMATS["int4"].devices:
             exits.fail(f"DRAFT=self-int4 needs SPEEDUPS=1 and a CPU (4-bit weights live in speedups' CPU kernels); "
                        f"on {device.type} use DRAFT=lookup, or a smaller model's folder")
-        return model_dir, params
-    draft_dir = checkpoint.find_checkpoint(LLAMA_MODELS_DIR, DRAFT)
-    draft_params = checkpoint.read_params(draft_dir)
-    checkpoint.load_tokenizer(draft_dir, draft_params)
-    checkpoint.check_draft(draft_dir, draft_params, model_dir, params)
+        draft_dir, draft_params = model_dir, params
+    else:
+        draft_dir = checkpoint.find_checkpoint(LLAMA_MODELS_DIR, DRAFT)
+        draft_params = checkpoint.read_params(draft_dir)
+        checkpoint.load_tokenizer(draft_dir, draft_params)
+        checkpoint.check_draft(draft_dir, draft_params, model_dir, params)
+    quantize, draft_dtype = draft_format(dtype)
+    memory.check_job(draft_dir, draft_params, max_seq_len - MAX_NEW_TOKENS, MAX_NEW_TOKENS, draft_dtype, device,
+                     quantize)
     return draft_dir, draft_params
 
 
@@ -1098,10 +1102,7 @@ def main():
     max_seq_len = CHAT_CONTEXT if CHAT else len(prompt_ids) + MAX_NEW_TOKENS
     memory.check_job(model_dir, params, max_seq_len - MAX_NEW_TOKENS, MAX_NEW_TOKENS, dtype, device, QUANTIZE,
                       BEAM_WIDTH)
-    draft_dir, draft_params = draft_checkpoint(model_dir, params, device)  # DRAFT: checked before loading too
-    if draft_dir:  # on its own (the two together are not checked)
-        memory.check_job(draft_dir, draft_params, max_seq_len - MAX_NEW_TOKENS, MAX_NEW_TOKENS,
-                         draft_format(dtype)[1], device, draft_format(dtype)[0])
+    draft_dir, draft_params = draft_checkpoint(model_dir, params, device, dtype, max_seq_len)  # DRAFT's, checked too
 
     # One process, or many. llama-models builds the model from fairscale's model-parallel layers, written
     # so that a model too big for one device is split across N processes (one per GPU), each holding a

@@ -154,8 +154,8 @@ def run_script(args, device, model_dir, depth, script, beams=1, use_speedups=Tru
 def speculative_run(args, device, prompt, draft):
     """The stand-in on STAND_IN_PROMPTS[prompt], greedy, through run_inference.py's own functions: the prompt's
     pass but its last token (as speculative_generate makes it), then plain decoding or speculative decoding with
-    the proposer `draft` ("lookup", "self-int4"), DRAFT_TOKENS as the script has it; marks[1] is the prompt's
-    pass, so decode tokens/s count every new token."""
+    the proposer `draft` ("lookup", "self-int4", which drafts in bfloat16 as the script's does), --draft-tokens
+    drafts a round; marks[1] is the prompt's pass, so decode tokens/s count every new token."""
     import smollm  # tests/smollm.py: converts the stand-in once, into the user's cache
     model_dir = smollm.smollm_models_dir() / STAND_IN
     tokenizer = Tokenizer(model_dir / "tokenizer.model")
@@ -165,10 +165,10 @@ def speculative_run(args, device, prompt, draft):
     model = run_inference.load_model(model_dir, params, device, DTYPE, max_seq_len, 1)
     proposer = None
     if draft == "lookup":
-        proposer = run_inference.PromptLookup(run_inference.DRAFT_TOKENS, None)
+        proposer = run_inference.PromptLookup(args.draft_tokens, None)
     elif draft == "self-int4":
-        draft_model = run_inference.load_model(model_dir, params, device, DTYPE, max_seq_len, 1, True, "int4")
-        proposer = run_inference.DraftModel(draft_model, run_inference.DRAFT_TOKENS, None)
+        draft_model = run_inference.load_model(model_dir, params, device, torch.bfloat16, max_seq_len, 1, True, "int4")
+        proposer = run_inference.DraftModel(draft_model, args.draft_tokens, None)
     load_s, marks = clock(device) - start, [clock(device)]
     run_inference.prefill(model, ids[:-1])
     marks.append(clock(device))
@@ -469,8 +469,8 @@ def speculation_tables(summary, args):
             lines.append(f"| {k}{' (a step)' if k == 0 else ''} | " + " | ".join(cells) + " |")
     rows = [name for name in summary if name.startswith("stand-in-") and summary[name]["0"].get("tally")]
     if rows:
-        lines += ["", f"Speculative decoding on the stand-in ({STAND_IN}, real weights, {DTYPE}), greedy, "
-                  f"DRAFT_TOKENS={run_inference.DRAFT_TOKENS}, {args.new_tokens} new tokens; decode tok/s over "
+        lines += ["", f"Speculative decoding on the stand-in ({STAND_IN}, real weights, {devices.dtype_name(DTYPE)}), "
+                  f"greedy, DRAFT_TOKENS={args.draft_tokens}, {args.new_tokens} new tokens; decode tok/s over "
                   "every new token after the prompt's pass:", "",
                   "| configuration | accepted drafts | tokens per verify pass | decode tok/s | plain decode tok/s "
                   "| speedup |", "|---|---|---|---|---|---|"]
@@ -519,6 +519,8 @@ def parse_args():
     parser.add_argument("--llama-bench", help="llama.cpp's llama-bench binary, to measure llama.cpp in the same run")
     parser.add_argument("--gguf", default="", help="comma-separated GGUF files of the checkpoint, for --llama-bench")
     parser.add_argument("--plot", help="draw decode tokens/s against --depths into this PNG (needs matplotlib)")
+    parser.add_argument("--draft-tokens", type=int, default=run_inference.DRAFT_TOKENS,
+                        help="stand-in rows: drafts per round (default: run_inference.py's DRAFT_TOKENS, %(default)s)")
     parser.add_argument("--checkpoint-dir", type=Path, default=CHECKPOINT_DIR, help="default %(default)s")
     parser.add_argument("--json", type=Path, default=RESULTS_FILE, help="everything measured (default %(default)s)")
     parser.add_argument("--run", help=argparse.SUPPRESS)  # internal: one child run

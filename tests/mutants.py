@@ -134,6 +134,10 @@ MUTANTS = {
     "draft-cache-not-rolled-back": (TUTORIAL, "agreed = common_prefix_length(self.cached, token_ids[:-1])",
                                     "agreed = min(len(self.cached), len(token_ids) - 1)",
                                     [SPECULATIVE + "test_a_draft_model_drafts_what_it_would_from_scratch"]),
+    "draft-cache-claims-its-last-draft": (TUTORIAL, "        return drafts, torch.stack(probs) if probs else None",
+                                          "        self.cached += drafts[-1:]\n"
+                                          "        return drafts, torch.stack(probs) if probs else None",
+                                          [SPECULATIVE + "test_a_draft_model_drafts_what_it_would_from_scratch"]),
     "draft-cache-not-kept": (TUTORIAL, "agreed = common_prefix_length(self.cached, token_ids[:-1])", "agreed = 0",
                              [SPECULATIVE + "test_chat_keeps_the_draft_models_cache_across_turns"]),
     "rejection-draws-from-p": (TUTORIAL, "residual = (p[i] - q).clamp(min=0)", "residual = p[i].clone()",

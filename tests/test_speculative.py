@@ -197,12 +197,13 @@ MIN_EXPECTED = 5  # the chi-square test's usual rule: categories expected fewer 
 
 @pytest.fixture(scope="module")
 def dice_drafts_dir(tmp_path_factory, tokenizer):
-    """The dice model ("Dice", conftest.DICE_LOGITS) and "Dice-Draft", a fixed distribution of its own that favours
-    " b" and puts weight on " e", which the dice never rolls: a proposer that is often wrong in both directions."""
+    """The dice model ("Dice", conftest.DICE_LOGITS: " a" 0.5, " b" 0.3, " c" 0.14, " d" 0.05) and "Dice-Draft", a
+    fixed distribution of its own (about 0.11, 0.49, 0.11, and 0.30 on " e", which the dice never rolls): a
+    proposer wrong in both directions, where p / q is large (" a"), small (" b") and zero (" e")."""
     folder = tmp_path_factory.mktemp("dice_drafts")
     write_checkpoint(folder / "Dice", TINY, fixed_distribution_weights(TINY, DICE_LOGITS))
     a, b, c, e = (tokenizer.encode(text, bos=False, eos=False)[0] for text in (" a", " b", " c", " e"))
-    draft_logits = {a: 22.0, b: 24.0, c: 21.0, e: 23.0}
+    draft_logits = {a: 22.5, b: 24.0, c: 22.5, e: 23.5}
     write_checkpoint(folder / "Dice-Draft", TINY, fixed_distribution_weights(TINY, draft_logits))
     return folder
 
@@ -255,8 +256,8 @@ def test_sampling_with_drafts_draws_from_the_model(kind, temperature, top_p, dic
 # ---------------------------------------------------------------------------------------------------------
 def test_a_draft_model_drafts_what_it_would_from_scratch(drafts_dir, tokenizer, loaded):
     """Every round, the draft model's k tokens are its greedy continuation of the whole text so far, computed
-    without a cache: catching up after rejections and the model's own tokens leaves its cache exact."""
-    prompt_ids = tokenizer.encode(PROMPTS[1], bos=True, eos=False)
+    without a cache: catching up after rejections and the model's own tokens leaves its cache exact. Two texts
+    in turn, as a chat that starts over: the second shares only <|begin_of_text|> with what its cache holds."""
     model = loaded(drafts_dir / "Tiny")
     draft = proposer("Tiny-Draft", loaded, drafts_dir, "Tiny", 4)
     rounds = []  # (the text so far, k, the drafts)
@@ -268,7 +269,8 @@ def test_a_draft_model_drafts_what_it_would_from_scratch(drafts_dir, tokenizer, 
         return drafts, probabilities
 
     draft.propose = recording
-    speculative(model, draft, prompt_ids, NEW_TOKENS, tokenizer.stop_tokens)
+    for prompt in PROMPTS[1], PROMPTS[0]:
+        speculative(model, draft, tokenizer.encode(prompt, bos=True, eos=False), NEW_TOKENS, tokenizer.stop_tokens)
     reference = reference_model(drafts_dir / "Tiny-Draft", MAX_SEQ_LEN)
     assert draft.tally["accepted"] > 0 and draft.tally["drafted"] > draft.tally["accepted"]
     for token_ids, k, drafts in rounds:
