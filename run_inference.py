@@ -68,7 +68,7 @@ SEED = 0  # sampling: the same seed gives the same text
 # Speculative decoding (see "Speculative decoding"): a proposer drafts tokens, the model checks them in one pass.
 DRAFT = ""  # "": off; "lookup": tokens copied from the prompt and the text so far; "self-int4": this model in int4;
 # or a smaller model's folder in LLAMA_MODELS_DIR with the same tokenizer (Llama3.2-1B drafting for Llama3.1-8B)
-DRAFT_TOKENS = 4  # drafts per round (k), chosen by measuring: see "What the numbers say" under "Speculative decoding"
+DRAFT_TOKENS = 3  # drafts per round (k), chosen by measuring: see "What the numbers say" under "Speculative decoding"
 DRAFT_MEASURE = 1  # 1: after the text, decode the same tokens again one per step, to report the measured speedup
 
 CHAT = 0  # 1: a conversation with an Instruct model: your messages on stdin, one per line; the replies on stdout
@@ -520,9 +520,9 @@ def stream(token_ids, tokenizer):
 # A decode step feeds one token and reads every weight once: its time is the weights' bytes over the
 # memory bandwidth, and the arithmetic is nearly free. A pass that feeds k + 1 tokens reads each weight
 # once too, multiplying it by k + 1 vectors while it is at hand, and returns k + 1 rows of logits, row i
-# for the text up to its token i. For small k it costs about one step (on a CPU somewhat more: the kernels
-# for a few rows stream weights slower than the one-row kernel; `python benchmarks/bench_decode.py
-# --verify-cost` measures it). The catch: to feed a token, we must already know it.
+# for the text up to its token i. For small k it costs about one step where the kernels for a few rows
+# stream the weights as fast as the one-row kernel does (a GPU's); on a CPU it costs more (`python
+# benchmarks/bench_decode.py --only verify-cost` measures it). The catch: to feed a token, we must know it.
 # So a cheap proposer guesses k tokens (drafts), and one pass of the model checks them all: it feeds the
 # last token chosen and the k drafts at their positions,
 #     fed:         last   d1   d2   d3   d4        positions pos .. pos + 4, one forward pass
@@ -708,10 +708,13 @@ def show_drafted_token(step, token_id, logits, draft, tokenizer):
 # measurement: the acceptance rate depends on the text and the proposer, the cost of a pass on the hardware.
 #   python benchmarks/bench_decode.py --only verify-cost              a pass of k + 1 tokens against one step
 #   python benchmarks/bench_decode.py --only stand-in-summary,stand-in-summary-lookup,...   each proposer
-# benchmarks/README.md has the tables. On the CPUs measured there, a verify pass costs more than a step but
-# about the same for any k from 2 to 8, so prompt lookup, whose drafts cost nothing, pays where the text
-# repeats its prompt and loses a little where it does not; a draft model pays a step for each draft, and its
-# later drafts are accepted less often. DRAFT_TOKENS = 4 is where those tables put the best trade-off.
+# benchmarks/README.md has the tables. On the CPU measured there, a bfloat16 verify pass costs more than a
+# step (the kernels for a few rows read the weights slower than the one-row kernel) but about the same for
+# any k from 1 to 8, and a 4-bit one jumps once it has more than 4 rows. So prompt lookup, whose drafts
+# cost nothing, pays where the text repeats its prompt and costs where it does not; a draft model also
+# pays a step of its own for each draft, and its later drafts are accepted less often. DRAFT_TOKENS = 3
+# (4 rows a pass) is the largest k before the 4-bit jump, and close to the best the tables give for every
+# proposer and text.
 # Each run reports its acceptance rate and tokens per pass; with DRAFT_MEASURE=1 it then decodes the same
 # tokens again, one step a token as plain decoding would, and reports both times: the speedup, or the
 # slowdown, measured.
