@@ -2,7 +2,8 @@
 
 This is the tutorial twin of minimal_run_inference.py: the same steps, in the same order, under the same
 names, with the reasons written next to the code, plus two more ways to choose tokens (beam search and
-top-p sampling) and a chat mode that keeps the conversation in the KV cache. Read it top to bottom; it
+top-p sampling), speculative decoding (a proposer drafts tokens, the model checks several in one pass) and a
+chat mode that keeps the conversation in the KV cache. Read it top to bottom; it
 follows the data: text, tokens, weights and cache, one layer, logits, the next token, text again.
 
 What makes it fast lives in speedups.py, applied by one call in load_model; each idea is explained here,
@@ -28,6 +29,7 @@ import math
 import os
 import sys
 import time
+from collections import Counter
 from functools import partial
 from pathlib import Path
 from typing import NamedTuple
@@ -69,6 +71,11 @@ NUM_RETURN_SEQUENCES = 1  # beam search: print this many of the best finished be
 TEMPERATURE = 0.0  # > 0: sample instead (Meta's own scripts use 0.6); 0: off
 TOP_P = 0.9  # sampling: draw only from the most likely tokens that together hold this much probability
 SEED = 0  # sampling: the same seed gives the same text
+# Speculative decoding (see "Speculative decoding"): a proposer drafts tokens, the model checks them in one pass.
+DRAFT = ""  # "": off; "lookup": tokens copied from the prompt and the text so far; "self-int4": this model in int4;
+# or a smaller model's folder in LLAMA_MODELS_DIR with the same tokenizer (Llama3.2-1B drafting for Llama3.1-8B)
+DRAFT_TOKENS = 3  # drafts per round (k), chosen by measuring: see "What the numbers say" under "Speculative decoding"
+DRAFT_MEASURE = 1  # 1: after the text, decode the same tokens again one per step, to report the measured speedup
 
 CHAT = 0  # 1: a conversation with an Instruct model: your messages on stdin, one per line; the replies on stdout
 CHAT_CONTEXT = 4096  # chat: tokens the KV cache holds for the whole conversation (at most the model's context)
@@ -560,23 +567,33 @@ def pick_greedy(logits):
     return int(logits.argmax())
 
 
-def sample_top_p(logits, temperature, top_p, generator):
-    probs = torch.softmax(logits.float() / temperature, dim=-1)  # (vocab,)
-    sorted_probs, order = probs.sort(descending=True)
+def top_p_probabilities(logits, temperature, top_p):
+    """The distribution sampling draws from, for each row of logits (..., vocab): the softmax at `temperature`,
+    cut to the nucleus and renormalised."""
+    logits = logits.float()
+    # shifted so that the largest is 0: a tiny temperature then sends the others to -inf, never inf - inf
+    probs = torch.softmax((logits - logits.amax(dim=-1, keepdim=True)) / temperature, dim=-1)  # (..., vocab)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
     outside_nucleus = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # mass before it already reaches top_p
     sorted_probs[outside_nucleus] = 0.0  # the most likely token is always kept
-    choice = torch.multinomial(sorted_probs, num_samples=1, generator=generator)  # needs no renormalising
-    return int(order[choice])
+    nucleus = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)  # back in vocabulary order
+    return nucleus / nucleus.sum(dim=-1, keepdim=True)
 
 
-def show_token(step, token_id, logits, tokenizer):
-    """One aligned stderr line: step, id, text, probability, and the runners-up."""
+def sample_top_p(logits, temperature, top_p, generator):
+    probs = top_p_probabilities(logits, temperature, top_p)  # (vocab,)
+    return int(torch.multinomial(probs, num_samples=1, generator=generator))
+
+
+def show_token(step, token_id, logits, tokenizer, note=""):
+    """One aligned stderr line: step, id, text, probability, and the runners-up (then a note: speculative
+    decoding says whether the token was drafted)."""
     probs = torch.softmax(logits.float(), dim=-1)
     top_probs, top_ids = probs.topk(SHOWN_ALTERNATIVES + 1)
     others = [f"{tokenizer.decode([i])!r} {p:.3g}" for p, i in zip(top_probs.tolist(), top_ids.tolist())
               if i != token_id][:SHOWN_ALTERNATIVES]
     text = repr(tokenizer.decode([token_id]))
-    print(f"{step:>5} {token_id:>7} {text:<20} {probs[token_id]:<9.3g} {' | '.join(others)}", file=sys.stderr)
+    print(f"{step:>5} {token_id:>7} {text:<20} {probs[token_id]:<9.3g} {' | '.join(others)}{note}", file=sys.stderr)
 
 
 def generate(model, prompt_ids, max_new_tokens, stop_tokens, start_pos=0, *, pick=pick_greedy, on_token=None):
@@ -609,6 +626,290 @@ def stream(token_ids, tokenizer):
         print(utf8.decode(tokenizer.model.decode_single_token_bytes(token_id)), end="", flush=True)
         yield token_id
     print(utf8.decode(b"", final=True), end="", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Speculative decoding: several tokens for one pass over the weights (DRAFT, DRAFT_TOKENS).
+# A decode step feeds one token and reads every weight once: its time is the weights' bytes over the
+# memory bandwidth, and the arithmetic is nearly free. A pass that feeds k + 1 tokens reads each weight
+# once too, multiplying it by k + 1 vectors while it is at hand, and returns k + 1 rows of logits, row i
+# for the text up to its token i. For small k it costs about one step where the kernels for a few rows
+# stream the weights as fast as the one-row kernel does (a GPU's); on a CPU it costs more (`python
+# benchmarks/bench_decode.py --only verify-cost` measures it). The catch: to feed a token, we must know it.
+# So a cheap proposer guesses k tokens (drafts), and one pass of the model checks them all: it feeds the
+# last token chosen and the k drafts at their positions,
+#     fed:         last   d1   d2   d3   d4        positions pos .. pos + 4, one forward pass
+#     logits row:   0     1    2    3    4         row i: what the model would choose after d1 .. di
+# The rows of positions after a wrong draft read a text that will not be, and are dropped; their keys and
+# values stay in the cache past the text, where nothing reads them (attention looks back only), until the
+# next pass writes over them. speedups' output layer computes the last position only; every_position asks
+# it for all (llama-models' own, with SPEEDUPS=0, always computes all).
+# ---------------------------------------------------------------------------------------------------------
+def verify(model, token_ids, pos):
+    """One forward pass over token_ids at positions pos, pos + 1, ...; returns every position's logits."""
+    tokens = torch.tensor([token_ids], device=model_device(model))  # (1, k + 1)
+    with speedups.every_position(model):
+        return model(tokens, start_pos=pos)[0]  # (k + 1, vocab)
+
+
+# Greedy: the drafts are kept up to the first one that differs from its row's argmax, and that row's
+# argmax follows them: between 1 and k + 1 tokens a pass, never fewer than a plain step gives.
+# Why the text stays exactly plain greedy's: each token kept is the argmax of a row whose input is the text
+# so far, all of it kept tokens; which is how plain greedy picks it. Only the rounding can differ: k + 1
+# rows may be summed in another order than one. In float32 the texts are identical; in bfloat16 they can
+# part where two tokens are nearly tied (tests/test_speculative.py measures how near).
+def accept_greedy(drafts, logits):
+    """The drafts the model agrees with, then the model's own token: 1 .. len(drafts) + 1 token ids."""
+    choices = logits.argmax(dim=-1).tolist()  # (k + 1,): the model's choice after each prefix
+    kept = 0
+    while kept < len(drafts) and drafts[kept] == choices[kept]:
+        kept += 1
+    return drafts[:kept] + [choices[kept]]
+
+
+# Sampling (TEMPERATURE > 0): the text must be drawn from the model's distribution p (after temperature and
+# top-p), whatever the proposer, which drew draft d from its own q (the same temperature and top-p;
+# prompt lookup's q is all on its token). Draft d is kept with probability min(1, p(d) / q(d)); at the
+# first draft rejected, the token is drawn from max(0, p - q) renormalised instead, and the round ends.
+# Every token x then has probability p(x). Proposed and kept: q(x) min(1, p(x) / q(x)) = min(p(x), q(x)).
+# Drawn after a rejection: the rejection's probability, r = sum over y of q(y) - min(p(y), q(y)), which
+# is the sum of max(0, p(y) - q(y)) (p and q both sum to 1), times max(0, p(x) - q(x)) / r. Together,
+# min(p(x), q(x)) + max(0, p(x) - q(x)) = p(x). When every draft is kept, one more token is drawn from the
+# last row's p. (The rule of Leviathan et al. and of Chen et al., 2023.)
+def accept_sampled(drafts, draft_probs, logits, sampling):
+    """The accept/reject rule; draft_probs (k, vocab) is q for each draft, None for point masses."""
+    temperature, top_p, generator = sampling
+    p = top_p_probabilities(logits, temperature, top_p)  # (k + 1, vocab)
+    for i, draft in enumerate(drafts):
+        q = draft_probs[i] if draft_probs is not None else F.one_hot(torch.tensor(draft), p.shape[-1]).to(p)
+        if torch.rand(1, generator=generator, device=p.device).item() < p[i, draft] / q[draft]:
+            continue  # kept (always, where p(d) >= q(d))
+        residual = (p[i] - q).clamp(min=0)  # (vocab,): where the model wants more than the proposer offered
+        return drafts[:i] + [draw(residual / residual.sum(), generator)]
+    return drafts + [draw(p[-1], generator)]
+
+
+def draw(probs, generator):
+    return int(torch.multinomial(probs, num_samples=1, generator=generator))
+
+
+def sampling_rule(device):
+    """None for greedy; else (TEMPERATURE, TOP_P, a random generator seeded with SEED)."""
+    if TEMPERATURE == 0:
+        return None
+    return TEMPERATURE, TOP_P, torch.Generator(device=device).manual_seed(SEED)
+
+
+# The proposers (DRAFT). Each drafts up to k tokens from the whole text so far, and chooses them the way the
+# model does (greedy, or sampled with the same rule: then it returns q too).
+#   lookup     no second model: the text's last LOOKUP_NGRAM tokens (then fewer) are looked up in the
+#              prompt and the text so far, and the tokens that followed their most recent earlier
+#              occurrence are proposed. Free to run; right where the text repeats what it read
+#              (summarising, quoting, editing code), wrong elsewhere, where it costs a pass of k + 1 rows.
+#   self-int4  the same checkpoint loaded again with 4-bit weights (QUANTIZE=int4): a step reads about a
+#              third of the bytes, and its choices mostly agree with the model's.
+#   a folder   a smaller model of the same family: Llama3.2-1B drafting for Llama3.1-8B or 70B.
+# A draft model keeps a KV cache of its own. Each round it compares the text with the tokens its cache
+# holds, keeps the common part and feeds the rest (the model's own token, a rejected draft's replacement,
+# a chat's new turn), writing over what it held past the common part; then it drafts, one step a token.
+LOOKUP_NGRAM = 3  # the longest run of last tokens prompt lookup searches for
+
+
+class Proposer:
+    """What every proposer holds: k (DRAFT_TOKENS), how tokens are chosen (sampling_rule), and the counts of
+    verify passes, drafted and accepted tokens (tally)."""
+
+    def __init__(self, draft_tokens, sampling):
+        self.draft_tokens = draft_tokens
+        self.sampling = sampling
+        self.tally = Counter()
+
+
+class PromptLookup(Proposer):
+    def propose(self, token_ids, k):
+        """(up to k token ids, None: each a point mass)."""
+        for n in range(min(LOOKUP_NGRAM, len(token_ids) - 1), 0, -1):  # the longest match first
+            tail = token_ids[-n:]
+            for start in range(len(token_ids) - n - 1, -1, -1):  # the most recent occurrence first
+                if token_ids[start : start + n] == tail:
+                    return token_ids[start + n : start + n + k], None
+        return [], None
+
+
+class DraftModel(Proposer):
+    def __init__(self, model, draft_tokens, sampling):
+        super().__init__(draft_tokens, sampling)
+        self.model = model
+        self.cached = []  # the token ids whose keys and values its cache holds, at positions 0, 1, ...
+
+    def propose(self, token_ids, k):
+        """(k token ids, their q (k, vocab), or None when greedy)."""
+        agreed = common_prefix_length(self.cached, token_ids[:-1])  # the last token is fed: its logits are needed
+        del self.cached[agreed:]  # written over from here (a Ctrl-C in the middle leaves this list true)
+        logits = prefill(self.model, token_ids[agreed:], agreed)  # catching up: (vocab,) after the last token
+        self.cached = list(token_ids)
+        drafts, probs = [], []
+        for _ in range(k):
+            if self.sampling:
+                temperature, top_p, generator = self.sampling
+                probs.append(top_p_probabilities(logits, temperature, top_p))  # q: (vocab,)
+                drafts.append(draw(probs[-1], generator))
+            else:
+                drafts.append(pick_greedy(logits))
+            if len(drafts) < k:  # the last draft needs no pass
+                logits = decode_step(self.model, drafts[-1:], len(self.cached))[0]
+                self.cached.append(drafts[-1])
+        return drafts, torch.stack(probs) if probs else None
+
+
+def common_prefix_length(a, b):
+    length = 0
+    while length < min(len(a), len(b)) and a[length] == b[length]:
+        length += 1
+    return length
+
+
+# The loop: generate's contract (see "Choosing the next token"), in rounds. All but the last token of the
+# prompt go through prefill; then each round feeds the last token chosen (at first the prompt's last) with
+# the drafts, so every new token, the first included, comes out of a verify pass and its acceptance rule.
+# A round drafts at most the tokens still wanted minus one, so that no pass runs past MAX_NEW_TOKENS.
+# When a stop token ends the text, the cache holds every token before it, as generate leaves it.
+def speculative_generate(model, proposer, token_ids, max_new_tokens, stop_tokens, cached=0, *, on_token=None):
+    """Yields the id of each new token. token_ids: the whole text so far, of which the model's KV cache holds
+    the first `cached`. on_token(step, token_id, logits, draft) sees each token and the draft for its position
+    (None: nothing was drafted there; the token itself: the draft was accepted)."""
+    token_ids = list(token_ids)
+    pos = len(token_ids) - 1  # the last token's position: each round feeds it first
+    if pos > cached:
+        prefill(model, token_ids[cached:pos], cached)
+    new = 0
+    while new < max_new_tokens:
+        k = min(proposer.draft_tokens, max_new_tokens - new - 1)
+        drafts, draft_probs = proposer.propose(token_ids, k) if k else ([], None)
+        logits = verify(model, [token_ids[-1], *drafts], pos)  # (len(drafts) + 1, vocab)
+        report.check_finite(logits, model.norm.weight.dtype)
+        if proposer.sampling:
+            kept = accept_sampled(drafts, draft_probs, logits, proposer.sampling)
+        else:
+            kept = accept_greedy(drafts, logits)
+        proposer.tally.update(passes=1, drafted=len(drafts), accepted=len(kept) - 1)
+        for i, token_id in enumerate(kept):
+            if on_token:
+                on_token(new, token_id, logits[i], drafts[i] if i < len(drafts) else None)
+            if token_id in stop_tokens:
+                return
+            yield token_id
+            new += 1
+        token_ids += kept
+        pos += len(kept)
+
+
+def show_drafted_token(step, token_id, logits, draft, tokenizer):
+    """show_token's line, marked: a draft accepted, or the model's own token (and the draft it replaced)."""
+    if draft is None:
+        note = "  [the model's]"
+    elif draft == token_id:
+        note = "  [draft accepted]"
+    else:
+        note = f"  [the model's; draft {tokenizer.decode([draft])!r} rejected]"
+    show_token(step, token_id, logits, tokenizer, note)
+
+
+# What the numbers say. A round costs a verify pass (k + 1 rows) plus the proposer's k steps, and yields one
+# token plus the drafts accepted: with a share a of drafts accepted, independently, (1 - a**(k + 1)) / (1 - a)
+# tokens a pass on average, which grows ever slower with k. Whether that beats one token a step is a
+# measurement: the acceptance rate depends on the text and the proposer, the cost of a pass on the hardware.
+#   python benchmarks/bench_decode.py --only verify-cost              a pass of k + 1 tokens against one step
+#   python benchmarks/bench_decode.py --only stand-in-summary,stand-in-summary-lookup,...   each proposer
+# benchmarks/README.md has the tables. On the CPU measured there, a bfloat16 verify pass costs more than a
+# step (the kernels for a few rows read the weights slower than the one-row kernel) but about the same for
+# any k from 1 to 8, and a 4-bit one jumps once it has more than 4 rows. So prompt lookup, whose drafts
+# cost nothing, pays where the text repeats its prompt and costs where it does not; a draft model also
+# pays a step of its own for each draft, and its later drafts are accepted less often. DRAFT_TOKENS = 3
+# (4 rows a pass) is the largest k before the 4-bit jump, and close to the best the tables give for every
+# proposer and text.
+# Each run reports its acceptance rate and tokens per pass; with DRAFT_MEASURE=1 it then decodes the same
+# tokens again, one step a token as plain decoding would, and reports both times: the speedup, or the
+# slowdown, measured.
+def run_speculative(model, tokenizer, prompt_ids, timer, proposer):
+    """Speculative decoding streamed to stdout, the usual report, then what the drafts did."""
+    on_token = partial(show_drafted_token, tokenizer=tokenizer) if SHOW_TOKENS else None
+    token_ids = speculative_generate(model, proposer, prompt_ids, MAX_NEW_TOKENS, tokenizer.stop_tokens,
+                                     on_token=on_token)
+    new_ids = list(stream(timer.tokens(token_ids), tokenizer))
+    seconds = time.perf_counter() - timer.start
+    timer.report(len(prompt_ids), len(new_ids), model, tokens_per_pass(proposer.tally))
+    line = speculation_line(proposer.tally)
+    if DRAFT_MEASURE and new_ids:
+        plain_seconds, same = plain_decode(model, prompt_ids, new_ids)
+        line += (f"; the same {len(new_ids)} tokens decoded one per step took {plain_seconds:.4g} s against "
+                 f"{seconds:.4g} s: {plain_seconds / seconds:.2f}x (measured)")
+        if not proposer.sampling:
+            line += ", the same choices" if same else ", other choices (a near tie rounded otherwise)"
+    print(line, file=sys.stderr)
+
+
+def tokens_per_pass(tally):
+    return (tally["passes"] + tally["accepted"]) / max(tally["passes"], 1)  # each pass: its drafts kept and one more
+
+
+def speculation_line(tally):
+    accepted = tally["accepted"] / tally["drafted"] if tally["drafted"] else 0.0
+    return (f"speculative decoding (DRAFT={DRAFT}, DRAFT_TOKENS={DRAFT_TOKENS}): {tally['accepted']} of "
+            f"{tally['drafted']} drafted tokens accepted ({accepted:.0%}), {tokens_per_pass(tally):.2f} tokens per "
+            f"verify pass ({tally['passes']} passes)")
+
+
+def plain_decode(model, prompt_ids, new_ids):
+    """Time what plain decoding of new_ids costs: the prompt's pass, then a step for each token but the last.
+    Returns (seconds, whether greedy picks each token of new_ids)."""
+    start = time.perf_counter()
+    choices = [pick_greedy(prefill(model, prompt_ids))]
+    for step, token_id in enumerate(new_ids[:-1]):
+        choices.append(pick_greedy(decode_step(model, [token_id], len(prompt_ids) + step)[0]))
+    return time.perf_counter() - start, choices == new_ids
+
+
+def draft_checkpoint(model_dir, params, device, dtype, max_seq_len):
+    """DRAFT's folder and params.json, checked against the model and for its fit in memory (on its own: the two
+    together are not checked) before any weights load: (None, None) for lookup or no draft."""
+    if DRAFT in ("", "lookup"):
+        return None, None
+    if DRAFT == "self-int4":
+        if not SPEEDUPS or device.type not in speedups.FORMATS["int4"].devices:
+            exits.fail(f"DRAFT=self-int4 needs SPEEDUPS=1 and a CPU (4-bit weights live in speedups' CPU kernels); "
+                       f"on {device.type} use DRAFT=lookup, or a smaller model's folder")
+        draft_dir, draft_params = model_dir, params
+    else:
+        draft_dir = checkpoint.find_checkpoint(LLAMA_MODELS_DIR, DRAFT)
+        draft_params = checkpoint.read_params(draft_dir)
+        checkpoint.load_tokenizer(draft_dir, draft_params)
+        checkpoint.check_draft(draft_dir, draft_params, model_dir, params)
+    quantize, draft_dtype = draft_format(dtype)
+    memory.check_job(draft_dir, draft_params, max_seq_len - MAX_NEW_TOKENS, MAX_NEW_TOKENS, draft_dtype, device,
+                     quantize)
+    return draft_dir, draft_params
+
+
+def draft_format(dtype):
+    """The draft model's QUANTIZE and dtype: self-int4's 4-bit weights compute in bfloat16 (PyTorch's CPU kernel
+    for them, in float32, was slower than the float32 model itself); a folder's, the model's."""
+    return ("int4", torch.bfloat16) if DRAFT == "self-int4" else (QUANTIZE, dtype)
+
+
+def load_proposer(draft_dir, draft_params, device, dtype, max_seq_len):
+    """The proposer DRAFT names, or None; a draft model is loaded like the model (self-int4: in 4 bits)."""
+    if not DRAFT:
+        return None
+    if DRAFT == "lookup":
+        return PromptLookup(DRAFT_TOKENS, sampling_rule(device))
+    start = time.perf_counter()
+    quantize, draft_dtype = draft_format(dtype)
+    draft = load_model(draft_dir, draft_params, device, draft_dtype, max_seq_len, 1, SPEEDUPS, quantize, KERNELS)
+    form = quantize or devices.dtype_name(draft_dtype)
+    print(f"loaded the draft model {checkpoint.model_name_of(draft_dir)} ({form}) in {time.perf_counter() - start:.1f} "
+          f"s; fast path: {speedups.describe(draft) or 'off'}", file=sys.stderr)
+    return DraftModel(draft, DRAFT_TOKENS, sampling_rule(device))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -718,6 +1019,8 @@ def show_beams(step, beams, beam_scores, finished, tokenizer):
 # stderr): dropping only the oldest turns would change every later position, so the cache would have to
 # be recomputed anyway. Ctrl-C during a reply stops that reply and keeps the session; the reply so far
 # stays in the conversation. Ctrl-C at the prompt, or end of input (Ctrl-D), ends it.
+# With DRAFT, replies are decoded speculatively; a draft model's cache is kept across turns too, and each
+# round it catches up on what it has not seen (the user's turn, the model's own tokens).
 # ---------------------------------------------------------------------------------------------------------
 def user_messages(first_message):
     """The user's messages: `first_message` if any (INPUT_FILE), then stdin's lines, with a prompt on stderr
@@ -741,51 +1044,87 @@ def encode_turn(tokenizer, message, system_prompt, first):
     return ids if first else ids[1:]  # ids[0] is <|begin_of_text|>
 
 
-def chat(model, tokenizer, pick, first_message=""):
-    """The conversation loop; returns the number of turns."""
-    context = model.params.max_seq_len  # CHAT_CONTEXT
+def chat(model, tokenizer, pick, first_message="", proposer=None):
+    """The conversation loop; returns the number of turns. With a proposer, replies are decoded speculatively."""
     dialog = []  # every token of the conversation so far
-    cached = 0  # the cache holds dialog[:cached]
+    cached = 0  # the cache holds dialog[:cached] (a draft model's cache keeps its own account)
     turns = 0
     for message in user_messages(first_message):
-        turn = encode_turn(tokenizer, message, SYSTEM_PROMPT, first=not dialog)
-        if len(dialog) + len(turn) + MAX_NEW_TOKENS > context:  # does not fit after the conversation so far
-            turn = encode_turn(tokenizer, message, SYSTEM_PROMPT, first=True)
-            if len(turn) + MAX_NEW_TOKENS > context:
-                print(f"(this message is {len(turn)} tokens: with MAX_NEW_TOKENS={MAX_NEW_TOKENS} it does not fit "
-                      f"CHAT_CONTEXT={context}; skipped)", file=sys.stderr)
-                continue
-            print(f"(the conversation would exceed CHAT_CONTEXT={context} tokens: starting over from the system "
-                  "prompt and this message)", file=sys.stderr)
-            dialog = []
-            cached = 0
+        turn, start_over = fit_turn(tokenizer, message, dialog, model.params.max_seq_len)
+        if not turn:
+            continue
+        if start_over:
+            dialog, cached = [], 0
         dialog += turn
         fed = len(dialog) - cached
-        chosen = []
-        interrupted = False
         start = time.perf_counter()
-        try:
-            on_token = lambda step, token_id, logits: chosen.append(token_id)  # as soon as it is chosen
-            for _ in stream(generate(model, dialog[cached:], MAX_NEW_TOKENS, tokenizer.stop_tokens, cached,
-                                     pick=pick, on_token=on_token), tokenizer):
-                pass
-        except KeyboardInterrupt:
-            interrupted = True
-        print(flush=True)  # the reply's line ends
+        chosen, interrupted = generate_reply(model, tokenizer, dialog, cached, pick, proposer)
         reply = [token_id for token_id in chosen if token_id not in tokenizer.stop_tokens]
-        # generate feeds each token it yields before choosing the next: the whole reply is in the cache,
-        # except its last token when no stop token ended it (MAX_NEW_TOKENS, or Ctrl-C, which may also have
-        # come before any token: then nothing new is known to be there)
-        if reply and (interrupted or len(reply) == MAX_NEW_TOKENS):
-            cached = len(dialog) + len(reply) - 1
-        elif not interrupted:
-            cached = len(dialog) + len(reply)
+        cached = cache_after_reply(dialog, reply, cached, interrupted)
         dialog += reply + [closing_token(tokenizer, chosen)]  # fed with the next turn
         turns += 1
-        stopped = " (stopped)" if interrupted else ""
-        print(f"turn {turns}: {fed} prompt tokens fed (without the cache: {len(dialog) - len(reply) - 1}), "
-              f"{len(reply)} new tokens in {time.perf_counter() - start:.1f} s{stopped}", file=sys.stderr)
+        show_turn(turns, fed, len(dialog) - len(reply) - 1, len(reply), time.perf_counter() - start, interrupted,
+                  proposer)
     return turns
+
+
+def fit_turn(tokenizer, message, dialog, context):
+    """(the user's turn, whether the conversation starts over with it) so that it and its longest reply fit
+    the cache's `context` tokens; (None, False) when even the message alone does not (said on stderr)."""
+    turn = encode_turn(tokenizer, message, SYSTEM_PROMPT, first=not dialog)
+    if len(dialog) + len(turn) + MAX_NEW_TOKENS <= context:
+        return turn, False
+    turn = encode_turn(tokenizer, message, SYSTEM_PROMPT, first=True)
+    if len(turn) + MAX_NEW_TOKENS > context:
+        print(f"(this message is {len(turn)} tokens: with MAX_NEW_TOKENS={MAX_NEW_TOKENS} it does not fit "
+              f"CHAT_CONTEXT={context}; skipped)", file=sys.stderr)
+        return None, False
+    print(f"(the conversation would exceed CHAT_CONTEXT={context} tokens: starting over from the system "
+          "prompt and this message)", file=sys.stderr)
+    return turn, True
+
+
+def generate_reply(model, tokenizer, dialog, cached, pick, proposer):
+    """The reply to `dialog` (whose first `cached` tokens the cache holds), streamed to stdout until a stop
+    token, MAX_NEW_TOKENS or Ctrl-C. Returns (the token ids chosen, a stop token included; whether Ctrl-C
+    stopped it)."""
+    chosen = []
+    on_token = lambda step, token_id, *_: chosen.append(token_id)  # as soon as it is chosen
+    if proposer:
+        proposer.tally.clear()  # counted per turn
+        token_ids = speculative_generate(model, proposer, dialog, MAX_NEW_TOKENS, tokenizer.stop_tokens, cached,
+                                         on_token=on_token)
+    else:
+        token_ids = generate(model, dialog[cached:], MAX_NEW_TOKENS, tokenizer.stop_tokens, cached, pick=pick,
+                             on_token=on_token)
+    interrupted = False
+    try:
+        for _ in stream(token_ids, tokenizer):
+            pass
+    except KeyboardInterrupt:
+        interrupted = True
+    print(flush=True)  # the reply's line ends
+    return chosen, interrupted
+
+
+def cache_after_reply(dialog, reply, cached, interrupted):
+    """How many tokens of dialog + reply the cache holds after the reply. generate (and speculative_generate)
+    feed each token they yield before choosing the next: the whole reply is in the cache, except its last
+    token when no stop token ended it (MAX_NEW_TOKENS, or Ctrl-C, which may also have come before any token:
+    then nothing new is known to be there)."""
+    if reply and (interrupted or len(reply) == MAX_NEW_TOKENS):
+        return len(dialog) + len(reply) - 1
+    if not interrupted:
+        return len(dialog) + len(reply)
+    return cached
+
+
+def show_turn(turns, fed, without_cache, new_tokens, seconds, interrupted, proposer):
+    """The stderr line after a turn: tokens fed with the cache and without it, and what the drafts did."""
+    stopped = " (stopped)" if interrupted else ""
+    drafts = f"; {speculation_line(proposer.tally)}" if proposer else ""
+    print(f"turn {turns}: {fed} prompt tokens fed (without the cache: {without_cache}), {new_tokens} new tokens "
+          f"in {seconds:.1f} s{stopped}{drafts}", file=sys.stderr)
 
 
 def closing_token(tokenizer, chosen):
@@ -797,10 +1136,8 @@ def closing_token(tokenizer, chosen):
 
 def token_picker(device):
     """Greedy, or top-p sampling with its own seeded random generator when TEMPERATURE > 0."""
-    if TEMPERATURE == 0:
-        return pick_greedy
-    generator = torch.Generator(device=device).manual_seed(SEED)
-    return lambda logits: sample_top_p(logits, TEMPERATURE, TOP_P, generator)
+    rule = sampling_rule(device)
+    return (lambda logits: sample_top_p(logits, *rule)) if rule else pick_greedy
 
 
 def run_generate(model, tokenizer, prompt_ids, timer):
@@ -854,6 +1191,11 @@ def check_settings(tokenizer, params, instruct):
         exits.fail("CHAT=1 runs in one process: under torchrun every process would read stdin on its own")
     if CHAT:
         settings.check_chat_input()  # stdin is open for reading: checked now, not after the model has loaded
+    if DRAFT:  # a verify pass feeds k + 1 tokens at once, like a prompt chunk
+        settings.check_range("DRAFT_TOKENS", DRAFT_TOKENS, 1, PREFILL_CHUNK - 1)
+    if DRAFT and BEAM_WIDTH > 1:
+        exits.fail(f"DRAFT={DRAFT!r} speeds up greedy decoding and sampling, not beam search: set BEAM_WIDTH=1, "
+                   "or DRAFT=\"\"")
 
 
 def main():
@@ -887,6 +1229,7 @@ def main():
     max_seq_len = CHAT_CONTEXT if CHAT else len(prompt_ids) + MAX_NEW_TOKENS
     memory.check_job(model_dir, params, max_seq_len - MAX_NEW_TOKENS, MAX_NEW_TOKENS, dtype, device, QUANTIZE,
                       BEAM_WIDTH)
+    draft_dir, draft_params = draft_checkpoint(model_dir, params, device, dtype, max_seq_len)  # DRAFT's, checked too
 
     # One process, or many. llama-models builds the model from fairscale's model-parallel layers, written
     # so that a model too big for one device is split across N processes (one per GPU), each holding a
@@ -908,16 +1251,19 @@ def main():
     threads = f" with {torch.get_num_threads()} threads" if device.type == "cpu" else ""
     seconds = time.perf_counter() - start
     print(f"loaded {MODEL_NAME} on {device}{threads} in {dtype} in {seconds:.1f} s", file=sys.stderr)
+    proposer = load_proposer(draft_dir, draft_params, device, dtype, max_seq_len)
     compare_layer_by_hand(model, prompt_ids)
 
     timer = report.Timer()
     if CHAT:
-        chat(model, tokenizer, token_picker(device), prompt if INPUT_FILE else "")
+        chat(model, tokenizer, token_picker(device), prompt if INPUT_FILE else "", proposer)
+    elif proposer:
+        run_speculative(model, tokenizer, prompt_ids, timer, proposer)
     else:
         run = run_beam_search if BEAM_WIDTH > 1 else run_generate
         timer.report(len(prompt_ids), run(model, tokenizer, prompt_ids, timer), model)
-        if LOOK_INSIDE:
-            show_look_inside(model, tokenizer, prompt_ids)
+    if LOOK_INSIDE and not CHAT:
+        show_look_inside(model, tokenizer, prompt_ids)
     devices.close_distributed()
 
 

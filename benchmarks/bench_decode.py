@@ -7,6 +7,9 @@ original approach, and llama.cpp when you have it, on a random checkpoint with L
         --gguf /tmp/llama_cpp_peer/Llama3.2-1B-random-bf16.gguf,/tmp/llama_cpp_peer/Llama3.2-1B-random-q8_0.gguf
     python benchmarks/bench_decode.py --depths 0,1024,2048,3072,4096 --plot benchmarks/results/decode.png
     python benchmarks/bench_decode.py --only minimal,minimal-rule,minimal-speedups-off --prompt-tokens 512
+    python benchmarks/bench_decode.py --only verify-cost,verify-cost-int8,verify-cost-int4 --rounds 3
+    python benchmarks/bench_decode.py --only stand-in-summary,stand-in-summary-lookup,stand-in-summary-self-int4,\
+stand-in-open,stand-in-open-lookup,stand-in-open-self-int4 --rounds 3
 
 The checkpoint (bf16, tied output layer, the real tokenizer; 2.5 GB) is written once into --checkpoint-dir.
 Random weights cost exactly what real ones cost to read; they only talk nonsense. Every (configuration,
@@ -16,6 +19,13 @@ within one run, never a number with one from another day. Depth: tokens of conte
 starts (0: a 16-token prompt). Decode tokens/s: new tokens 2..N over their time, one decode step each.
 Prompt tokens/s: each script configuration also reads a --prompt-tokens prompt once per round (the prompt
 and its first token over their time), beside llama-bench's prompt processing of as many tokens (ppN).
+
+Speculative decoding (run_inference.py's DRAFT) runs on the SmolLM2-135M stand-in's real weights (standin/smollm.py
+converts it once; random weights never agree with a draft), greedy, on two prompts: a text to summarise, whose
+answer repeats it (prompt lookup's case), and an open-ended one. Its decode tokens/s count every new token over
+the time after the prompt's pass; each row is paired with the plain run of the same prompt, and the report gives
+the acceptance rate and tokens per verify pass. verify-cost times one forward pass of k + 1 tokens (a verify pass
+with k drafts) against a one-token decode step on the 1B shapes, k = 1 .. MAX_VERIFY_DRAFTS, interleaved.
 """
 
 import argparse
@@ -73,6 +83,26 @@ CONFIGURATIONS = {
     "original-fp32-recompute": ("original", {}, False),
     "accuracy": ("accuracy", {}, False),
     "bandwidth": ("bandwidth", {}, False),
+    # a k-token verify pass against a one-token step, on the 1B shapes
+    "verify-cost": ("verify", dict(quantize=""), False),
+    "verify-cost-int8": ("verify", dict(quantize="int8"), False),
+    "verify-cost-int4": ("verify", dict(quantize="int4"), False),
+    # speculative decoding on the stand-in's real weights: each proposer, and plain decoding, on each prompt
+    **{f"stand-in-{prompt}{'-' + draft if draft else ''}": (
+        "script", dict(script="run_inference", stand_in=prompt, draft=draft), False)
+       for prompt in ("summary", "open") for draft in ("", "lookup", "self-int4")},
+}
+MAX_VERIFY_DRAFTS = 8  # verify-cost: k = 1 .. this
+VERIFY_REPEATS = 5  # verify-cost: each pass timed this many times, interleaved; the fastest counts
+STAND_IN = "SmolLM2-135M"  # a base model: the prompts are plain text
+STAND_IN_PROMPTS = {
+    "summary": ("The old harbour of the town was built in 1820 to shelter fishing boats from the winter storms. "
+                "In 1890 a railway line reached the harbour, and the fish market moved next to the station. "
+                "After the second world war the fishing fleet shrank, and the harbour became a marina for "
+                "sailing boats. Today the old fish market is a museum about the history of the harbour and the "
+                "railway.\n\nQuestion: Summarise the history of the harbour in a few sentences.\nAnswer: The old "
+                "harbour of the town"),
+    "open": "Write a short story about a robot who learns to paint.\n\n",
 }
 PROMPT_CONFIGURATIONS = ("minimal", "tutorial", "minimal-rule", "minimal-speedups-off", "tutorial-int8",
                          "tutorial-int4")
@@ -95,16 +125,19 @@ def prompt_ids(model_dir, depth):
 
 
 def run_script(args, device, model_dir, depth, script, beams=1, use_speedups=True, quantize="", threads=0, busy=False,
-               kernels="measure"):
+               kernels="measure", stand_in="", draft=""):
     """The script's own load_model and generate (or beam_search), timed token by token; with `threads`
     torch threads, and with `busy`, another process spinning on one core meanwhile; kernels as KERNELS says
-    (measured, as a user's run: cached by the first run on this machine)."""
+    (measured, as a user's run: cached by the first run on this machine). stand_in: the stand-in with that
+    prompt (STAND_IN_PROMPTS), decoded with the proposer `draft` if any (speculative_run)."""
     module = importlib.import_module(script)
     if threads:
         torch.set_num_threads(threads)
     spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
     try:
         devices.init_distributed(device)
+        if stand_in:
+            return speculative_run(args, device, stand_in, draft)
         ids = prompt_ids(model_dir, depth)
         start = clock(device)
         params = checkpoint.read_params(model_dir)
@@ -124,6 +157,58 @@ def run_script(args, device, model_dir, depth, script, beams=1, use_speedups=Tru
             spinner.kill()
             spinner.wait()
     return dict(load_s=load_s, prompt_tokens=len(ids), marks=marks, threads=torch.get_num_threads())
+
+
+def speculative_run(args, device, prompt, draft):
+    """The stand-in on STAND_IN_PROMPTS[prompt], greedy, through run_inference.py's own functions: the prompt's
+    pass but its last token (as speculative_generate makes it), then plain decoding or speculative decoding with
+    the proposer `draft` ("lookup", "self-int4", which drafts in bfloat16 as the script's does), --draft-tokens
+    drafts a round; marks[1] is the prompt's pass, so decode tokens/s count every new token."""
+    from standin import smollm  # converts the stand-in once, into the user's cache
+    model_dir = smollm.smollm_models_dir() / STAND_IN
+    tokenizer = Tokenizer(model_dir / "tokenizer.model")
+    ids = run_inference.encode_prompt(tokenizer, STAND_IN_PROMPTS[prompt], "", instruct=False)
+    params, max_seq_len = checkpoint.read_params(model_dir), len(ids) + args.new_tokens
+    start = clock(device)
+    model = run_inference.load_model(model_dir, params, device, DTYPE, max_seq_len, 1)
+    proposer = None
+    if draft == "lookup":
+        proposer = run_inference.PromptLookup(args.draft_tokens, None)
+    elif draft == "self-int4":
+        draft_model = run_inference.load_model(model_dir, params, device, torch.bfloat16, max_seq_len, 1, True, "int4")
+        proposer = run_inference.DraftModel(draft_model, args.draft_tokens, None)
+    load_s, marks = clock(device) - start, [clock(device)]
+    run_inference.prefill(model, ids[:-1])
+    marks.append(clock(device))
+    if proposer:
+        tokens = run_inference.speculative_generate(model, proposer, ids, args.new_tokens, set(), len(ids) - 1)
+    else:
+        tokens = run_inference.generate(model, ids[-1:], args.new_tokens, set(), len(ids) - 1)
+    for _ in tokens:
+        marks.append(clock(device))
+    devices.close_distributed()
+    return dict(load_s=load_s, prompt_tokens=len(ids), marks=marks, threads=torch.get_num_threads(),
+                tally=dict(proposer.tally) if proposer else None)
+
+
+def run_verify(args, device, model_dir, depth, quantize):
+    """Seconds of one forward pass of k + 1 tokens (run_inference.verify: the logits of every position) for
+    k = 0 (a one-token decode step) .. MAX_VERIFY_DRAFTS, after a 16-token prompt, each timed VERIFY_REPEATS
+    times, the k taking turns; the fastest of each."""
+    devices.init_distributed(device)
+    ids = prompt_ids(model_dir, 0)
+    params = checkpoint.read_params(model_dir)
+    model = run_inference.load_model(model_dir, params, device, DTYPE, len(ids) + MAX_VERIFY_DRAFTS + 1, 1, True,
+                                     quantize)
+    run_inference.prefill(model, ids)
+    seconds = {}
+    for _ in range(1 + VERIFY_REPEATS):  # the first round warms up (oneDNN builds its kernels per shape)
+        for k in range(MAX_VERIFY_DRAFTS + 1):
+            start = clock(device)
+            run_inference.verify(model, ids[: k + 1], len(ids)).argmax(dim=-1).tolist()  # as accept_greedy reads it
+            seconds.setdefault(k, []).append(clock(device) - start)
+    devices.close_distributed()
+    return {"verify_s": {k: min(times[1:]) for k, times in seconds.items()}}
 
 
 def run_transformers(args, device, model_dir, depth, beams):
@@ -216,7 +301,7 @@ def threads_label(threads):
 def child(args):
     kind, options, _ = CONFIGURATIONS[args.run]
     run = {"script": run_script, "transformers": run_transformers, "original": run_original,
-           "accuracy": run_accuracy, "bandwidth": run_bandwidth}[kind]
+           "accuracy": run_accuracy, "bandwidth": run_bandwidth, "verify": run_verify}[kind]
     device = torch.device(args.device)
     with redirect_stdout(sys.stderr):  # fairscale, llama-models and transformers print
         result = run(args, device, args.checkpoint_dir / CHECKPOINT_NAME, args.depth, **options)
@@ -300,10 +385,13 @@ def summarise(runs):
                                                          for r in good),
                                decode_s=statistics.median(r["marks"][-1] - r["marks"][1] for r in good),
                                load_s=statistics.median(r["load_s"] for r in good),
-                               peak_gib=statistics.median(r["peak_bytes"] for r in good) / GIB)
+                               peak_gib=statistics.median(r["peak_bytes"] for r in good) / GIB,
+                               tally=good[0].get("tally"))  # greedy: the same drafts every round
             elif good and "decode" in good[0]:  # llama.cpp
                 numbers.update(decode=statistics.median(r["decode"][depth] for r in good),
                                prompt=statistics.median(r["prompt"] for r in good))
+            elif good and "verify_s" in good[0]:  # the fastest of the rounds, per k
+                numbers.update(verify_s={k: min(r["verify_s"][k] for r in good) for k in good[0]["verify_s"]})
             elif good and "bandwidth" in good[0]:  # the best of the rounds, per method
                 methods = good[0]["bandwidth"]
                 numbers.update(bandwidth={method: max(r["bandwidth"][method] for r in good) for method in methods})
@@ -321,7 +409,7 @@ def report(summary, depths, args, per_token):
     def get(name, depth, key="decode"):
         return summary.get(name, {}).get(str(depth), {}).get(key)
 
-    timed = [name for name in summary if name not in ("accuracy", "bandwidth")]
+    timed = [name for name in summary if name not in ("accuracy", "bandwidth") and not name.startswith("verify")]
     lines = [f"Decode benchmark: {args.machine}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
              f"device {args.device}, bf16 unless named, {args.new_tokens} new tokens, "
              f"median of {args.rounds} rounds.", "",
@@ -383,7 +471,36 @@ def report(summary, depths, args, per_token):
         lines += [f"| {name} | "
                   + " | ".join(f"{errors[name]:.2%}" if name in errors else "—" for errors in accuracy.values())
                   + " |" for name in names]
-    return "\n".join(lines)
+    return "\n".join(lines + speculation_tables(summary, args))
+
+
+def speculation_tables(summary, args):
+    """The verify pass's cost against a step (verify-cost rows), and each proposer against plain decoding of
+    the same prompt on the stand-in (stand-in rows)."""
+    lines = []
+    costs = {name: by_depth["0"]["verify_s"] for name, by_depth in summary.items() if "verify_s" in by_depth["0"]}
+    if costs:
+        lines += ["", "A verify pass of k drafts (k + 1 tokens, every position's logits) against a one-token step, "
+                  "1B shapes, after a 16-token prompt: ms, and the ratio to the step (the fastest of the rounds):", "",
+                  "| k | " + " | ".join(costs) + " |", "|---" * (len(costs) + 1) + "|"]
+        for k in range(MAX_VERIFY_DRAFTS + 1):
+            cells = [f"{s[str(k)] * 1e3:.1f} ms ({s[str(k)] / s['0']:.2f}x)" for s in costs.values()]
+            lines.append(f"| {k}{' (a step)' if k == 0 else ''} | " + " | ".join(cells) + " |")
+    rows = [name for name in summary if name.startswith("stand-in-") and summary[name]["0"].get("tally")]
+    if rows:
+        lines += ["", f"Speculative decoding on the stand-in ({STAND_IN}, real weights, {devices.dtype_name(DTYPE)}), "
+                  f"greedy, DRAFT_TOKENS={args.draft_tokens}, {args.new_tokens} new tokens; decode tok/s over "
+                  "every new token after the prompt's pass:", "",
+                  "| configuration | accepted drafts | tokens per verify pass | decode tok/s | plain decode tok/s "
+                  "| speedup |", "|---|---|---|---|---|---|"]
+        for name in rows:
+            numbers, plain = summary[name]["0"], summary.get(f"stand-in-{CONFIGURATIONS[name][1]['stand_in']}", {})
+            tally, plain_rate = numbers["tally"], plain.get("0", {}).get("decode")
+            accepted = tally["accepted"] / tally["drafted"] if tally["drafted"] else 0
+            lines.append(f"| {name} | {accepted:.0%} of {tally['drafted']} | "
+                         f"{(tally['passes'] + tally['accepted']) / tally['passes']:.2f} | {numbers['decode']:.2f} | "
+                         f"{f'{plain_rate:.2f}' if plain_rate else '—'} | {ratio(numbers['decode'], plain_rate)} |")
+    return lines
 
 
 def prompt_report(summary, args, peers):
@@ -444,6 +561,8 @@ def parse_args():
     parser.add_argument("--llama-bench", help="llama.cpp's llama-bench binary, to measure llama.cpp in the same run")
     parser.add_argument("--gguf", default="", help="comma-separated GGUF files of the checkpoint, for --llama-bench")
     parser.add_argument("--plot", help="draw decode tokens/s against --depths into this PNG (needs matplotlib)")
+    parser.add_argument("--draft-tokens", type=int, default=run_inference.DRAFT_TOKENS,
+                        help="stand-in rows: drafts per round (default: run_inference.py's DRAFT_TOKENS, %(default)s)")
     parser.add_argument("--checkpoint-dir", type=Path, default=CHECKPOINT_DIR, help="default %(default)s")
     parser.add_argument("--json", type=Path, default=RESULTS_FILE, help="everything measured (default %(default)s)")
     parser.add_argument("--run", help=argparse.SUPPRESS)  # internal: one child run

@@ -7,7 +7,7 @@ module classes below into llama-models' Transformer, so `print(model)` shows wha
     GroupedQueryAttention   llama-models' Attention, without copying the shared key-value heads, and wq, wk and
                             wv as one weight wqkv (one product, one pass over the input)
     FusedFeedForward        llama-models' FeedForward, with w1 and w3 as one weight w13
-    LastPositionLogits      the output layer, for the last position only
+    LastPositionLogits      the output layer, for the last position only (every_position(model): for all)
     PlainLinear             a linear layer with its weight as stored (16 or 32 bits)
     PackedLinear            the weight laid out once for oneDNN's kernels
     Int8Linear              8-bit weights, one scale per row (QUANTIZE=int8)
@@ -31,6 +31,8 @@ Nothing here changes what the model computes, except rounding, the 8- or 4-bit w
 run_inference.py explains each idea where its story reaches it; benchmarks/bench_kernels.py measures each
 kernel on your CPU. With SPEEDUPS=0 neither script calls this package: llama-models' code runs as written.
 """
+
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -251,10 +253,29 @@ class LastPositionLogits(nn.Module):
         super().__init__()
         self.layer = layer
         self.watchers = list(watchers)
+        self.every_position = False  # set by every_position(model)
 
     def forward(self, h):  # (batch, seqlen, dim) -> (batch, 1, vocab)
         for watcher in self.watchers:
             watcher.step(decoding=h.shape[1] == 1)
+        if self.every_position:
+            return self.layer(h)  # (batch, seqlen, vocab)
         return self.layer(h[:, -1:])
+
+
+@contextmanager
+def every_position(model):
+    """Within: the model's forward returns the logits of every position it is fed, as llama-models' own output
+    layer does (speculative decoding's verify pass reads them all); a model without LastPositionLogits
+    (SPEEDUPS=0) always does."""
+    output = model.output
+    if not isinstance(output, LastPositionLogits):
+        yield
+        return
+    output.every_position = True
+    try:
+        yield
+    finally:
+        output.every_position = False
 
 

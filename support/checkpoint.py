@@ -267,6 +267,42 @@ def check_length(prompt_length, max_new_tokens, params):
              f"context of {limit} tokens; shorten the prompt or lower MAX_NEW_TOKENS")
 
 
+def feed_forward_width(params):
+    """The SwiGLU width llama-models' FeedForward builds: 2/3 of 4 x dim, times ffn_dim_multiplier, rounded up
+    to a multiple of multiple_of."""
+    width = int(2 * 4 * params["dim"] / 3)
+    if params.get("ffn_dim_multiplier") is not None:
+        width = int(params["ffn_dim_multiplier"] * width)
+    multiple = params.get("multiple_of", 1)
+    return multiple * -(-width // multiple)
+
+
+def parameter_count(params):
+    """The model's parameters, from params.json: per layer the attention's four projections, the feed-forward's
+    three and two norms; the embedding table, the final norm and the output layer (counted apart: only
+    the checkpoint says whether they are tied)."""
+    dim, head_dim = params["dim"], params["dim"] // params["n_heads"]
+    kv_dim = params.get("n_kv_heads", params["n_heads"]) * head_dim
+    layer = 2 * dim * dim + 2 * dim * kv_dim + 3 * dim * feed_forward_width(params) + 2 * dim
+    return params["n_layers"] * layer + 2 * params["vocab_size"] * dim + dim
+
+
+def check_draft(draft_dir, draft_params, model_dir, params):
+    """A draft model (run_inference.py's DRAFT) must propose the model's own tokens (the same tokenizer.model),
+    know positions as far (the same context length), and cost less than the model (no more parameters)."""
+    draft, model = model_name_of(draft_dir), model_name_of(model_dir)
+    if (draft_dir / "tokenizer.model").read_bytes() != (model_dir / "tokenizer.model").read_bytes():
+        fail(f"DRAFT={draft!r} has another tokenizer.model than {model}: a draft must propose the model's own "
+             "tokens; choose a draft of the same family (Llama 3.x models share one), or DRAFT=self-int4 or lookup")
+    if context_length(draft_params) != context_length(params):
+        fail(f"DRAFT={draft!r} has a context of {context_length(draft_params)} tokens and {model} one of "
+             f"{context_length(params)}: they are not of the same Llama version; choose a draft of the model's version")
+    if parameter_count(draft_params) > parameter_count(params):
+        fail(f"DRAFT={draft!r} has {parameter_count(draft_params) / 1e9:.3g} billion parameters, more than {model}'s "
+             f"{parameter_count(params) / 1e9:.3g}: a draft must be cheaper than the model it drafts for; choose a "
+             "smaller one (Llama3.2-1B for 8B or 70B), or DRAFT=self-int4 or lookup")
+
+
 def check_shards(model_dir, params):
     """The checkpoint's shards must split or merge evenly onto the processes, and so must the heads."""
     shards = len(weight_files(model_dir))

@@ -58,17 +58,20 @@ class Timer:
             self.marks.append(time.perf_counter())
             yield token_id
 
-    def report(self, prompt_tokens, new_tokens, model):
+    def report(self, prompt_tokens, new_tokens, model, tokens_per_pass=1.0):
         """The speed and the memory, on stderr. Decoding reads every weight once per step, so tokens/s times
-        the bytes of weights a step reads is the memory bandwidth the decoding achieved (as gpt-fast reports)."""
+        the bytes of weights a step reads is the memory bandwidth the decoding achieved (as gpt-fast reports).
+        Speculative decoding makes tokens_per_pass tokens per pass over the weights, on average."""
         device = model.tok_embeddings.weight.device
         line = f"\n{prompt_tokens} prompt + {new_tokens} new tokens in {time.perf_counter() - self.start:.1f} s"
         if len(self.marks) > 1:
             decoding = (len(self.marks) - 1) / (self.marks[-1] - self.marks[0])  # tokens/s after the first
             step_bytes = weight_bytes_per_step(model)
+            per_pass = f" / {tokens_per_pass:.2f} tokens a pass" if tokens_per_pass != 1 else ""
             line += (f" (the prompt and the first token {self.marks[0] - self.start:.1f} s, then {decoding:.2f} "
-                     f"tokens/s x {step_bytes / 1e9:.3g} GB of weights a step = {decoding * step_bytes / 1e9:.2f} "
-                     "GB/s; weights only: reading the KV cache adds more as the context grows)")
+                     f"tokens/s{per_pass} x {step_bytes / 1e9:.3g} GB of weights a step = "
+                     f"{decoding / tokens_per_pass * step_bytes / 1e9:.2f} GB/s; weights only: reading the KV cache "
+                     "adds more as the context grows)")
         print(line, file=sys.stderr)
         print(memory_line(device), file=sys.stderr)
 

@@ -16,9 +16,10 @@ from support.exits import fail
 # settings that take one of a few values. A script checks the ones it has.
 RANGES = {"MAX_NEW_TOKENS": (1, None), "PREFILL_CHUNK": (1, None), "BEAM_WIDTH": (1, None),
           "TEMPERATURE": (0.0, None), "LENGTH_PENALTY": (None, None),
-          "SHOWN_ALTERNATIVES": (0, LLAMA_3_VOCAB_SIZE - 1), "SEED": (0, 2**64 - 1)}  # torch's seeds: 64 bits
+          "SHOWN_ALTERNATIVES": (0, LLAMA_3_VOCAB_SIZE - 1), "SEED": (0, 2**64 - 1),  # torch's seeds: 64 bits
+          "DRAFT_TOKENS": (1, None)}
 CHOICES = {"QUANTIZE": tuple(speedups.FORMATS), "SPEEDUPS": (0, 1), "SHOW_TOKENS": (0, 1), "CHAT": (0, 1),
-           "LOOK_INSIDE": (0, 1)}
+           "LOOK_INSIDE": (0, 1), "DRAFT_MEASURE": (0, 1)}
 
 
 def apply_settings(settings):

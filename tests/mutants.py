@@ -63,6 +63,9 @@ BAD_INPUT = {name: ["tests/test_bad_input.py", "-k", name] for name in (
     "context_can_hold", "stdin", "out_of_range", "folder_and_its_name", "ctrl_c_during")}
 README_TESTS = {name: ["tests/test_readme.py", "-k", name] for name in (
     "every_command", "error_lines", "what_ci_runs", "python_floor", "process_counts", "run_command")}
+SPECULATIVE = "tests/test_speculative.py::"
+SPECULATIVE_GREEDY = [SPECULATIVE + "test_greedy_with_any_proposer_is_plain_greedy"]
+SPECULATIVE_SAMPLING = [SPECULATIVE + "test_sampling_with_drafts_draws_from_the_model"]
 
 # name: (file, the line fragment, its replacement, the tests that must catch it)
 MUTANTS = {
@@ -99,8 +102,11 @@ MUTANTS = {
                        QUANTIZED),
     "top-p-mask-removed": (TUTORIAL, "sorted_probs[outside_nucleus] = 0.0", "sorted_probs[outside_nucleus] *= 1.0",
                            SAMPLING),
-    "temperature-ignored": (TUTORIAL, "torch.softmax(logits.float() / temperature, dim=-1)",
-                            "torch.softmax(logits.float(), dim=-1)", SAMPLING),
+    "temperature-ignored": (TUTORIAL, "keepdim=True)) / temperature, dim=-1)", "keepdim=True)), dim=-1)",
+                            SAMPLING),
+    "tiny-temperature-overflows": (TUTORIAL, "torch.softmax((logits - logits.amax(dim=-1, keepdim=True)) / temperature",
+                                   "torch.softmax((logits - 0 * logits.amax(dim=-1, keepdim=True)) / temperature",
+                                   ["tests/test_generation.py", "-k", "near_zero_temperature"]),
     "query-heads-read-the-wrong-kv-head": (
         SPEEDUPS, "grouped = queries.reshape(batch, self.n_local_kv_heads, self.n_rep, self.head_dim)",
         "grouped = queries.reshape(batch, self.n_rep, self.n_local_kv_heads, self.head_dim).transpose(1, 2)", LOGITS),
@@ -115,8 +121,7 @@ MUTANTS = {
                             ["tests/test_speedups.py", "-k", "tied_weights_stay_one_tensor"]),
     "chat-reply-not-closed": (TUTORIAL, "dialog += reply + [closing_token(tokenizer, chosen)]", "dialog += reply",
                               CHAT),
-    "chat-cache-not-kept": (TUTORIAL, "            cached = len(dialog) + len(reply)\n", "            cached = 0\n",
-                            CHAT),
+    "chat-cache-not-kept": (TUTORIAL, "        return len(dialog) + len(reply)\n", "        return 0\n", CHAT),
     "chat-cut-reply-last-token-not-fed": (TUTORIAL, "if reply and (interrupted or len(reply) == MAX_NEW_TOKENS):",
                                           "if reply and interrupted:", CHAT),
     "torchrun-threads-not-shared": (DEVICES, "return max(1, physical_cores // local_processes)", "return None",
@@ -264,6 +269,32 @@ MUTANTS = {
     "native-int4-offset-sign-scalar": (NATIVE, "sum += weight.low(n, b) * a.offsets_of(r)[b];",
                                        "sum -= weight.low(n, b) * a.offsets_of(r)[b];",
                                        [NATIVE_TESTS, "-k", "int4_product and scalar"]),
+    # speculative decoding (run_inference.py's DRAFT)
+    "speculation-keeps-a-rejected-draft": (TUTORIAL, "    return drafts[:kept] + [choices[kept]]",
+                                           "    return drafts[: kept + 1] + [choices[kept]]", SPECULATIVE_GREEDY),
+    "verify-pass-one-position-late": (TUTORIAL, "logits = verify(model, [token_ids[-1], *drafts], pos)",
+                                      "logits = verify(model, [token_ids[-1], *drafts], pos + 1)", SPECULATIVE_GREEDY),
+    "verify-reads-the-last-position-only": (SPEEDUPS, "        if self.every_position:\n", "        if False:\n",
+                                            SPECULATIVE_GREEDY),
+    "draft-cache-not-rolled-back": (TUTORIAL, "agreed = common_prefix_length(self.cached, token_ids[:-1])",
+                                    "agreed = min(len(self.cached), len(token_ids) - 1)",
+                                    [SPECULATIVE + "test_a_draft_model_drafts_what_it_would_from_scratch"]),
+    "draft-cache-claims-its-last-draft": (TUTORIAL, "        return drafts, torch.stack(probs) if probs else None",
+                                          "        self.cached += drafts[-1:]\n"
+                                          "        return drafts, torch.stack(probs) if probs else None",
+                                          [SPECULATIVE + "test_a_draft_model_drafts_what_it_would_from_scratch"]),
+    "draft-cache-not-kept": (TUTORIAL, "agreed = common_prefix_length(self.cached, token_ids[:-1])", "agreed = 0",
+                             [SPECULATIVE + "test_chat_keeps_the_draft_models_cache_across_turns"]),
+    "rejection-draws-from-p": (TUTORIAL, "residual = (p[i] - q).clamp(min=0)", "residual = p[i].clone()",
+                               SPECULATIVE_SAMPLING),
+    "acceptance-ignores-q": (TUTORIAL, "< p[i, draft] / q[draft]:", "< p[i, draft]:", SPECULATIVE_SAMPLING),
+    "lookup-takes-the-first-match": (TUTORIAL, "for start in range(len(token_ids) - n - 1, -1, -1):",
+                                     "for start in range(len(token_ids) - n):",
+                                     [SPECULATIVE + "test_prompt_lookup_proposes_what_followed_the_latest_longest_"
+                                      "match"]),
+    "speculation-counts-the-models-token-as-accepted": (TUTORIAL, "accepted=len(kept) - 1)", "accepted=len(kept))",
+                                                        [SPECULATIVE + "test_the_script_with_a_draft_prints_greedys_"
+                                                         "text_and_what_the_drafts_did"]),
 }
 
 

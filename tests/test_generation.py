@@ -128,10 +128,11 @@ def sampled(models_dir, **settings):
     return result.stdout
 
 
-def test_sampling_near_zero_temperature_is_greedy(models_dir, tokenizer, prompt_ids, distributed):
+@pytest.mark.parametrize("temperature", [1e-4, 1e-40])  # 1e-40: logits / temperature overflow to inf
+def test_sampling_near_zero_temperature_is_greedy(temperature, models_dir, tokenizer, prompt_ids, distributed):
     model = load(models_dir, prompt_ids, 16, batch=1, module=minimal_run_inference)
     greedy = greedy_without_cache(model, prompt_ids, 16, tokenizer.stop_tokens)
-    assert sampled(models_dir, TEMPERATURE=1e-4, SEED=3) == tokenizer.decode(greedy)
+    assert sampled(models_dir, TEMPERATURE=temperature, SEED=3) == tokenizer.decode(greedy)
 
 
 def test_top_p_keeps_only_the_nucleus():
