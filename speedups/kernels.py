@@ -119,6 +119,7 @@ class WideningBuffer:
 WIDENED = WideningBuffer()
 
 
+@torch.no_grad()  # the buffer is shared: a weight that requires grad must not tie it into a graph
 def widened_product(x, module, widen):
     """x @ weight.T in float32, the weight widened a block of rows at a time by widen(start, end, buffer), which
     fills the buffer with rows start .. end - 1 as float32: on CPUs without bfloat16 instructions float32's

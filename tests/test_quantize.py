@@ -50,6 +50,23 @@ def test_quantize_int4_by_hand():
     assert (dequantised - weight[0]).abs().max() <= scale / 2 + 1e-5
 
 
+def test_widened_products_outside_inference_mode_share_their_buffer(distributed):
+    """Prompt chunks widen weights into one buffer that every layer shares. A product outside inference mode on
+    a weight that requires grad (a user's own loop; a test's layer) must leave the buffer out of autograd: the
+    next product writes into it, and would fail if it were part of a graph."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 64, generator=generator)
+    modules = []
+    for kernel, layout in [("linear-f32", layouts.PlainLinear), ("w8-f32", layouts.Int8Linear)]:
+        layer = fairscale_layers.ColumnParallelLinear(64, 96, bias=False, gather_output=False)
+        layer.weight = torch.nn.Parameter(torch.randn(96, 64, generator=generator))  # requires grad
+        module = layout(layer)
+        kernels.use(module, dict.fromkeys(layouts.ROW_CLASSES, kernel), 5)
+        modules.append((module, module.dequantized(96)))  # float32 values of its weight (8-bit: its codes x scales)
+    for module, weight in modules * 2:
+        torch.testing.assert_close(module(x), x @ weight.detach().T, rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("rows", [1, 5, CHUNK])
 @pytest.mark.parametrize("kernel", ["w8", "w8-copy", "w8-f32", "w8a8", "w8a8-onednn"])
 def test_every_int8_kernel_gives_the_product_of_the_8_bit_weights_or_is_never_chosen(kernel, rows, distributed):
