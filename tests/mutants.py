@@ -200,6 +200,8 @@ MUTANTS = {
     "busy-calibration-kept": (CALIBRATION, "median(self.steps) < self.FASTER * self.linear_seconds",
                               "median(self.steps) < 0 * self.linear_seconds",
                               ["tests/test_kernels.py", "-k", "busier_machine"]),
+    "isa-cap-ignored": ("speedups/native.py", "if ISA_RANKS.get(name, 0) <= isa_cap()]", "]",
+                        [NATIVE_TESTS, "-k", "caps_hold"]),
     "no-compiler-not-noticed": (SPEEDUPS, 'kernel_choice(kernels) != "rule" and native.library() is not None',
                                 'kernel_choice(kernels) != "rule"', ["tests/test_kernels.py", "-k", "without_a_compiler"]),
     "closed-pipe-is-an-error": (EXITS, "return isinstance(error, BrokenPipeError) or", "return False and",
