@@ -7,9 +7,9 @@
     python benchmarks/bench_kernels.py --contexts 128,512,4096 # attention at other context lengths
 
 speedups/ tries and times the kernels briefly at load time and picks for each case (KERNELS=measure); this
-script measures every kernel, each variant of ours included, at length on your CPU, so that you can check what it picked. Models are
-loaded by the scripts' own load_model from the random 1B checkpoint that benchmarks/bench_decode.py writes
-(and this script too).
+script measures every kernel, each variant of ours included, at length on your CPU, so that you can check what
+it picked. Models are loaded by the scripts' own load_model from the random 1B checkpoint that
+benchmarks/bench_decode.py writes (and this script too).
 
 1. Linear layers: every linear layer of the model once, with each kernel in speedups/kernels.py forced, on
    `rows` random input rows: the weights' share of a decode step with that many

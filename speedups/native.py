@@ -50,6 +50,7 @@ This module imports nothing from the rest of speedups.
 """
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import logging
@@ -265,21 +266,41 @@ def _one_line(error):
 # ---------------------------------------------------------------------------------------------------------
 # Thin wrappers (see the module docstring).
 # ---------------------------------------------------------------------------------------------------------
+# Our variants from the fewest instructions to the most. Where PyTorch's own kernels are held to fewer than the
+# CPU has (ATEN_CPU_CAPABILITY=avx2 or default; oneDNN's ONEDNN_MAX_CPU_ISA=AVX2, AVX2_VNNI, AVX512_CORE, ...),
+# ours are held to the same: so all of them try an AVX2-only CPU on a larger one, as README's platform table does.
+ISA_RANKS = {"scalar": 0, "avx2": 1, "avxvnni": 2, "avx512": 3, "avx512vnni": 4, "avx512bf16": 5}
+TORCH_CAPS = {"DEFAULT": 0, "AVX2": 2}  # torch.backends.cpu.get_cpu_capability(); any other: no cap
+ONEDNN_CAPS = {"SSE41": 0, "AVX": 0, "AVX2": 1, "AVX2_VNNI": 2, "AVX2_VNNI_2": 2, "AVX512_CORE": 3,
+               "AVX512_CORE_VNNI": 4}  # any other (AVX512_CORE_BF16, AMX, ...): no cap
+
+
+def isa_cap():
+    """The highest ISA_RANKS rank that PyTorch's and oneDNN's settings allow (the largest with neither set)."""
+    caps = [TORCH_CAPS.get(torch.backends.cpu.get_cpu_capability(), len(ISA_RANKS)),
+            ONEDNN_CAPS.get(os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper(), len(ISA_RANKS))]
+    return min(caps)
+
+
+@functools.cache
 def variants(kernel):
-    """The variants of "int8", "int4" or "bf16" this CPU runs, fastest first ([] without the library)."""
-    return library().variants(kernel) if library() else []
+    """The variants of "int8", "int4" or "bf16" this CPU runs, fastest first, within isa_cap() ([] without the
+    library)."""
+    if not library():
+        return []
+    return [name for name in library().variants(kernel) if ISA_RANKS.get(name, 0) <= isa_cap()]
 
 
 def int8_matvec(x, codes, scales, variant=""):
-    return library().int8_matvec(x, codes, scales, variant)
+    return library().int8_matvec(x, codes, scales, variant or variants("int8")[0])
 
 
 def int4_matvec(x, packed, scales, lows, variant=""):
-    return library().int4_matvec(x, packed, scales, lows, variant)
+    return library().int4_matvec(x, packed, scales, lows, variant or variants("int4")[0])
 
 
 def bf16_matvec(x, weight, variant=""):
-    return library().bf16_matvec(x, weight, variant)
+    return library().bf16_matvec(x, weight, variant or variants("bf16")[0])
 
 
 def dequantize_int8(codes, scales, out):

@@ -203,6 +203,8 @@ MUTANTS = {
     "widening-buffer-in-autograd": ("speedups/kernels.py", "@torch.no_grad()  # the buffer is shared",
                                     "# the buffer is shared",
                                     ["tests/test_quantize.py", "-k", "widened_products_outside"]),
+    "isa-cap-ignored": ("speedups/native.py", "if ISA_RANKS.get(name, 0) <= isa_cap()]", "]",
+                        [NATIVE_TESTS, "-k", "caps_hold"]),
     "no-compiler-not-noticed": (SPEEDUPS, 'kernel_choice(kernels) != "rule" and native.library() is not None',
                                 'kernel_choice(kernels) != "rule"', ["tests/test_kernels.py", "-k", "without_a_compiler"]),
     "closed-pipe-is-an-error": (EXITS, "return isinstance(error, BrokenPipeError) or", "return False and",

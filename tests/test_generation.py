@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import minimal_run_inference
 import run_inference
 from speedups import calibration
-from conftest import (CPU, DICE_LOGITS, dice_probabilities, greedy_without_cache, load as load_script, reference_model,
+from conftest import (CPU, dice_probabilities, greedy_without_cache, load as load_script, reference_model,
                       run_script, shown_token_ids)
 
 PROMPT = "The capital of France is"

@@ -13,9 +13,8 @@ import torch
 from llama_models.llama3.args import ModelArgs
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-import minimal_run_inference
 import run_inference
-from conftest import CPU, load, run_script
+from conftest import load, run_script
 from hf_reference import llama_config, transformers_llama
 from standin.random_checkpoint import LLAMA_3_2_1B, TINY, write_checkpoint
 

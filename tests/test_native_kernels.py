@@ -52,8 +52,24 @@ def every_variant(kernel):
     names = ["avx512vnni", "avxvnni", "avx2", "scalar"] if kernel != "bf16" else ["avx512bf16", "avx512", "avx2",
                                                                                   "scalar"]
     runs = native.variants(kernel)
-    return [pytest.param(name, marks=pytest.mark.skipif(name not in runs, reason=f"this CPU does not run {name}"))
-            for name in names]
+    reason = lambda name: f"{name}: not on this CPU, or capped by ATEN_CPU_CAPABILITY or ONEDNN_MAX_CPU_ISA"
+    return [pytest.param(name, marks=pytest.mark.skipif(name not in runs, reason=reason(name))) for name in names]
+
+
+@pytest.mark.parametrize("settings, widest", [
+    ({"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}, "avx2"),  # README's AVX2-only CPU (Zen 2, 3)
+    ({"ONEDNN_MAX_CPU_ISA": "AVX2_VNNI"}, "avxvnni"),  # an Intel client CPU with AVX-VNNI
+    ({"ATEN_CPU_CAPABILITY": "default"}, "scalar")])
+def test_pytorchs_instruction_caps_hold_ours_too(kernels, settings, widest):
+    """Where PyTorch's own kernels are held to fewer instructions than the CPU has, ours are held to the same,
+    so that one CPU can try how the scripts run on a smaller one; the fastest variant left is the one used."""
+    code = "from speedups import native; print([native.variants(k) for k in ('int8', 'int4', 'bf16')])"
+    environment = {**os.environ, **settings}
+    shown = subprocess.run([sys.executable, "-c", code], env=environment, cwd=REPO, capture_output=True, text=True,
+                           check=True).stdout
+    rank = native.ISA_RANKS[widest]
+    assert shown.strip() == str([[name for name in kernels.variants(kind) if native.ISA_RANKS[name] <= rank]
+                                  for kind in ("int8", "int4", "bf16")])  # the library's own list: uncapped
 
 
 @pytest.fixture(params=THREADS, ids=lambda t: f"{t}-threads")

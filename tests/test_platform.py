@@ -3,7 +3,6 @@
 happens on a GPU, a Mac, Windows or under torchrun. What cannot run here (CUDA, mps, Windows) is reviewed,
 not run: README says so."""
 
-import os
 
 import pytest
 import torch

@@ -9,7 +9,7 @@ import minimal_run_inference
 import run_inference
 import speedups
 from speedups import calibration, kernels, layouts
-from conftest import CPU, load, run_script
+from conftest import load, run_script
 import fairscale.nn.model_parallel.layers as fairscale_layers
 from test_independent import random_prompt
 

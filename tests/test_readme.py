@@ -18,7 +18,6 @@ import shutil
 import subprocess
 import sys
 
-import pytest
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 

@@ -14,7 +14,7 @@ import torch
 
 import minimal_run_inference
 import run_inference
-from conftest import CPU, REPO, SCRIPTS, clean_environment, greedy_without_cache, load, read_until, run_script
+from conftest import REPO, SCRIPTS, clean_environment, greedy_without_cache, load, read_until, run_script
 from standin.random_checkpoint import TINY, write_checkpoint
 
 NEW_TOKENS = 24
@@ -222,18 +222,8 @@ def test_converting_weights_shows_progress_on_a_terminal_only(models_dir):
     process = subprocess.Popen([sys.executable, str(REPO / "minimal_run_inference.py")], env=env,
                                stdout=subprocess.PIPE, stderr=terminal)
     os.close(terminal)
-    shown = b""
-    deadline = time.monotonic() + 120
     try:
-        while select.select([controller], [], [], max(0, deadline - time.monotonic()))[0]:
-            try:
-                chunk = os.read(controller, 4096)
-            except OSError:  # the terminal closed: the script has ended
-                break
-            if not chunk:
-                break
-            shown += chunk
-        process.wait(timeout=120)
+        shown = read_terminal(controller, process)
     finally:
         process.kill()
         os.close(controller)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import minimal_run_inference
-from conftest import CPU, SCRIPTS, load, run_script
+from conftest import SCRIPTS, load, run_script
 from support.memory import GIB
 
 REAL_DIR = Path(os.environ.get("LLAMA_MODELS_DIR", minimal_run_inference.LLAMA_MODELS_DIR)).expanduser()
