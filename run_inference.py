@@ -821,13 +821,13 @@ def show_drafted_token(step, token_id, logits, draft, tokenizer):
 # measurement: the acceptance rate depends on the text and the proposer, the cost of a pass on the hardware.
 #   python benchmarks/bench_decode.py --only verify-cost              a pass of k + 1 tokens against one step
 #   python benchmarks/bench_decode.py --only stand-in-summary,stand-in-summary-lookup,...   each proposer
-# benchmarks/README.md has the tables. On the CPU measured there, a bfloat16 verify pass costs more than a
-# step (the kernels for a few rows read the weights slower than the one-row kernel) but about the same for
-# any k from 1 to 8, and a 4-bit one jumps once it has more than 4 rows. So prompt lookup, whose drafts
-# cost nothing, pays where the text repeats its prompt and costs where it does not; a draft model also
-# pays a step of its own for each draft, and its later drafts are accepted less often. DRAFT_TOKENS = 3
-# (4 rows a pass) is the largest k before the 4-bit jump, and close to the best the tables give for every
-# proposer and text.
+# benchmarks/README.md has the tables. On the CPU measured there, a verify pass costs more than a step (the
+# kernels for a few rows read the weights slower than the one-row kernel): in bfloat16 about the same for
+# any k from 1 to 8, in 8 and 4 bits growing with k and jumping once a pass has more than 4 rows. So prompt
+# lookup, whose drafts cost nothing, pays where the text repeats its prompt and costs where it does not; a
+# draft model also pays a step of its own for each draft, and its later drafts are accepted less often.
+# DRAFT_TOKENS = 3 (4 rows a pass) is the largest k before the 8- and 4-bit jump, and close to the best the
+# tables give for every proposer and text.
 # Each run reports its acceptance rate and tokens per pass; with DRAFT_MEASURE=1 it then decodes the same
 # tokens again, one step a token as plain decoding would, and reports both times: the speedup, or the
 # slowdown, measured.
