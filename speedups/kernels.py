@@ -99,37 +99,38 @@ def round_activations(kernel, x):
     return kernel.input_rounding(x) if kernel.input_rounding else x.float()
 
 
-WIDEN_ELEMENTS = 2**21  # weights widened to float32 at a time (8 MiB: a block that stays in the CPU's caches)
+WIDEN_ELEMENTS = 2**21  # weights widened at a time (8 MiB of float32: a block that stays in the CPU's caches)
 
 
 class WideningBuffer:
-    """Where a block of a weight is widened to float32 (prompt chunks): one buffer of WIDEN_ELEMENTS floats,
+    """Where a block of a weight is widened (prompt chunks): one buffer of WIDEN_ELEMENTS numbers per dtype,
     reused by every layer."""
 
     def __init__(self):
-        self.buffer = None
+        self.buffers = {}
 
-    def view(self, rows, columns):
-        if self.buffer is None:
+    def view(self, rows, columns, dtype=torch.float32):
+        if dtype not in self.buffers:
             with torch.inference_mode(False):  # a normal tensor, which any later call may write into
-                self.buffer = torch.empty(WIDEN_ELEMENTS)
-        return self.buffer[: rows * columns].view(rows, columns)
+                self.buffers[dtype] = torch.empty(WIDEN_ELEMENTS, dtype=dtype)
+        return self.buffers[dtype][: rows * columns].view(rows, columns)
 
 
 WIDENED = WideningBuffer()
 
 
 @torch.no_grad()  # the buffer is shared: a weight that requires grad must not tie it into a graph
-def widened_product(x, module, widen):
-    """x @ weight.T in float32, the weight widened a block of rows at a time by widen(start, end, buffer), which
-    fills the buffer with rows start .. end - 1 as float32: on CPUs without bfloat16 instructions float32's
-    matrix product is several times faster than a bfloat16 one, and a prompt chunk's rows share the widening."""
-    x32 = x.float()
-    out = torch.empty(x.shape[0], module.out_features)
+def widened_product(x, module, widen, dtype=torch.float32):
+    """x @ weight.T in `dtype`, the weight widened a block of rows at a time by widen(start, end, buffer), which
+    fills the buffer with rows start .. end - 1 in dtype; a prompt chunk's rows share the widening. float32's
+    matrix product is several times faster than bfloat16's on CPUs without bfloat16 instructions; with them
+    (AVX512-BF16, AMX), bfloat16's is the faster, which the 8- and 4-bit weights reach by widening to it."""
+    wide = x.to(dtype)
+    out = torch.empty(x.shape[0], module.out_features, dtype=dtype)
     step = max(1, WIDEN_ELEMENTS // module.in_features)
     for start in range(0, module.out_features, step):
         end = min(start + step, module.out_features)
-        out[:, start:end] = F.linear(x32, widen(start, end, WIDENED.view(end - start, module.in_features)))
+        out[:, start:end] = F.linear(wide, widen(start, end, WIDENED.view(end - start, module.in_features, dtype)))
     return out.to(x.dtype)
 
 
@@ -196,6 +197,16 @@ def int4_float32_product(module, x):
         module.weight[start:end], module.scales[start:end], module.lows[start:end], buffer))
 
 
+def int4_bfloat16_product(module, x):
+    """The same, each block dequantized into float32 and rounded to bfloat16, then bfloat16's product."""
+    def widen(start, end, buffer):
+        block = WIDENED.view(end - start, module.in_features)  # float32
+        native.dequantize_int4(module.weight[start:end], module.scales[start:end], module.lows[start:end], block)
+        return buffer.copy_(block)
+
+    return widened_product(x, module, widen, torch.bfloat16)
+
+
 NATIVE_VARIANTS = {  # native.variants(): the instruction sets each of our kernels comes in, fastest first
     "int8": ("avx512vnni", "avxvnni", "avx2", "scalar"), "int4": ("avx512vnni", "avxvnni", "avx2", "scalar"),
     "bf16": ("avx512bf16", "avx512", "avx2", "scalar")}
@@ -232,6 +243,7 @@ KERNELS = {kernel.name: kernel for kernel in (  # the candidates
         x, m.weight, INT4_GROUP, m.scales_and_zeros)),
     *native_kernels("q4", "int4", BlockInt4Linear, our_int4_product, input_rounding=block_rounding),
     Kernel("q4-f32", BlockInt4Linear, ("chunk",), ("cpu",), int4_float32_product),
+    Kernel("q4-bf16", BlockInt4Linear, ("chunk",), ("cpu",), int4_bfloat16_product, dtypes=(torch.bfloat16,)),
 )}
 DEFAULT_KERNEL = {  # a layout's kernel for a row class that nothing was timed for
     PlainLinear: {"one": "linear", "few": "linear", "chunk": "linear"},

@@ -8,7 +8,7 @@ import torch
 import minimal_run_inference
 import run_inference
 import speedups
-from speedups import calibration, kernels, layouts
+from speedups import calibration, kernels, layouts, native
 from conftest import load, run_script
 import fairscale.nn.model_parallel.layers as fairscale_layers
 from test_independent import random_prompt
@@ -65,6 +65,29 @@ def test_widened_products_outside_inference_mode_share_their_buffer(distributed)
         modules.append((module, module.dequantized(96)))  # float32 values of its weight (8-bit: its codes x scales)
     for module, weight in modules * 2:
         torch.testing.assert_close(module(x), x @ weight.detach().T, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("kernel, dtype, bound", [("q4-f32", torch.float32, 1e-5), ("q4-f32", torch.bfloat16, 0.01),
+                                                  ("q4-bf16", torch.bfloat16, 0.01)])
+def test_our_4_bit_chunk_kernels_give_the_product_of_the_4_bit_weights(kernel, dtype, bound, distributed):
+    """A prompt chunk (40 rows, two widened blocks: WIDEN_ELEMENTS made small) on our 4-bit layout: x times the
+    4-bit weights, to float32's rounding, or bfloat16's (x, the widened weights and the result each rounded
+    once: within 1% of the largest entry)."""
+    if native.library() is None:
+        pytest.skip(f"our kernels: not available ({native.why_unavailable()})")
+    generator = torch.Generator().manual_seed(0)
+    layer = fairscale_layers.ColumnParallelLinear(64, 96, bias=False, gather_output=False)
+    layer.weight = torch.nn.Parameter(torch.randn(96, 64, generator=generator), requires_grad=False)
+    module = layouts.BlockInt4Linear(layer)
+    kernels.use(module, dict.fromkeys(layouts.ROW_CLASSES, kernel), 5)
+    x = torch.randn(40, 64, generator=generator).to(dtype)
+    expected = x.float() @ module.dequantized(96).T
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(kernels, "WIDEN_ELEMENTS", 50 * 64)  # rows 0-49, then 50-95
+        patch.setattr(kernels, "WIDENED", kernels.WideningBuffer())
+        out = module(x)
+    assert out.dtype == dtype
+    assert (out.float() - expected).abs().max() <= bound * expected.abs().max()
 
 
 @pytest.mark.parametrize("rows", [1, 5, CHUNK])
