@@ -42,7 +42,7 @@ from speedups.layouts import FORMATS, ROW_CLASSES, PlainLinear
 
 CALIBRATION_SECONDS = 2.0  # the most the timing may take, once per cache key (paging the weights in aside)
 CALIBRATION_ROUNDS = 3  # each candidate is timed up to this many times, interleaved; the fastest counts
-CALIBRATION_VERSION = 3  # part of the cache key: raise it when what is measured or how it is chosen changes
+CALIBRATION_VERSION = 4  # part of the cache key: raise it when what is measured or how it is chosen changes
 SWEEP_BYTES = 2**30  # the weights one timed pass streams: more than this machine's caches (a 480 MiB L3)
 CHUNK_ROWS = 64  # a prompt chunk is timed with this many rows (compute-bound: one layer per shape)
 FEW_TIMED = 8  # a few rows (a short prompt's) are timed with this many, where beam search does not say
