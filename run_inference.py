@@ -316,9 +316,9 @@ def compare_layer_by_hand(model, prompt_ids):
 # is the other way round: each weight serves hundreds of rows, arithmetic sets the pace, and on a CPU
 # without bfloat16 instructions float32's products are several times faster, so the weights are widened to
 # float32 a block at a time there (8- and 4-bit weights too; to bfloat16 where the CPU has bfloat16
-# instructions, whose products are then the fastest). The fastest kernel depends on the CPU, the number format and the rows
-# per product (one, a few, a chunk); the fastest on one CPU was the slowest on another, and some were wrong
-# on some CPUs. So speedups/ first tries every candidate here (it must build, run, and give the float32
+# instructions, whose products are then the fastest). The fastest kernel depends on the CPU, the number
+# format and the rows per product (one, a few, a chunk); the fastest on one CPU was the slowest on another,
+# and some were wrong on some CPUs. So speedups/ first tries every candidate here (it must build, run, and give the float32
 # product of the same weights to within rounding), times the survivors on the model's own weights once,
 # caches the timings, and keeps the fastest: the "fast path" line says which, and what it skipped.
 #
