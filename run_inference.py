@@ -318,9 +318,10 @@ def compare_layer_by_hand(model, prompt_ids):
 # float32 a block at a time there (8- and 4-bit weights too; to bfloat16 where the CPU has bfloat16
 # instructions, whose products are then the fastest). The fastest kernel depends on the CPU, the number
 # format and the rows per product (one, a few, a chunk); the fastest on one CPU was the slowest on another,
-# and some were wrong on some CPUs. So speedups/ first tries every candidate here (it must build, run, and give the float32
-# product of the same weights to within rounding), times the survivors on the model's own weights once,
-# caches the timings, and keeps the fastest: the "fast path" line says which, and what it skipped.
+# and some were wrong on some CPUs. So speedups/ first tries every candidate here (it must build, run, and
+# give the float32 product of the same weights to within rounding), times the survivors on the model's own
+# weights once, caches the timings, and keeps the fastest: the "fast path" line says which, and what it
+# skipped.
 #
 # 8-bit and 4-bit weights (QUANTIZE): fewer bytes to stream per token, and less memory.
 #   int8: each output row w gets a scale, scale = max(|w|) / 127, w_int8 = round(w / scale): w ~ w_int8 *
