@@ -331,8 +331,10 @@ def compare_layer_by_hand(model, prompt_ids):
 # Integers times integers: PyTorch's stock kernels widen each weight to a float and spend a float
 # multiply-add on it, so on a few cores they run out of instructions before memory runs out of bytes.
 # speedups/quantized.cpp rounds x to 8 bits too (a scale per 32 inputs) and multiplies bytes by bytes: one
-# AVX-512 VNNI instruction makes 64 byte products and adds them into 16 sums. Integer sums are exact; the
-# new error is x's rounding (`python benchmarks/bench_accuracy.py`: what each format costs real text).
+# AVX-512 VNNI instruction makes 64 byte products and adds them into 16 sums. The same kernels take a prompt
+# chunk too, each weight block read once for several rows: where the CPU has no bfloat16 instructions, bytes
+# times bytes can beat widening to float32 (`python benchmarks/bench_kernels.py --rows 256`). Integer sums are
+# exact; the new error is x's rounding (`python benchmarks/bench_accuracy.py`: what each format costs real text).
 # The embedding table stays in bfloat16, memory-mapped; each weight is converted a block of rows at a
 # time, and the block's pages of the mapped file released, so the bfloat16 model is never resident beside it.
 #

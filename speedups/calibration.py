@@ -42,9 +42,9 @@ from speedups.layouts import FORMATS, ROW_CLASSES, PlainLinear
 
 CALIBRATION_SECONDS = 2.0  # the most the timing may take, once per cache key (paging the weights in aside)
 CALIBRATION_ROUNDS = 3  # each candidate is timed up to this many times, interleaved; the fastest counts
-CALIBRATION_VERSION = 4  # part of the cache key: raise it when what is measured or how it is chosen changes
+CALIBRATION_VERSION = 5  # part of the cache key: raise it when what is measured or how it is chosen changes
 SWEEP_BYTES = 2**30  # the weights one timed pass streams: more than this machine's caches (a 480 MiB L3)
-CHUNK_ROWS = 64  # a prompt chunk is timed with this many rows (compute-bound: one layer per shape)
+CHUNK_ROWS = 256  # a prompt chunk is timed with the scripts' PREFILL_CHUNK rows (compute-bound: one layer per shape)
 FEW_TIMED = 8  # a few rows (a short prompt's) are timed with this many, where beam search does not say
 SAMPLE_MAX_WEIGHTS = 2**26  # larger weights (the output layer) are not copied into another layout to be timed
 CHECK_ROWS = 64  # output rows of the sample compared with the float32 product (a multiple of INT4_PACK_ROWS)
@@ -325,8 +325,8 @@ def time_candidates(modules, dtype, quantize, few_rows, ours=False):
             for kernel, rows in tasks:
                 if kernel.name in skipped:
                     continue
-                if (round_ or rows != decode_class) and time.perf_counter() - timing_start > CALIBRATION_SECONDS:
-                    break  # out of time: what was timed decides (every kernel for decoding's rows once at least)
+                if round_ and time.perf_counter() - timing_start > CALIBRATION_SECONDS:
+                    break  # out of time: what was timed decides (every kernel for every row class once at least)
                 for shape, s in one_pass(kernel, rows).items():
                     best = seconds.setdefault(shape, {}).setdefault(rows, {})
                     best[kernel.name] = min(best.get(kernel.name, s), s)

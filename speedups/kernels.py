@@ -139,6 +139,12 @@ def float32_product(module, x):
 
 
 def int8_float32_product(module, x):
+    """A prompt chunk on an int8 weight: each block of rows dequantized into float32, then float32's product.
+    Our C++ loop dequantizes in one pass where it was built; PyTorch's multiply, the fallback, is slower."""
+    if native.library() is not None:
+        scales = float32_scales(module)
+        return widened_product(x, module, lambda start, end, buffer: native.dequantize_int8(
+            module.weight[start:end], scales[start:end], buffer))
     scales = module.scales.float()[:, None]
     return widened_product(x, module, lambda start, end, buffer: torch.mul(module.weight[start:end],
                                                                            scales[start:end], out=buffer))
@@ -212,11 +218,11 @@ NATIVE_VARIANTS = {  # native.variants(): the instruction sets each of our kerne
     "bf16": ("avx512bf16", "avx512", "avx2", "scalar")}
 
 
-def native_kernels(family, kind, layout, run, dtypes=(), input_rounding=None):
+def native_kernels(family, kind, layout, run, rows, dtypes=(), input_rounding=None):
     """The kernel named `family` (our `kind` kernel's fastest variant here) and one per variant (family-avx2,
     ...), which only KERNELS=name runs: timing the slower ones would only cost time."""
     variants = NATIVE_VARIANTS[kind]
-    return [Kernel(f"{family}-{variant}" if variant else family, layout, ("one", "few"), ("cpu",),
+    return [Kernel(f"{family}-{variant}" if variant else family, layout, rows, ("cpu",),
                    lambda m, x, variant=variant: run(m, x, variant), input_rounding=input_rounding, dtypes=dtypes,
                    candidate=not variant, ours=True) for variant in ("", *variants)]
 
@@ -229,7 +235,7 @@ KERNELS = {kernel.name: kernel for kernel in (  # the candidates
     Kernel("packed", PackedLinear, ALL_ROWS, ("cpu",),
            lambda m, x: torch.ops.mkldnn._linear_pointwise(x, m.weight, None, "none", [], "")),
     Kernel("linear-f32", PlainLinear, ("chunk",), ("cpu",), float32_product),
-    *native_kernels("bf16-mv", "bf16", PlainLinear, our_bf16_product, dtypes=(torch.bfloat16,)),
+    *native_kernels("bf16-mv", "bf16", PlainLinear, our_bf16_product, ("one", "few"), dtypes=(torch.bfloat16,)),
     Kernel("w8", Int8Linear, ALL_ROWS, ("cpu", "mps"), lambda m, x: int8_matmul(x, m.weight, m.scales)),
     Kernel("w8-copy", Int8Linear, ALL_ROWS, ANY_DEVICE, lambda m, x: int8_copy_matmul(x, m.weight, m.scales),
            ("chunk",)),  # copying the weight to read it once loses to every kernel but for chunks
@@ -238,10 +244,10 @@ KERNELS = {kernel.name: kernel for kernel in (  # the candidates
     Kernel("w8a8-onednn", PackedInt8Linear, ALL_ROWS, ("cpu",), onednn_int8_matmul,
            input_rounding=per_token_rounding),
     Kernel("w8-f32", Int8Linear, ("chunk",), ("cpu",), int8_float32_product),
-    *native_kernels("q8", "int8", Int8Linear, our_int8_product, input_rounding=block_rounding),
+    *native_kernels("q8", "int8", Int8Linear, our_int8_product, ALL_ROWS, input_rounding=block_rounding),
     Kernel("int4", Int4Linear, ALL_ROWS, ("cpu",), lambda m, x: torch._weight_int4pack_mm_for_cpu(
         x, m.weight, INT4_GROUP, m.scales_and_zeros)),
-    *native_kernels("q4", "int4", BlockInt4Linear, our_int4_product, input_rounding=block_rounding),
+    *native_kernels("q4", "int4", BlockInt4Linear, our_int4_product, ALL_ROWS, input_rounding=block_rounding),
     Kernel("q4-f32", BlockInt4Linear, ("chunk",), ("cpu",), int4_float32_product),
     Kernel("q4-bf16", BlockInt4Linear, ("chunk",), ("cpu",), int4_bfloat16_product, dtypes=(torch.bfloat16,)),
 )}

@@ -55,6 +55,7 @@ LOOK_PICTURE = [LOOK + "test_the_picture_shows_the_tables_numbers_and_transforme
 LOOK_LONG_PICTURE = [LOOK + "test_a_long_prompts_picture_shows_its_last_positions_and_where_the_rest_went"]
 LOOK_MEMORY = [LOOK + "test_the_lens_of_every_position_of_a_long_prompt_stays_within_a_memory_bound"]
 NATIVE_TESTS = "tests/test_native_kernels.py"
+AVX2_INT8 = [NATIVE_TESTS, "-k", "int8_product and avx2"]
 MODULES = [SPEEDUPS_TESTS + "test_speedups_off_runs_llama_models_as_written",
            SPEEDUPS_TESTS + "test_speedups_swap_named_modules"]
 # First contact: bad input (support/), the stand-in's folder, README's commands.
@@ -280,6 +281,11 @@ MUTANTS = {
     "native-int4-offset-sign-scalar": (NATIVE, "sum += weight.low(n, b) * a.offsets_of(r)[b];",
                                        "sum -= weight.low(n, b) * a.offsets_of(r)[b];",
                                        [NATIVE_TESTS, "-k", "int4_product and scalar"]),
+    # AVX2's int8 tiles for prompt chunks: the sign moved to the wrong operand, an odd last weight row dropped.
+    "native-int8-tile-sign-lost": (NATIVE, "_mm256_maddubs_epi16(magnitude[k], _mm256_sign_epi8(q, w[k]))",
+                                   "_mm256_maddubs_epi16(magnitude[k], q)", AVX2_INT8),
+    "native-int8-tile-odd-row-dropped": (NATIVE, "if (n < n1) int8_tile_avx2<kR, 1>",
+                                         "if (false) int8_tile_avx2<kR, 1>", AVX2_INT8),
     # speculative decoding (run_inference.py's DRAFT)
     "speculation-keeps-a-rejected-draft": (TUTORIAL, "    return drafts[:kept] + [choices[kept]]",
                                            "    return drafts[: kept + 1] + [choices[kept]]", SPECULATIVE_GREEDY),

@@ -32,7 +32,8 @@ OUTPUT_ROUNDING = {torch.float32: 0.0, torch.bfloat16: 2.0**-8, torch.float16: 2
 EXTRA_ROUNDINGS = 32  # lanes reduced, block and weight scales applied, on top of one per block (or input)
 OUT = 4097  # odd, and enough rows that every weight below spans at least two threads' tasks
 IN = [2048, 100, 33]  # whole blocks of 32, and a shorter last block (33: one input in it)
-ROWS = [1, 3, 8, 11]  # one row, beam search's few (read each weight block once for all), more than 8 (in groups)
+ROWS = [1, 3, 8, 11, 14, 17]  # one row; beam search's few (each weight block read once for all); more than 8, in
+# groups of 8, then (AVX2 int8) tiles of 4 rows: 11, 14 and 17 leave 3, 2 and 1 in the last tile
 THREADS = [1, 2]
 
 
