@@ -505,13 +505,18 @@ class StepThreads:
     """The number of CPU threads, chosen while decoding by timing steps. PyTorch's threads wait for each
     other at the end of every operation: when another process occupies one of the cores, a 2-thread decode
     step waits for the thread that is not running, and took 3 to 6 times as long as a 1-thread step here
-    (benchmarks/README.md). So every PERIOD decode steps, TRIAL steps run with the other count (1 or all the
-    threads PyTorch had), and the count whose median step was shorter is kept. Steps are timed from one
-    decode step's end to the next, so the prompt's chunks and what the script does between steps are left out
-    as long as they are alike for both counts."""
+    (benchmarks/README.md). So TRIAL decode steps run with the other count (1 or all the threads PyTorch had),
+    and the count whose median step was shorter is kept. A trial costs: its steps run at the slower count
+    when nothing is busy. So trials come seldom while they keep the count (after TRIAL steps, then PERIOD
+    steps, then twice as many each time, up to MAX_PERIOD) and at once when the kept count's steps become
+    SLOWDOWN times slower than when it was kept (the machine got busier). Steps are timed from one decode
+    step's end to the next, so the prompt's chunks and what the script does between steps are left out as
+    long as they are alike for both counts."""
 
-    PERIOD = 32  # decode steps between trials of the other thread count
     TRIAL = 4  # steps of each trial
+    PERIOD = 32  # decode steps between the first trial and the second; doubled after each trial that keeps
+    MAX_PERIOD = 1024  # the count, up to this
+    SLOWDOWN = 1.5  # kept count's median step over the one it was kept with, beyond which a trial starts at once
 
     def __init__(self, threads):
         self.counts = (threads, 1)
@@ -519,6 +524,9 @@ class StepThreads:
         self.steps = {count: [] for count in self.counts}  # recent step times per count
         self.last = None
         self.taken = 0
+        self.period = self.PERIOD
+        self.next_trial = self.TRIAL  # decode steps taken when the next trial starts
+        self.kept_step = None  # the median step of the kept count when it was kept
 
     def step(self, decoding):
         now = time.perf_counter()
@@ -534,12 +542,21 @@ class StepThreads:
         threads = torch.get_num_threads()
         if threads != self.current:  # a trial of the other count: over once it has TRIAL steps
             if len(self.steps[threads]) >= self.TRIAL:
-                self.current = min(self.counts, key=lambda count: median(self.steps[count]))
-                torch.set_num_threads(self.current)
-        elif self.taken % self.PERIOD == self.TRIAL:  # the first trial after TRIAL steps, then every PERIOD
+                kept = min(self.counts, key=lambda count: median(self.steps[count]))
+                self.period = min(2 * self.period, self.MAX_PERIOD) if kept == self.current else self.PERIOD
+                self.current, self.kept_step = kept, median(self.steps[kept])
+                self.steps[kept].clear()  # slower steps from now on are measured against kept_step
+                self.next_trial = self.taken + self.period
+                torch.set_num_threads(kept)
+        elif self.taken >= self.next_trial or self.busier():
             other = self.counts[1] if self.current == self.counts[0] else self.counts[0]
             self.steps[other].clear()
             torch.set_num_threads(other)
+
+    def busier(self):
+        recent = self.steps[self.current]
+        return (self.kept_step is not None and len(recent) >= self.TRIAL
+                and median(recent) > self.SLOWDOWN * self.kept_step)
 
     def __repr__(self):
         return f"StepThreads(now {torch.get_num_threads()}, choosing between {self.counts[0]} and 1)"

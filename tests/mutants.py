@@ -56,6 +56,7 @@ LOOK_LONG_PICTURE = [LOOK + "test_a_long_prompts_picture_shows_its_last_position
 LOOK_MEMORY = [LOOK + "test_the_lens_of_every_position_of_a_long_prompt_stays_within_a_memory_bound"]
 NATIVE_TESTS = "tests/test_native_kernels.py"
 AVX2_INT8 = [NATIVE_TESTS, "-k", "int8_product and avx2"]
+STEP_THREADS = ["tests/test_kernels.py", "-k", "step_threads"]
 MODULES = [SPEEDUPS_TESTS + "test_speedups_off_runs_llama_models_as_written",
            SPEEDUPS_TESTS + "test_speedups_swap_named_modules"]
 # First contact: bad input (support/), the stand-in's folder, README's commands.
@@ -286,6 +287,11 @@ MUTANTS = {
                                    "_mm256_maddubs_epi16(magnitude[k], q)", AVX2_INT8),
     "native-int8-tile-odd-row-dropped": (NATIVE, "if (n < n1) int8_tile_avx2<kR, 1>",
                                          "if (false) int8_tile_avx2<kR, 1>", AVX2_INT8),
+    # StepThreads: trials at a fixed period (a slower count's steps every 32), a busier machine not noticed.
+    "step-threads-fixed-period": (CALIBRATION, "self.period = min(2 * self.period, self.MAX_PERIOD) if kept",
+                                  "self.period = self.PERIOD if kept", STEP_THREADS),
+    "step-threads-busier-not-noticed": (CALIBRATION, "elif self.taken >= self.next_trial or self.busier():",
+                                        "elif self.taken >= self.next_trial:", STEP_THREADS),
     # speculative decoding (run_inference.py's DRAFT)
     "speculation-keeps-a-rejected-draft": (TUTORIAL, "    return drafts[:kept] + [choices[kept]]",
                                            "    return drafts[: kept + 1] + [choices[kept]]", SPECULATIVE_GREEDY),

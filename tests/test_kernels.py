@@ -131,6 +131,42 @@ def test_step_threads_keeps_the_count_whose_steps_are_shorter(slow_count, kept, 
         torch.set_num_threads(before)
 
 
+def decode_with_step_threads(monkeypatch, seconds, steps):
+    """StepThreads(2) over `steps` decode steps on a fake clock, a step taking seconds(step, threads); returns the
+    thread count each step ran with."""
+    before = torch.get_num_threads()
+    clock = [0.0]
+    monkeypatch.setattr(calibration.time, "perf_counter", lambda: clock[0])
+    threads = calibration.StepThreads(2)
+    used = []
+    try:
+        torch.set_num_threads(2)
+        threads.step(decoding=False)
+        for step in range(steps):
+            used.append(torch.get_num_threads())
+            clock[0] += seconds(step, used[-1])
+            threads.step(decoding=True)
+    finally:
+        torch.set_num_threads(before)
+    return used
+
+
+def test_step_threads_seldom_tries_the_slower_count_on_a_quiet_machine(monkeypatch):
+    """2 threads always faster: the 1-thread trials' steps are under 2% of a long run (trials every 32 steps
+    would make them 12.5%, each running at the slower count)."""
+    used = decode_with_step_threads(monkeypatch, lambda step, threads: 0.3 if threads == 2 else 0.5, 3000)
+    assert 1 in used[: calibration.StepThreads.TRIAL + 2]  # the first trial comes early
+    assert used.count(1) < 0.02 * len(used)
+
+
+def test_step_threads_tries_again_as_soon_as_the_machine_gets_busier(monkeypatch):
+    """From step 120 another process holds a core and 2-thread steps take 5 times as long: one thread is
+    tried and kept within two trials' steps, not at the next scheduled trial (2 threads are tried again later)."""
+    used = decode_with_step_threads(monkeypatch, lambda step, threads: 0.5 if threads == 1 else
+                                    (1.5 if step >= 120 else 0.3), 200)
+    assert used[:120].count(2) > 110 and used[129] == 1 and used[129:].count(1) > 0.9 * len(used[129:])
+
+
 @pytest.mark.parametrize("step_seconds, dropped", [(0.5, True), (1.2, False)])
 def test_timings_taken_on_a_busier_machine_are_measured_again(step_seconds, dropped, tmp_path, monkeypatch, capsys):
     """The timings said a step's linear layers take 1 s; steps of 0.5 s mean they were measured while the machine
