@@ -292,6 +292,9 @@ MUTANTS = {
                                   "self.period = self.PERIOD if kept", STEP_THREADS),
     "step-threads-busier-not-noticed": (CALIBRATION, "elif self.taken >= self.next_trial or self.busier():",
                                         "elif self.taken >= self.next_trial:", STEP_THREADS),
+    # Decoding one row would time other layouts on one copied layer again.
+    "one-row-tries-other-layouts": (CALIBRATION, '    if decode_class == "one":\n', '    if False:\n',
+                                    ["tests/test_kernels.py", "-k", "one_row_never_tries"]),
     # speculative decoding (run_inference.py's DRAFT)
     "speculation-keeps-a-rejected-draft": (TUTORIAL, "    return drafts[:kept] + [choices[kept]]",
                                            "    return drafts[: kept + 1] + [choices[kept]]", SPECULATIVE_GREEDY),

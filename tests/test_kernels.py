@@ -12,7 +12,7 @@ import torch
 
 import run_inference
 import speedups
-from speedups import calibration, kernels, layouts
+from speedups import calibration, kernels, layouts, native
 from conftest import CPU, SCRIPTS, load, run_script
 from standin.smollm import BASE_MODEL
 from test_quantize import successor_chain
@@ -203,6 +203,21 @@ def break_other_layouts(monkeypatch):
 
     for layout in other_layouts():
         monkeypatch.setattr(layout, "__init__", refuse)
+
+
+@pytest.mark.parametrize("quantize", ["", "int8"])
+def test_decoding_one_row_never_tries_another_layout(quantize, confident_dir, tmp_path, monkeypatch, distributed):
+    """Batch 1 measures the base layout's kernels only: another layout would be timed on one copied layer,
+    which misjudged how a whole model in it streams (benchmarks/README.md). No other layout is even built."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    built = []
+    for layout in other_layouts():
+        monkeypatch.setattr(layout, "__init__", lambda self, *args, layout=layout, **kwargs: built.append(layout))
+    model = load(run_inference, confident_dir / "Tiny", 30, torch.bfloat16, batch=1, quantize=quantize,
+                 kernels="measure")
+    assert "measured on this CPU in" in speedups.describe(model) and built == []
+    assert {type(m) for m in model.modules() if isinstance(m, layouts.FastLinear)} == {kernels.base_layout(
+        quantize, native.library() is not None)}
 
 
 @pytest.mark.parametrize("quantize", ["", "int8"])
