@@ -513,9 +513,10 @@ class StepThreads:
     step waits for the thread that is not running, and took 3 to 6 times as long as a 1-thread step here
     (benchmarks/README.md). So TRIAL decode steps run with the other count (1 or all the threads PyTorch had),
     and the count whose median step was shorter is kept. A trial costs: its steps run at the slower count
-    when nothing is busy. So trials come seldom while they keep the count (after TRIAL steps, then PERIOD
-    steps, then twice as many each time, up to MAX_PERIOD) and at once when the kept count's steps become
-    SLOWDOWN times slower than when it was kept (the machine got busier). Steps are timed from one decode
+    when nothing is busy. So trials come seldom while they keep all the threads (after TRIAL steps, then
+    PERIOD steps, then twice as many each time, up to MAX_PERIOD), at once when the kept count's steps become
+    SLOWDOWN times slower than when it was kept (the machine got busier), and every PERIOD steps while one
+    thread is kept (so that all come back soon after the machine is quiet again). Steps are timed from one decode
     step's end to the next, so the prompt's chunks and what the script does between steps are left out as
     long as they are alike for both counts."""
 
@@ -549,7 +550,8 @@ class StepThreads:
         if threads != self.current:  # a trial of the other count: over once it has TRIAL steps
             if len(self.steps[threads]) >= self.TRIAL:
                 kept = min(self.counts, key=lambda count: median(self.steps[count]))
-                self.period = min(2 * self.period, self.MAX_PERIOD) if kept == self.current else self.PERIOD
+                backing_off = kept == self.current == self.counts[0]  # on one thread, try all again every PERIOD
+                self.period = min(2 * self.period, self.MAX_PERIOD) if backing_off else self.PERIOD
                 self.current, self.kept_step = kept, median(self.steps[kept])
                 self.steps[kept].clear()  # slower steps from now on are measured against kept_step
                 self.next_trial = self.taken + self.period

@@ -288,8 +288,10 @@ MUTANTS = {
     "native-int8-tile-odd-row-dropped": (NATIVE, "if (n < n1) int8_tile_avx2<kR, 1>",
                                          "if (false) int8_tile_avx2<kR, 1>", AVX2_INT8),
     # StepThreads: trials at a fixed period (a slower count's steps every 32), a busier machine not noticed.
-    "step-threads-fixed-period": (CALIBRATION, "self.period = min(2 * self.period, self.MAX_PERIOD) if kept",
-                                  "self.period = self.PERIOD if kept", STEP_THREADS),
+    "step-threads-fixed-period": (CALIBRATION, "self.period = min(2 * self.period, self.MAX_PERIOD) if backing_off",
+                                  "self.period = self.PERIOD if backing_off", STEP_THREADS),
+    "step-threads-backs-off-on-one-thread": (CALIBRATION, "backing_off = kept == self.current == self.counts[0]",
+                                             "backing_off = kept == self.current", STEP_THREADS),
     "step-threads-busier-not-noticed": (CALIBRATION, "elif self.taken >= self.next_trial or self.busier():",
                                         "elif self.taken >= self.next_trial:", STEP_THREADS),
     # Decoding one row would time other layouts on one copied layer again.

@@ -161,10 +161,22 @@ def test_step_threads_seldom_tries_the_slower_count_on_a_quiet_machine(monkeypat
 
 def test_step_threads_tries_again_as_soon_as_the_machine_gets_busier(monkeypatch):
     """From step 120 another process holds a core and 2-thread steps take 5 times as long: one thread is
-    tried and kept within two trials' steps, not at the next scheduled trial (2 threads are tried again later)."""
+    tried and kept within two trials' steps, not at the next scheduled trial (2 threads are tried again every
+    PERIOD steps: under 15% of the steps after)."""
     used = decode_with_step_threads(monkeypatch, lambda step, threads: 0.5 if threads == 1 else
                                     (1.5 if step >= 120 else 0.3), 200)
-    assert used[:120].count(2) > 110 and used[129] == 1 and used[129:].count(1) > 0.9 * len(used[129:])
+    assert used[:120].count(2) > 110 and used[129] == 1 and used[129:].count(1) > 0.85 * len(used[129:])
+
+
+def test_step_threads_takes_all_threads_back_soon_after_the_machine_is_quiet_again(monkeypatch):
+    """2-thread steps are 5 times as long from step 40 to 600 (a busy core), then quiet again: one thread runs
+    through the busy stretch, and all threads are back within a trial period after it."""
+    period, trial = calibration.StepThreads.PERIOD, calibration.StepThreads.TRIAL
+    used = decode_with_step_threads(monkeypatch, lambda step, threads: 0.5 if threads == 1 else
+                                    (1.5 if 40 <= step < 600 else 0.3), 800)
+    assert used[60:600].count(1) > 0.8 * 540
+    back = used[600 + period + 2 * trial:]
+    assert back[0] == 2 and back.count(2) > 0.9 * len(back)
 
 
 @pytest.mark.parametrize("step_seconds, dropped", [(0.5, True), (1.2, False)])
