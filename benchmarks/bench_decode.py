@@ -29,6 +29,7 @@ with k drafts) against a one-token decode step on the 1B shapes, k = 1 .. MAX_VE
 """
 
 import argparse
+import ctypes
 import importlib
 import json
 import platform
@@ -63,7 +64,7 @@ BANDWIDTH_BYTES = 2**30  # the array read by each bandwidth method
 PEER_FORMATS = {"BF16": "bf16", "F16": "bf16", "Q8_0": "int8", "Q4_0": "int4"}  # llama.cpp's file type: ours
 PEER_OF_FORMAT = {"bf16": ("minimal", "tutorial"), "int8": ("tutorial-int8",), "int4": ("tutorial-int4",), None: ()}
 FORMAT_OF = {"minimal": "bf16", "tutorial": "bf16", "transformers": "bf16", "minimal-speedups-off": "bf16",
-             "minimal-rule": "bf16",
+             "minimal-rule": "bf16", "minimal-small-pages": "bf16",
              "tutorial-int8": "int8", "tutorial-int4": "int4", "tutorial-busy-core-1-thread": "bf16",
              "tutorial-busy-core-2-threads": "bf16"}
 # name: (what runs, its options, whether it is measured at every depth)
@@ -72,6 +73,8 @@ CONFIGURATIONS = {
     "tutorial": ("script", dict(script="run_inference"), True),
     "minimal-rule": ("script", dict(script="minimal_run_inference", kernels="rule"), True),  # KERNELS=rule
     "minimal-speedups-off": ("script", dict(script="minimal_run_inference", use_speedups=False), True),
+    # the weights in 4 KiB pages: Linux's transparent huge pages switched off for the process (prctl)
+    "minimal-small-pages": ("script", dict(script="minimal_run_inference", small_pages=True), True),
     "tutorial-beam5": ("script", dict(script="run_inference", beams=5), False),
     "tutorial-int8": ("script", dict(script="run_inference", quantize="int8"), False),
     "tutorial-int4": ("script", dict(script="run_inference", quantize="int4"), False),
@@ -92,6 +95,7 @@ CONFIGURATIONS = {
         "script", dict(script="run_inference", stand_in=prompt, draft=draft), False)
        for prompt in ("summary", "open") for draft in ("", "lookup", "self-int4")},
 }
+PR_SET_THP_DISABLE = 41  # Linux's prctl option (linux/prctl.h)
 MAX_VERIFY_DRAFTS = 8  # verify-cost: k = 1 .. this
 VERIFY_REPEATS = 5  # verify-cost: each pass timed this many times, interleaved; the fastest counts
 STAND_IN = "SmolLM2-135M"  # a base model: the prompts are plain text
@@ -104,8 +108,8 @@ STAND_IN_PROMPTS = {
                 "harbour of the town"),
     "open": "Write a short story about a robot who learns to paint.\n\n",
 }
-PROMPT_CONFIGURATIONS = ("minimal", "tutorial", "minimal-rule", "minimal-speedups-off", "tutorial-int8",
-                         "tutorial-int4")
+PROMPT_CONFIGURATIONS = ("minimal", "tutorial", "minimal-rule", "minimal-speedups-off", "minimal-small-pages",
+                         "tutorial-int8", "tutorial-int4")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -125,12 +129,15 @@ def prompt_ids(model_dir, depth):
 
 
 def run_script(args, device, model_dir, depth, script, beams=1, use_speedups=True, quantize="", threads=0, busy=False,
-               kernels="measure", stand_in="", draft=""):
+               kernels="measure", stand_in="", draft="", small_pages=False):
     """The script's own load_model and generate (or beam_search), timed token by token; with `threads`
     torch threads, and with `busy`, another process spinning on one core meanwhile; kernels as KERNELS says
     (measured, as a user's run: cached by the first run on this machine). stand_in: the stand-in with that
-    prompt (STAND_IN_PROMPTS), decoded with the proposer `draft` if any (speculative_run)."""
+    prompt (STAND_IN_PROMPTS), decoded with the proposer `draft` if any (speculative_run). small_pages: no
+    transparent huge pages in this process (speedups' weight_memory then gets 4 KiB pages)."""
     module = importlib.import_module(script)
+    if small_pages:
+        ctypes.CDLL(None).prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0)
     if threads:
         torch.set_num_threads(threads)
     spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
@@ -427,7 +434,7 @@ def report(summary, depths, args, per_token):
     peers = [name for name in summary if name.startswith("llama.cpp")]
     peer_bytes = {peer_name(path): Path(path).stat().st_size for path in args.gguf.split(",") if path}
     pairs = [("minimal", "tutorial"), ("tutorial", "transformers"), ("minimal", "transformers"),
-             ("minimal", "minimal-rule"), ("minimal", "minimal-speedups-off"), ("tutorial-beam5", "transformers-beam5")]
+             ("minimal", "minimal-rule"), ("minimal", "minimal-speedups-off"), ("minimal", "minimal-small-pages"), ("tutorial-beam5", "transformers-beam5")]
     pairs += [(ours, peer) for peer in peers for ours in PEER_OF_FORMAT[PEER_FORMATS.get(peer.split()[-1])]]
     columns = " | ".join("short prompt" if d == 0 else f"at {d}" for d in depths)
     lines += ["", f"| ratio of decode tokens/s | {columns} |", "|---" * (len(depths) + 1) + "|"]

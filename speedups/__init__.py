@@ -44,7 +44,8 @@ from speedups.calibration import (SAMPLE_MAX_WEIGHTS, StepThreads, build_layout,
                                   plan_kernels, vet)
 from speedups import native
 from speedups.kernels import DEFAULT_KERNEL, KERNELS, base_layout
-from speedups.layouts import FEW_ROWS, FORMATS, ROW_CLASSES, Concatenated, FastLinear, row_class, trim_heap
+from speedups.layouts import (FEW_ROWS, FORMATS, ROW_CLASSES, Concatenated, FastLinear, copy_from_file, row_class,
+                              transparent_huge_pages, trim_heap, weights_in_huge_pages)
 
 __all__ = ["FORMATS", "FusedFeedForward", "GroupedQueryAttention", "LastPositionLogits", "apply", "describe",
            "kernel_choice"]
@@ -78,6 +79,9 @@ def apply(model, device, dtype, quantize="", kernels="measure", progress=None):
     model.kernel_report = report + skipped_report(skipped, kept)
     for module in in_order:
         vars(module).pop("first_rows", None)  # rows of the weight a layout was made from: for choosing only
+    if device.type == "cpu":  # the largest first, as above
+        for parent, name, _ in layers:
+            copy_from_file(getattr(parent, name), dtype)
     threads = torch.get_num_threads()
     choosing = device.type == "cpu" and threads > 1 and kernel_choice(kernels) == "measure"
     watchers = ([StepThreads(threads)] if choosing else []) + ([timings_check] if timings_check else [])
@@ -119,6 +123,17 @@ def try_plan(module, layout, names, dtype, few_rows):
     return why
 
 
+def pages_report(model):
+    """How many of the weights' bytes are in 2 MiB pages, as a clause ("" where no weight fills one)."""
+    total, granted = weights_in_huge_pages(module for module in model.modules() if isinstance(module, FastLinear))
+    if not total:
+        return ""
+    if granted is None:
+        return f"{total / 1e9:.2f} GB of weights asked for 2 MiB pages"
+    why = "" if granted else f" (transparent huge pages: {transparent_huge_pages()})"
+    return f"{granted / 1e9:.2f} of {total / 1e9:.2f} GB of weights in 2 MiB pages{why}"
+
+
 def skipped_report(skipped, kept):
     """The kernels this CPU could not build, run, or run right, and the plans dropped, as a clause."""
     parts = [f"{name} ({why})" for name, why in skipped.items()]
@@ -151,8 +166,9 @@ def describe(model):
     if errors:
         line += (f"; quantised weights' relative error {sum(errors) / len(errors):.2%} on average, "
                  f"{max(errors):.2%} at most (also each layer's output error on random inputs)")
-    if getattr(model, "kernel_report", ""):
-        line += "; " + model.kernel_report
+    for clause in (getattr(model, "kernel_report", ""), pages_report(model)):
+        if clause:
+            line += "; " + clause
     return line
 
 

@@ -15,6 +15,7 @@ import ctypes
 import functools
 import mmap
 from dataclasses import dataclass
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -131,7 +132,7 @@ class Concatenated:
     @property
     def weight(self):
         if self.joined is None:
-            self.joined = nn.Parameter(torch.cat([layer.weight.detach() for layer in self.layers]),
+            self.joined = nn.Parameter(joined_rows([layer.weight.detach() for layer in self.layers]),
                                        requires_grad=False)
             for layer in self.layers:
                 release_pages(layer.weight)
@@ -159,6 +160,7 @@ class PlainLinear(FastLinear):
     def __init__(self, layer):
         super().__init__(fairscale_facts(layer))
         self.weight = layer.weight  # the same Parameter: a tied weight stays tied
+        self.file_backed = from_file(layer)  # its pages may be let go once copied (move_to_huge_pages)
 
     def dequantized(self, rows):
         return self.weight[:rows].float()
@@ -220,7 +222,7 @@ def quantize_int8(weight, release=True):
     |weight - int8 * scale| / |weight| (Frobenius norms, measured on every ERROR_SAMPLE-th row) is also the
     layer's expected relative output error for inputs with independent entries."""
     scales = torch.empty(weight.shape[0])
-    quantized = torch.empty(weight.shape, dtype=torch.int8)
+    quantized = weight_memory(weight.shape, torch.int8)
     error = ErrorSum()
     for start in range(0, weight.shape[0], QUANTIZE_BLOCK_ROWS):
         block = weight[start : start + QUANTIZE_BLOCK_ROWS]
@@ -271,7 +273,7 @@ class BlockInt4Linear(FastLinear):
                                                                       lows[sample], self.in_features))
             if from_file(layer):
                 release_pages(block)
-        packed, scales, lows = (torch.cat(part) for part in zip(*parts))
+        packed, scales, lows = (joined_rows(part) for part in zip(*parts))
         self.relative_error = error.relative()
         self.weight = nn.Parameter(packed, requires_grad=False)  # (out, blocks * 16) uint8
         # float16, as the kernels read them, kept as their bits so that model.to(dtype) leaves them so
@@ -398,6 +400,97 @@ def release_pages(tensor):
     end = (tensor.data_ptr() + tensor.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
     if end > start:
         libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED)
+
+
+HUGE_PAGE = 2 << 20  # bytes: a transparent huge page on x86-64 Linux (and on Arm with 4 KiB base pages)
+
+
+def empty_in_huge_pages(shape, dtype):
+    """An uninitialised tensor in fresh memory of which Linux may back every whole 2 MiB with one page
+    (madvise(MADV_HUGEPAGE): transparent huge pages, where the system allows them), or None where it cannot
+    be asked for (not Linux). Its head is aligned to 2 MiB; the tail past the last whole huge page keeps
+    small pages, so nothing resident is wasted."""
+    if not hasattr(mmap, "MADV_HUGEPAGE"):
+        return None
+    nbytes = torch.Size(shape).numel() * dtype.itemsize
+    memory = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE)  # anonymous; page-aligned, not 2 MiB
+    raw = torch.frombuffer(memory, dtype=torch.uint8)  # holds `memory` open for as long as the tensor lives
+    start = -raw.data_ptr() % HUGE_PAGE
+    try:
+        memory.madvise(mmap.MADV_HUGEPAGE, start, nbytes // HUGE_PAGE * HUGE_PAGE)
+    except OSError:  # a kernel built without transparent huge pages
+        return None
+    return raw[start : start + nbytes].view(dtype).view(shape)
+
+
+def weight_memory(shape, dtype):
+    """Memory for a weight that every decoding step reads in full: empty_in_huge_pages where the system has
+    them, else torch.empty. Why: the CPU translates each page's address before reading it; with 4 KiB pages
+    the 1B model's 2.5 GB are 600,000 translations per token, far more than its translation cache (TLB)
+    holds; with 2 MiB pages, 1,200. `python benchmarks/bench_decode.py --only minimal,minimal-small-pages`
+    measures the difference."""
+    memory = empty_in_huge_pages(shape, dtype)
+    return memory if memory is not None else torch.empty(shape, dtype=dtype)
+
+
+def joined_rows(tensors):
+    """torch.cat(tensors) (along rows) into weight_memory."""
+    rows = sum(tensor.shape[0] for tensor in tensors)
+    return torch.cat(tensors, out=weight_memory((rows, *tensors[0].shape[1:]), tensors[0].dtype))
+
+
+def copy_from_file(layer, dtype):
+    """A PlainLinear whose weight is the memory-mapped file's: its weight copied into weight_memory (in
+    `dtype`, as model.to(dtype) would do next), a block of rows at a time, each block's file pages let go
+    once copied, so that the weights are never resident twice. A tied weight is copied once: its one
+    Parameter changes memory for both modules that hold it."""
+    if not getattr(layer, "file_backed", False) or layer.weight.nbytes < HUGE_PAGE:
+        return
+    old = layer.weight.detach()
+    copy = weight_memory(old.shape, dtype)
+    for start in range(0, len(old), QUANTIZE_BLOCK_ROWS):
+        copy[start : start + QUANTIZE_BLOCK_ROWS] = old[start : start + QUANTIZE_BLOCK_ROWS]
+        release_pages(old[start : start + QUANTIZE_BLOCK_ROWS])
+    layer.weight.data = copy
+    layer.file_backed = False
+
+
+def weights_in_huge_pages(modules):
+    """(bytes of the modules' weight tensors of at least one huge page, bytes of them Linux backs with 2 MiB
+    pages (None where the system does not say))."""
+    tensors = [tensor for module in modules for tensor in [*module.parameters(recurse=False),
+                                                           *module.buffers(recurse=False)]
+               if not tensor.is_mkldnn and tensor.nbytes >= HUGE_PAGE]
+    unique = list({tensor.data_ptr(): tensor for tensor in tensors}.values())  # a tied weight once
+    return sum(tensor.nbytes for tensor in unique), huge_page_bytes(unique)
+
+
+def transparent_huge_pages():
+    """Linux's setting for transparent huge pages: "always", "madvise" (where asked for, as here) or "never"."""
+    try:
+        setting = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return "not on this system"
+    return setting.split("[")[1].split("]")[0] if "[" in setting else setting.strip()
+
+
+def huge_page_bytes(tensors):
+    """How many bytes of `tensors` Linux backs with 2 MiB pages (from /proc/self/smaps), or None where the
+    system does not say."""
+    ranges = sorted((t.data_ptr(), t.data_ptr() + t.nbytes) for t in tensors)
+    total, inside = 0, False
+    try:
+        with open("/proc/self/smaps") as smaps:
+            for line in smaps:
+                field = line.split(maxsplit=1)[0]
+                if not field.endswith(":"):  # a mapping's first line: "start-end perms ..."
+                    begin, end = (int(address, 16) for address in field.split("-"))
+                    inside = any(low <= begin and end <= high for low, high in ranges)
+                elif inside and field == "AnonHugePages:":
+                    total += int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        return None
+    return total
 
 
 def trim_heap():
