@@ -9,6 +9,9 @@ from the memory-mapped file; release_pages then madvise(MADV_DONTNEED)s the bloc
 process never holds the bfloat16 model beside its converted copy (Linux; macOS keeps the pages). glibc's
 malloc keeps freed temporaries in per-thread pools it does not always reuse; trim_heap (malloc_trim) hands
 them back after each layer, which made the int8 load's peak the same from run to run.
+
+Memory while decoding. Each step reads every weight once; weight_memory asks Linux to back them with 2 MiB
+pages (copy_from_file moves the file's bfloat16 weights there the same way, a block at a time).
 """
 
 import ctypes
@@ -44,8 +47,8 @@ class Format:
 
 
 FORMATS = {
-    "": Format(0, ("cpu", "cuda", "mps"), "nothing: the file's weights are used in place (memory-mapped), or "
-               "copied once where DTYPE or the device differ"),
+    "": Format(0, ("cpu", "cuda", "mps"), "on a CPU, the file's weights copied once into 2 MiB pages (Linux; else "
+               "used in place, memory-mapped); elsewhere copied once to the device"),
     "int8": Format(8, ("cpu", "cuda", "mps"), "every weight read once and rounded to 8 bits, one scale per row: "
                    "about 1 s per GB of weights on 2 cores"),
     "int4": Format(5, ("cpu",), "every weight read once and rounded to 4 bits with a 16-bit scale and offset per 32 "
@@ -410,7 +413,7 @@ def empty_in_huge_pages(shape, dtype):
     (madvise(MADV_HUGEPAGE): transparent huge pages, where the system allows them), or None where it cannot
     be asked for (not Linux). Its head is aligned to 2 MiB; the tail past the last whole huge page keeps
     small pages, so nothing resident is wasted."""
-    if not hasattr(mmap, "MADV_HUGEPAGE"):
+    if not huge_pages_available():
         return None
     nbytes = torch.Size(shape).numel() * dtype.itemsize
     memory = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE)  # anonymous; page-aligned, not 2 MiB
@@ -429,7 +432,7 @@ def weight_memory(shape, dtype):
     the 1B model's 2.5 GB are 600,000 translations per token, far more than its translation cache (TLB)
     holds; with 2 MiB pages, 1,200. `python benchmarks/bench_decode.py --only minimal,minimal-small-pages`
     measures the difference."""
-    memory = empty_in_huge_pages(shape, dtype)
+    memory = empty_in_huge_pages(shape, dtype) if torch.Size(shape).numel() * dtype.itemsize >= HUGE_PAGE else None
     return memory if memory is not None else torch.empty(shape, dtype=dtype)
 
 
@@ -444,8 +447,8 @@ def copy_from_file(layer, dtype):
     `dtype`, as model.to(dtype) would do next), a block of rows at a time, each block's file pages let go
     once copied, so that the weights are never resident twice. A tied weight is copied once: its one
     Parameter changes memory for both modules that hold it."""
-    if not getattr(layer, "file_backed", False) or layer.weight.nbytes < HUGE_PAGE:
-        return
+    if not getattr(layer, "file_backed", False) or layer.weight.nbytes < HUGE_PAGE or not huge_pages_available():
+        return  # a copy in small pages would gain nothing
     old = layer.weight.detach()
     copy = weight_memory(old.shape, dtype)
     for start in range(0, len(old), QUANTIZE_BLOCK_ROWS):
@@ -465,6 +468,12 @@ def weights_in_huge_pages(modules):
     return sum(tensor.nbytes for tensor in unique), huge_page_bytes(unique)
 
 
+def huge_pages_available():
+    """Whether memory can ask for 2 MiB pages here (Linux, transparent huge pages not switched off)."""
+    return hasattr(mmap, "MADV_HUGEPAGE") and transparent_huge_pages() in ("always", "madvise")
+
+
+@functools.cache
 def transparent_huge_pages():
     """Linux's setting for transparent huge pages: "always", "madvise" (where asked for, as here) or "never"."""
     try:
