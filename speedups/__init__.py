@@ -20,7 +20,8 @@ or a prompt chunk. Which layout and kernels are fastest, and which are even righ
 CPU, so on a CPU they are tried and measured where they run, and the fast-path line says which won.
 
 The package, one module per concern (imports point down the list):
-    layouts.py       the linear layouts and the quantizing that builds them; FORMATS; page release
+    layouts.py       the linear layouts and the quantizing that builds them; FORMATS; page release, and
+                     weights in 2 MiB pages
     kernels.py       every product a layout can run (KERNELS), and the float32 products for prompt chunks
     calibration.py   the choice: the fixed rule, trying each kernel for right answers, timing, the cache,
                      and StepThreads (the number of threads while decoding)
@@ -126,10 +127,8 @@ def try_plan(module, layout, names, dtype, few_rows):
 def pages_report(model):
     """How many of the weights' bytes are in 2 MiB pages, as a clause ("" where no weight fills one)."""
     total, granted = weights_in_huge_pages(module for module in model.modules() if isinstance(module, FastLinear))
-    if not total:
+    if not total or granted is None:  # no weight on the CPU fills a huge page, or the system does not say
         return ""
-    if granted is None:
-        return f"{total / 1e9:.2f} GB of weights asked for 2 MiB pages"
     why = "" if granted else f" (transparent huge pages: {transparent_huge_pages()})"
     return f"{granted / 1e9:.2f} of {total / 1e9:.2f} GB of weights in 2 MiB pages{why}"
 

@@ -459,11 +459,11 @@ def copy_from_file(layer, dtype):
 
 
 def weights_in_huge_pages(modules):
-    """(bytes of the modules' weight tensors of at least one huge page, bytes of them Linux backs with 2 MiB
-    pages (None where the system does not say))."""
+    """(bytes of the modules' weight tensors on the CPU of at least one huge page, bytes of them Linux backs
+    with 2 MiB pages (None where the system does not say))."""
     tensors = [tensor for module in modules for tensor in [*module.parameters(recurse=False),
                                                            *module.buffers(recurse=False)]
-               if not tensor.is_mkldnn and tensor.nbytes >= HUGE_PAGE]
+               if tensor.device.type == "cpu" and not tensor.is_mkldnn and tensor.nbytes >= HUGE_PAGE]
     unique = list({tensor.data_ptr(): tensor for tensor in tensors}.values())  # a tied weight once
     return sum(tensor.nbytes for tensor in unique), huge_page_bytes(unique)
 
