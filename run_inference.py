@@ -144,8 +144,7 @@ def describe_tokenizer(path, tokenizer, prompt_ids):
 #    model.to() below, which copies only if it has to (to a GPU, or to another dtype), copies it once.
 # Then the one call that makes decoding fast, speedups.apply: it swaps named modules into the model
 # (print(model) shows them) while the weights are still the mapped file. Each of its ideas is explained
-# below, after the part of the model it speeds up ("Making the layer fast"). On a CPU it also copies the
-# weights out of the mapped file, a block at a time, letting each block's file pages go ("Pages", below).
+# below, after the part of the model it speeds up ("Making the layer fast").
 #
 # The KV cache. Each new token attends to the keys and values of all tokens before it. Recomputing them
 # every step would make step n cost n times a step; instead every attention layer keeps them in
@@ -343,11 +342,11 @@ def compare_layer_by_hand(model, prompt_ids):
 # which physical page holds it. It caches a few thousand such translations (the TLB); a decoding step
 # streams through all the weights, 600,000 pages for the 1B model in bfloat16, so nearly every page costs
 # a lookup. Linux can back memory with 2 MiB pages instead ("transparent huge pages", asked for with
-# madvise): 512 times fewer lookups. The file's pages are 4 KiB ones, so on a CPU speedups/ puts every
-# weight a step reads in full into memory asked for 2 MiB pages: joined and quantized weights are built
-# there, the bfloat16 weights copied there (once, at load); the "fast path" line says how
-# many GB Linux granted (`python benchmarks/bench_decode.py --only minimal,minimal-small-pages` measures
-# what it buys).
+# madvise): 512 times fewer lookups. So on a CPU speedups/ builds the weights it makes (wqkv, w13, 8- and
+# 4-bit weights) in memory asked for 2 MiB pages; the "fast path" line says how many GB of the weights Linux
+# backed with them (`python benchmarks/bench_kernels.py` and `python benchmarks/bench_decode.py --only
+# minimal,minimal-small-pages` measure what it buys). The file's own bfloat16 weights stay mapped in 4 KiB
+# pages: copying them costs more at load than it saves a short run.
 #
 # Attention. llama-models' Attention copies each key-value head's cached keys and values 4 times
 # (repeat_kv), so that every query head has its own: copies that grow with the context, at every step.

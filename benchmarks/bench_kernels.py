@@ -14,14 +14,17 @@ benchmarks/bench_decode.py writes (and this script too).
 1. Linear layers: every linear layer of the model once, with each kernel in speedups/kernels.py forced, on
    `rows` random input rows: the weights' share of a decode step with that many
    sequences (256 rows: about a prompt chunk). GB/s is the weights' bytes over the time.
-2. Attention: one layer's attention in a decode step with a number of tokens already cached, without its
+2. Pages: every linear layer on one row with weights in 2 MiB pages (speedups' layouts.weight_memory) against
+   the same in 4 KiB pages, taking turns.
+3. Attention: one layer's attention in a decode step with a number of tokens already cached, without its
    four projections (table 1 has them), as llama-models computes it and as speedups does.
-3. A whole decode step at a short context, and the share of it the linear layers take; the rest is
+4. A whole decode step at a short context, and the share of it the linear layers take; the rest is
    attention, norms, RoPE and Python. It also counts the step's tensor operations (each one a trip through
    Python and PyTorch's dispatcher), to show what the rest costs per operation.
 """
 
 import argparse
+import copy
 import sys
 import time
 from contextlib import redirect_stdout
@@ -144,6 +147,34 @@ def time_step(model_dir, dtype, quantize):
     return step, linears, in_step.count, in_linears.count
 
 
+def in_pages(layers, huge):
+    """Copies of the layers whose tensors of at least one huge page are in fresh memory: asked for 2 MiB pages
+    (layouts.weight_memory) or not (4 KiB pages)."""
+    copies = copy.deepcopy(layers)  # fresh memory in small pages
+    for layer in copies if huge else ():
+        for tensor in [*layer.parameters(recurse=False), *layer.buffers(recurse=False)]:
+            if not tensor.is_mkldnn and tensor.nbytes >= layouts.HUGE_PAGE:
+                tensor.data = layouts.weight_memory(tensor.shape, tensor.dtype).copy_(tensor)
+    return copies
+
+
+def time_pages(model_dir, dtype, quantize, passes):
+    """(seconds for one call of every linear layer on one row, weights in 2 MiB pages; the same in 4 KiB
+    pages): the model's layers with speedups' own kernels, copied into each kind of memory, the two taking
+    turns pass after pass; the fastest pass of each counts."""
+    model = load(model_dir, dtype, 8, 1, True, quantize, kernels="measure")
+    layers = [m for m in model.modules() if isinstance(m, layouts.FastLinear)]
+    copies = {huge: in_pages(layers, huge) for huge in (True, False)}
+    del model, layers
+    xs = {layer.in_features: torch.randn(1, 1, layer.in_features, dtype=dtype) for layer in copies[True]}
+    seconds = {True: float("inf"), False: float("inf")}
+    with torch.inference_mode():
+        for _ in range(passes):
+            for huge, modules in copies.items():
+                seconds[huge] = min(seconds[huge], fastest(lambda: [m(xs[m.in_features]) for m in modules], 1))
+    return seconds[True], seconds[False]
+
+
 def rows_label(rows):
     return "1 row" if rows == 1 else f"{rows} rows"
 
@@ -183,6 +214,13 @@ def main():
             cells = ["—" if s is None else f"{1000 * s:.1f} ({weight_bytes / s / 1e9:.1f})" for s in seconds.values()]
             print(f"| {FORMAT_NAMES[quantize]} | {name} | " + " | ".join(cells) + " |", flush=True)
     print("\nspeedups' own choice at load time (KERNELS=measure, batch 1):\n\n" + "\n".join(f"- {c}" for c in choices))
+
+    print(f"\nEvery linear layer on one row, speedups' choice of kernels, weights in 2 MiB or 4 KiB pages "
+          f"({layouts.transparent_huge_pages()} here); ms, the fastest of {CALLS} passes taking turns\n")
+    print("| format | 2 MiB pages | 4 KiB pages | 4 KiB / 2 MiB |\n|---|---|---|---|")
+    for quantize in ("", "int8", "int4") if layouts.huge_pages_available() else ():
+        huge, small = time_pages(model_dir, dtype, quantize, CALLS)
+        print(f"| {FORMAT_NAMES[quantize]} | {1000 * huge:.1f} | {1000 * small:.1f} | {small / huge:.2f} |", flush=True)
 
     print(f"\nAttention of one layer in a decode step, projections excluded; ms, the fastest of {CALLS} calls\n")
     columns = [(rows, context) for rows in (1, PACKED_FOR) for context in contexts]

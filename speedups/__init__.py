@@ -20,8 +20,8 @@ or a prompt chunk. Which layout and kernels are fastest, and which are even righ
 CPU, so on a CPU they are tried and measured where they run, and the fast-path line says which won.
 
 The package, one module per concern (imports point down the list):
-    layouts.py       the linear layouts and the quantizing that builds them; FORMATS; page release, and
-                     weights in 2 MiB pages
+    layouts.py       the linear layouts and the quantizing that builds them, in 2 MiB pages; FORMATS; page
+                     release
     kernels.py       every product a layout can run (KERNELS), and the float32 products for prompt chunks
     calibration.py   the choice: the fixed rule, trying each kernel for right answers, timing, the cache,
                      and StepThreads (the number of threads while decoding)
@@ -45,7 +45,7 @@ from speedups.calibration import (SAMPLE_MAX_WEIGHTS, StepThreads, build_layout,
                                   plan_kernels, vet)
 from speedups import native
 from speedups.kernels import DEFAULT_KERNEL, KERNELS, base_layout
-from speedups.layouts import (FEW_ROWS, FORMATS, ROW_CLASSES, Concatenated, FastLinear, copy_from_file, row_class,
+from speedups.layouts import (FEW_ROWS, FORMATS, ROW_CLASSES, Concatenated, FastLinear, row_class,
                               transparent_huge_pages, trim_heap, weights_in_huge_pages)
 
 __all__ = ["FORMATS", "FusedFeedForward", "GroupedQueryAttention", "LastPositionLogits", "apply", "describe",
@@ -80,9 +80,6 @@ def apply(model, device, dtype, quantize="", kernels="measure", progress=None):
     model.kernel_report = report + skipped_report(skipped, kept)
     for module in in_order:
         vars(module).pop("first_rows", None)  # rows of the weight a layout was made from: for choosing only
-    if device.type == "cpu":  # the largest first, as above
-        for parent, name, _ in layers:
-            copy_from_file(getattr(parent, name), dtype)
     threads = torch.get_num_threads()
     choosing = device.type == "cpu" and threads > 1 and kernel_choice(kernels) == "measure"
     watchers = ([StepThreads(threads)] if choosing else []) + ([timings_check] if timings_check else [])

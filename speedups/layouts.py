@@ -10,8 +10,9 @@ process never holds the bfloat16 model beside its converted copy (Linux; macOS k
 malloc keeps freed temporaries in per-thread pools it does not always reuse; trim_heap (malloc_trim) hands
 them back after each layer, which made the int8 load's peak the same from run to run.
 
-Memory while decoding. Each step reads every weight once; weight_memory asks Linux to back them with 2 MiB
-pages (copy_from_file moves the file's bfloat16 weights there the same way, a block at a time).
+Memory while decoding. Each step reads every weight once; the weights built here (joined, quantized) go in
+weight_memory, which asks Linux to back them with 2 MiB pages. The file's own weights stay where they are:
+copying them there too would cost more at load than it saves a short run (benchmarks/README.md).
 """
 
 import ctypes
@@ -47,8 +48,8 @@ class Format:
 
 
 FORMATS = {
-    "": Format(0, ("cpu", "cuda", "mps"), "on a CPU, the file's weights copied once into 2 MiB pages (Linux; else "
-               "used in place, memory-mapped); elsewhere copied once to the device"),
+    "": Format(0, ("cpu", "cuda", "mps"), "nothing: the file's weights are used in place (memory-mapped), or "
+               "copied once where DTYPE or the device differ"),
     "int8": Format(8, ("cpu", "cuda", "mps"), "every weight read once and rounded to 8 bits, one scale per row: "
                    "about 1 s per GB of weights on 2 cores"),
     "int4": Format(5, ("cpu",), "every weight read once and rounded to 4 bits with a 16-bit scale and offset per 32 "
@@ -163,7 +164,6 @@ class PlainLinear(FastLinear):
     def __init__(self, layer):
         super().__init__(fairscale_facts(layer))
         self.weight = layer.weight  # the same Parameter: a tied weight stays tied
-        self.file_backed = from_file(layer)  # its pages may be let go once copied (move_to_huge_pages)
 
     def dequantized(self, rows):
         return self.weight[:rows].float()
@@ -431,7 +431,8 @@ def weight_memory(shape, dtype):
     them, else torch.empty. Why: the CPU translates each page's address before reading it; with 4 KiB pages
     the 1B model's 2.5 GB are 600,000 translations per token, far more than its translation cache (TLB)
     holds; with 2 MiB pages, 1,200. `python benchmarks/bench_decode.py --only minimal,minimal-small-pages`
-    measures the difference."""
+    measures the difference in whole runs, `python benchmarks/bench_kernels.py` (its pages table) in the
+    linear layers alone."""
     memory = empty_in_huge_pages(shape, dtype) if torch.Size(shape).numel() * dtype.itemsize >= HUGE_PAGE else None
     return memory if memory is not None else torch.empty(shape, dtype=dtype)
 
@@ -440,22 +441,6 @@ def joined_rows(tensors):
     """torch.cat(tensors) (along rows) into weight_memory."""
     rows = sum(tensor.shape[0] for tensor in tensors)
     return torch.cat(tensors, out=weight_memory((rows, *tensors[0].shape[1:]), tensors[0].dtype))
-
-
-def copy_from_file(layer, dtype):
-    """A PlainLinear whose weight is the memory-mapped file's: its weight copied into weight_memory (in
-    `dtype`, as model.to(dtype) would do next), a block of rows at a time, each block's file pages let go
-    once copied, so that the weights are never resident twice. A tied weight is copied once: its one
-    Parameter changes memory for both modules that hold it."""
-    if not getattr(layer, "file_backed", False) or layer.weight.nbytes < HUGE_PAGE or not huge_pages_available():
-        return  # a copy in small pages would gain nothing
-    old = layer.weight.detach()
-    copy = weight_memory(old.shape, dtype)
-    for start in range(0, len(old), QUANTIZE_BLOCK_ROWS):
-        copy[start : start + QUANTIZE_BLOCK_ROWS] = old[start : start + QUANTIZE_BLOCK_ROWS]
-        release_pages(old[start : start + QUANTIZE_BLOCK_ROWS])
-    layer.weight.data = copy
-    layer.file_backed = False
 
 
 def weights_in_huge_pages(modules):

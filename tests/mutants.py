@@ -54,8 +54,7 @@ LOOK_TABLE = [LOOK + "test_every_column_of_the_table_and_the_picture_file"]
 LOOK_PICTURE = [LOOK + "test_the_picture_shows_the_tables_numbers_and_transformers"]
 LOOK_LONG_PICTURE = [LOOK + "test_a_long_prompts_picture_shows_its_last_positions_and_where_the_rest_went"]
 LOOK_MEMORY = [LOOK + "test_the_lens_of_every_position_of_a_long_prompt_stays_within_a_memory_bound"]
-HUGE_PAGES = SPEEDUPS_TESTS + "test_the_weights_each_step_reads_are_the_files_in_2_mib_pages"
-SMOKE_1B = "tests/test_smoke_1b.py::test_random_1b_shaped_checkpoint_runs_in_both_scripts[minimal]"
+HUGE_PAGES = SPEEDUPS_TESTS + "test_joined_weights_are_the_files_in_2_mib_pages"
 NATIVE_TESTS = "tests/test_native_kernels.py"
 AVX2_INT8 = [NATIVE_TESTS, "-k", "int8_product and avx2"]
 STEP_THREADS = ["tests/test_kernels.py", "-k", "step_threads"]
@@ -299,14 +298,11 @@ MUTANTS = {
     # Decoding one row would time other layouts on one copied layer again.
     "one-row-tries-other-layouts": (CALIBRATION, '    if decode_class == "one":\n', '    if False:\n',
                                     ["tests/test_kernels.py", "-k", "one_row_never_tries"]),
-    # Weights in 2 MiB pages: the copy from the file, the request for huge pages, the file's pages let go.
-    "huge-page-copy-wrong-block": (LAYOUTS, "        copy[start : start + QUANTIZE_BLOCK_ROWS] = old[start : start + QUANTIZE_BLOCK_ROWS]",
-                                   "        copy[start : start + QUANTIZE_BLOCK_ROWS] = old[: QUANTIZE_BLOCK_ROWS]",
-                                   [HUGE_PAGES]),
+    # Weights in 2 MiB pages: the request for them, the memory the joined weights are built in.
     "huge-pages-not-asked-for": (LAYOUTS, "        memory.madvise(mmap.MADV_HUGEPAGE, start, nbytes // HUGE_PAGE * HUGE_PAGE)",
                                  "        pass", [HUGE_PAGES]),
-    "huge-page-copy-keeps-the-files-pages": (LAYOUTS, "        release_pages(old[start : start + QUANTIZE_BLOCK_ROWS])",
-                                             "        pass", [SMOKE_1B]),
+    "weights-in-small-pages": (LAYOUTS, "    memory = empty_in_huge_pages(shape, dtype) if torch.Size(shape).numel()",
+                               "    memory = None if torch.Size(shape).numel()", [HUGE_PAGES]),
     # speculative decoding (run_inference.py's DRAFT)
     "speculation-keeps-a-rejected-draft": (TUTORIAL, "    return drafts[:kept] + [choices[kept]]",
                                            "    return drafts[: kept + 1] + [choices[kept]]", SPECULATIVE_GREEDY),

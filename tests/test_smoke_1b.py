@@ -40,6 +40,6 @@ def test_random_1b_shaped_checkpoint_runs_in_both_scripts(script, llama_1b_dir, 
     assert result.stdout == tokenizer.decode(expected)
     peak_gib = float(result.stderr.split("peak memory ")[1].split()[0])
     checkpoint_gib = (llama_1b_dir / "Llama3.2-1B" / "consolidated.00.pth").stat().st_size / GIB
-    assert peak_gib < checkpoint_gib + 0.6  # the weights are resident once: copied a block at a time, never twice
+    assert peak_gib < checkpoint_gib + 0.6  # the weights are mapped once, never copied
     if script.__name__ == "run_inference":
         assert "RoPE scale factor 32" in result.stderr
