@@ -471,7 +471,7 @@ def transparent_huge_pages():
 def huge_page_bytes(tensors):
     """How many bytes of `tensors` Linux backs with 2 MiB pages (from /proc/self/smaps), or None where the
     system does not say."""
-    ranges = sorted((t.data_ptr(), t.data_ptr() + t.nbytes) for t in tensors)
+    ranges = [(t.data_ptr(), t.data_ptr() + t.nbytes) for t in tensors]
     total, inside = 0, False
     try:
         with open("/proc/self/smaps") as smaps:
