@@ -516,7 +516,9 @@ class StepThreads:
     when nothing is busy. So trials come seldom while they keep all the threads (after TRIAL steps, then
     PERIOD steps, then twice as many each time, up to MAX_PERIOD), at once when the kept count's steps become
     SLOWDOWN times slower than when it was kept (the machine got busier), and every PERIOD steps while one
-    thread is kept (so that all come back soon after the machine is quiet again). Steps are timed from one decode
+    thread is kept (so that all come back soon after the machine is quiet again). A trial whose first step is
+    SLOWDOWN times slower than the kept count's median ends there: on a quiet machine a 1-thread step is, so
+    a trial costs one slow step, not TRIAL (in a 64-token run two full trials made 8 steps slow, about 12%). Steps are timed from one decode
     step's end to the next, so the prompt's chunks and what the script does between steps are left out as
     long as they are alike for both counts."""
 
@@ -548,8 +550,10 @@ class StepThreads:
     def switch(self):
         threads = torch.get_num_threads()
         if threads != self.current:  # a trial of the other count: over once it has TRIAL steps
-            if len(self.steps[threads]) >= self.TRIAL:
-                kept = min(self.counts, key=lambda count: median(self.steps[count]))
+            trial = self.steps[threads]
+            lost = len(trial) == 1 and trial[0] > self.SLOWDOWN * median(self.steps[self.current])
+            if lost or len(trial) >= self.TRIAL:
+                kept = self.current if lost else min(self.counts, key=lambda count: median(self.steps[count]))
                 backing_off = kept == self.current == self.counts[0]  # on one thread, try all again every PERIOD
                 self.period = min(2 * self.period, self.MAX_PERIOD) if backing_off else self.PERIOD
                 self.current, self.kept_step = kept, median(self.steps[kept])

@@ -295,6 +295,9 @@ MUTANTS = {
                                              "backing_off = kept == self.current", STEP_THREADS),
     "step-threads-busier-not-noticed": (CALIBRATION, "elif self.taken >= self.next_trial or self.busier():",
                                         "elif self.taken >= self.next_trial:", STEP_THREADS),
+    # A trial of the other thread count whose first step is clearly slower would still run all its steps.
+    "step-threads-trial-runs-on-when-clearly-slower": (CALIBRATION, "            lost = len(trial) == 1 and trial[0]",
+                                                      "            lost = False and trial[0]", STEP_THREADS),
     # Decoding one row would time other layouts on one copied layer again.
     "one-row-tries-other-layouts": (CALIBRATION, '    if decode_class == "one":\n', '    if False:\n',
                                     ["tests/test_kernels.py", "-k", "one_row_never_tries"]),

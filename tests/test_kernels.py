@@ -159,6 +159,16 @@ def test_step_threads_seldom_tries_the_slower_count_on_a_quiet_machine(monkeypat
     assert used.count(1) < 0.02 * len(used)
 
 
+def test_a_step_threads_trial_that_is_clearly_slower_ends_after_one_step(monkeypatch):
+    """A quiet machine, 1-thread steps 1.67 times as long: each trial of one thread is a single step. Steps
+    1.2 times as long (not clearly slower) get the whole trial."""
+    trials = lambda used: [len(run) for run in "".join(map(str, used)).split("2") if run]  # steps of each trial
+    used = decode_with_step_threads(monkeypatch, lambda step, threads: 0.3 if threads == 2 else 0.5, 200)
+    assert trials(used) == [1, 1, 1]  # after 4 timed steps, then 64 and 128 steps later
+    used = decode_with_step_threads(monkeypatch, lambda step, threads: 0.3 if threads == 2 else 0.36, 20)
+    assert trials(used) == [calibration.StepThreads.TRIAL]
+
+
 def test_step_threads_tries_again_as_soon_as_the_machine_gets_busier(monkeypatch):
     """From step 120 another process holds a core and 2-thread steps take 5 times as long: one thread is
     tried and kept within two trials' steps, not at the next scheduled trial (2 threads are tried again every
