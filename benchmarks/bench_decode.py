@@ -434,7 +434,8 @@ def report(summary, depths, args, per_token):
     peers = [name for name in summary if name.startswith("llama.cpp")]
     peer_bytes = {peer_name(path): Path(path).stat().st_size for path in args.gguf.split(",") if path}
     pairs = [("minimal", "tutorial"), ("tutorial", "transformers"), ("minimal", "transformers"),
-             ("minimal", "minimal-rule"), ("minimal", "minimal-speedups-off"), ("minimal", "minimal-small-pages"), ("tutorial-beam5", "transformers-beam5")]
+             ("minimal", "minimal-rule"), ("minimal", "minimal-speedups-off"), ("minimal", "minimal-small-pages"),
+             ("tutorial-beam5", "transformers-beam5")]
     pairs += [(ours, peer) for peer in peers for ours in PEER_OF_FORMAT[PEER_FORMATS.get(peer.split()[-1])]]
     columns = " | ".join("short prompt" if d == 0 else f"at {d}" for d in depths)
     lines += ["", f"| ratio of decode tokens/s | {columns} |", "|---" * (len(depths) + 1) + "|"]

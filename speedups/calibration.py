@@ -515,11 +515,11 @@ class StepThreads:
     and the count whose median step was shorter is kept. A trial costs: its steps run at the slower count
     when nothing is busy. So trials come seldom while they keep all the threads (after TRIAL steps, then
     PERIOD steps, then twice as many each time, up to MAX_PERIOD), at once when the kept count's steps become
-    SLOWDOWN times slower than when it was kept (the machine got busier), and every PERIOD steps while one
-    thread is kept (so that all come back soon after the machine is quiet again). A trial whose first step is
-    SLOWDOWN times slower than the kept count's median ends there: on a quiet machine a 1-thread step is, so
-    a trial costs one slow step, not TRIAL (in a 64-token run two full trials made 8 steps slow, about 12%). Steps are timed from one decode
-    step's end to the next, so the prompt's chunks and what the script does between steps are left out as
+    SLOWDOWN times slower than when it was kept (the machine got busier), and every PERIOD steps while one thread is
+    kept (so that all come back soon after the machine is quiet again). A trial whose first step is SLOWDOWN times
+    slower than the kept count's median ends there: on a quiet machine a 1-thread step is, so a trial costs one slow
+    step, not TRIAL (in a 64-token run two full trials made 8 steps slow, about 12%). Steps are timed from one
+    decode step's end to the next, so the prompt's chunks and what the script does between steps are left out as
     long as they are alike for both counts."""
 
     TRIAL = 4  # steps of each trial

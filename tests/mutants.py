@@ -302,8 +302,8 @@ MUTANTS = {
     "one-row-tries-other-layouts": (CALIBRATION, '    if decode_class == "one":\n', '    if False:\n',
                                     ["tests/test_kernels.py", "-k", "one_row_never_tries"]),
     # Weights in 2 MiB pages: the request for them, the memory the joined weights are built in.
-    "huge-pages-not-asked-for": (LAYOUTS, "        memory.madvise(mmap.MADV_HUGEPAGE, start, nbytes // HUGE_PAGE * HUGE_PAGE)",
-                                 "        pass", [HUGE_PAGES]),
+    "huge-pages-not-asked-for": (LAYOUTS, "        memory.madvise(mmap.MADV_HUGEPAGE, start, nbytes // HUGE_PAGE",
+                                 "        memory.madvise(mmap.MADV_HUGEPAGE, start, 0 // HUGE_PAGE", [HUGE_PAGES]),
     "weights-in-small-pages": (LAYOUTS, "    memory = empty_in_huge_pages(shape, dtype) if torch.Size(shape).numel()",
                                "    memory = None if torch.Size(shape).numel()", [HUGE_PAGES]),
     # speculative decoding (run_inference.py's DRAFT)

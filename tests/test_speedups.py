@@ -139,7 +139,8 @@ def test_joined_weights_are_the_files_in_2_mib_pages(llama_1b_dir, distributed):
     everything, in_huge_pages = layouts.weights_in_huge_pages(
         m for m in model.modules() if isinstance(m, layouts.FastLinear))
     assert everything == sum(t.nbytes for name, t in file.items() if t.dim() == 2 and name != "tok_embeddings.weight")
-    assert f"{in_huge_pages / 1e9:.2f} of {everything / 1e9:.2f} GB of weights in 2 MiB pages" in speedups.describe(model)
+    clause = f"{in_huge_pages / 1e9:.2f} of {everything / 1e9:.2f} GB of weights in 2 MiB pages"
+    assert clause in speedups.describe(model)
 
 
 def test_one_row_uses_pytorchs_own_kernel_and_restores_onednn(models_dir, distributed):
