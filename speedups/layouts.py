@@ -260,7 +260,8 @@ class ErrorSum:
 class BlockInt4Linear(FastLinear):
     """4-bit weights in blocks of INT4_GROUP along each row, each block with its own scale and minimum
     (weight ~= q * scale + minimum, q in 0..15: Int4Linear's numbers), laid out plainly for the project's
-    own kernels (native.pack_int4: a block's 32 codes in 16 bytes, its scale and minimum in float16)."""
+    own kernels: a block's 32 codes in 16 bytes (native.pack_int4), and each row in one piece, its blocks'
+    scales and minima (float16) before its codes (native.join_int4), so that a kernel reads it in one stream."""
 
     FORMAT = "int4"
 
@@ -271,31 +272,25 @@ class BlockInt4Linear(FastLinear):
         for start in range(0, weight.shape[0], QUANTIZE_BLOCK_ROWS):
             block = weight[start : start + QUANTIZE_BLOCK_ROWS]
             packed, scales, lows = native.pack_int4(*native.quantize_int4(block))
-            parts.append((packed, scales, lows))
-            error.add(block[sample], native.dequantize_int4_reference(packed[sample].contiguous(), scales[sample],
-                                                                      lows[sample], self.in_features))
+            parts.append(native.join_int4(packed, scales, lows))
+            error.add(block[sample], native.dequantize_int4_reference(packed[sample], scales[sample], lows[sample],
+                                                                      self.in_features))
             if from_file(layer):
                 release_pages(block)
-        packed, scales, lows = (joined_rows(part) for part in zip(*parts))
         self.relative_error = error.relative()
-        self.weight = nn.Parameter(packed, requires_grad=False)  # (out, blocks * 16) uint8
-        # float16, as the kernels read them, kept as their bits so that model.to(dtype) leaves them so
-        self.register_buffer("scale_bits", scales.view(torch.int16))  # (out, blocks)
-        self.register_buffer("low_bits", lows.view(torch.int16))
-
-    scales = property(lambda self: self.scale_bits.view(torch.float16))
-    lows = property(lambda self: self.low_bits.view(torch.float16))
+        self.weight = nn.Parameter(joined_rows(parts), requires_grad=False)  # (out, blocks * 20) uint8
+        self.packed, self.scales, self.lows = native.int4_parts(self.weight)  # views: what the kernels take
 
     def codes(self, start, end):
         """The 4-bit codes of rows start .. end - 1, (rows, in) uint8."""
-        return native.unpack_int4(self.weight[start:end], self.in_features)
+        return native.unpack_int4(self.packed[start:end], self.in_features)
 
     def dequantized(self, rows):
-        return native.dequantize_int4_reference(self.weight[:rows], self.scales[:rows], self.lows[:rows],
+        return native.dequantize_int4_reference(self.packed[:rows], self.scales[:rows], self.lows[:rows],
                                                 self.in_features)
 
     def rows_view(self, start, end):
-        return self.view_of(start, end, weight=self.weight[start:end], scales=self.scales[start:end],
+        return self.view_of(start, end, packed=self.packed[start:end], scales=self.scales[start:end],
                             lows=self.lows[start:end])
 
 

@@ -27,7 +27,7 @@ API (x is (..., in) in float32, bfloat16 or float16; results are (..., out) in x
                                                   or ["avx512bf16", "avx512", "avx2", "scalar"] (bf16)
     int8_matvec(x, codes, scales, variant="")     codes (out, in) int8 in -127 .. 127 (not -128: AVX2's sign
                                                   trick would overflow), scales (out,) float32
-    int4_matvec(x, packed, scales, lows, variant="")   pack_int4's layout
+    int4_matvec(x, packed, scales, lows, variant="")   pack_int4's layout, or int4_parts' views of join_int4's
     bf16_matvec(x, weight, variant="")            weight (out, in) bfloat16
     dequantize_int8(codes, scales, out)           out: float32 (out, in), filled with codes * scales[:, None]
     dequantize_int4(packed, scales, lows, out)    out: float32 (out, in), filled with codes * scale + low
@@ -43,6 +43,10 @@ The same math in PyTorch (the tests compare each variant with these):
     quantize_int4(weight)                         (codes (out, blocks * 32) uint8, scales, lows float32): the
                                                   codes of speedups' quantize_int4, any `in` (a short last block)
     pack_int4(codes, scales, lows)                (packed (out, blocks * 16) uint8, scales, lows float16)
+    join_int4(packed, scales, lows)               the three in one (out, blocks * 20) uint8 buffer, row by row:
+                                                  each block's scale and low, then the row's codes (speedups'
+                                                  int4 layout: each row one stream)
+    int4_parts(joined)                            join_int4's buffer as views (packed, scales, lows)
     unpack_int4(packed, in_features)              the codes (out, in) back, as uint8
     dequantize_int4_reference(packed, scales, lows, in_features)
 
@@ -76,6 +80,7 @@ LINK_FLAGS = ["-fopenmp"]  # resolves to the libgomp that torch has loaded (the 
 LOCK_FILE = "kernels.lock"  # in the cache folder: held while building (empty; it stays)
 BUILD_SECONDS = 30  # about what the first build takes on 2 cores (20 s of CPU time on an EPYC): shown meanwhile
 BLOCK = 32  # inputs per block: one activation scale; one int4 scale and low
+JOINED_BYTES = BLOCK // 2 + 4  # an int4 block in join_int4's buffer: 16 bytes of codes, a float16 scale and low
 INT8_MAX = 127  # activation codes are in -127 .. 127
 INT4_LEVELS = 15  # int4 codes are in 0 .. 15
 
@@ -393,6 +398,22 @@ def pack_int4(codes, scales, lows):
     blocks = codes.to(torch.uint8).view(codes.shape[0], -1, 2, BLOCK // 2)  # (out, blocks, halves, 16)
     packed = blocks[:, :, 0] | (blocks[:, :, 1] << 4)
     return packed.flatten(1).contiguous(), scales.to(torch.float16).contiguous(), lows.to(torch.float16).contiguous()
+
+
+def join_int4(packed, scales, lows):
+    """pack_int4's three parts in one buffer, (out, blocks * JOINED_BYTES) uint8, a row at a time: each block's
+    scale and low side by side (float16), then the row's codes. A kernel reads each row front to back, one
+    stream; three tensors of their own made three streams, slower (benchmarks/README.md, "int4 in one stream")."""
+    out, blocks = scales.shape
+    pairs = torch.stack([scales.to(torch.float16), lows.to(torch.float16)], dim=-1)  # (out, blocks, 2)
+    return torch.cat([pairs.view(torch.uint8).reshape(out, 4 * blocks), packed], dim=1)
+
+
+def int4_parts(joined):
+    """join_int4's buffer (or some of its rows) as the views the kernels take: (packed, scales, lows)."""
+    blocks = joined.shape[1] // JOINED_BYTES
+    halves = joined[:, : 4 * blocks].view(torch.float16)  # s0 l0 s1 l1 ...
+    return joined[:, 4 * blocks :], halves[:, 0::2], halves[:, 1::2]
 
 
 def unpack_int4(packed, in_features):

@@ -43,6 +43,14 @@
 //         high nibble:  c[16]    c[17]   ...    c[31]      codes c in 0 .. 15 (0 past the end of a short tail)
 //     scales (out, blocks) float16, lows (out, blocks) float16:   weight[32b + j] ~= c[j] * scale[b] + low[b]
 //
+// The three may be tensors of their own or, as speedups keeps them, views of one buffer (native.py's
+// join_int4) that holds each row in one piece, so that the row is read as one stream, front to back:
+//
+//     row n:  | scale[0] low[0] scale[1] low[1] ... (float16 pairs) | packed codes of row n |
+//
+// Rows may be any distance apart (each tensor's row stride), and scales and lows either contiguous or
+// alternating (lows one float16 after scales, both with a stride of 2).
+//
 //     y[n] = sum_b d[b] * (scale[n][b] * sum_j c[j] * q[32b + j]  +  low[n][b] * s[b])
 //
 // bfloat16 weights, (out, in) as stored: each weight is widened to float32 in a register (a bfloat16 is the top
@@ -636,14 +644,36 @@ at::Tensor int8_matvec(const at::Tensor& x, const at::Tensor& codes, const at::T
 // int4 weights x int8 activations.
 // ---------------------------------------------------------------------------------------------------------
 struct Int4Weight {
-  const uint8_t* packed;   // (out, blocks * 16)
-  const at::Half* scales;  // (out, blocks)
-  const at::Half* lows;    // (out, blocks)
-  int64_t blocks;
-  const uint8_t* row(int64_t n) const { return packed + n * blocks * (kBlock / 2); }
-  float scale(int64_t n, int64_t b) const { return float(scales[n * blocks + b]); }
-  float low(int64_t n, int64_t b) const { return float(lows[n * blocks + b]); }
+  const uint8_t* packed;   // (out, blocks * 16), row n at packed + n * packed_stride
+  const at::Half* scales;  // (out, blocks), row n at scales + n * half_stride
+  const at::Half* lows;    // (out, blocks), the same stride as scales
+  int64_t blocks, packed_stride, half_stride, half_step;  // half_step: 1, or 2 where scales and lows alternate
+  const uint8_t* row(int64_t n) const { return packed + n * packed_stride; }
+  const at::Half* scales_of(int64_t n) const { return scales + n * half_stride; }
+  const at::Half* lows_of(int64_t n) const { return lows + n * half_stride; }
+  float scale(int64_t n, int64_t b) const { return float(scales_of(n)[b * half_step]); }
+  float low(int64_t n, int64_t b) const { return float(lows_of(n)[b * half_step]); }
 };
+
+// The int4 weight of a layer with `in` inputs, checked: three (out, ...) tensors whose rows are contiguous and
+// may be any distance apart, so that one buffer can hold each row's scales, lows and codes side by side
+// (speedups' int4 layout; its three parts are views of it).
+Int4Weight int4_weight(const at::Tensor& packed, const at::Tensor& scales, const at::Tensor& lows, int64_t in) {
+  const int64_t blocks = (in + kBlock - 1) / kBlock;
+  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kByte && packed.stride(1) == 1,
+              "int4 codes must be a uint8 (out, blocks * 16) tensor with contiguous rows");
+  TORCH_CHECK(packed.size(1) == blocks * kBlock / 2, "the layer has ", in, " inputs: the int4 codes need ",
+              blocks * kBlock / 2, " bytes a row, not ", packed.size(1));
+  for (const at::Tensor& t : {scales, lows})
+    TORCH_CHECK(t.scalar_type() == at::kHalf && t.dim() == 2 && t.size(0) == packed.size(0) &&
+                    t.size(1) == blocks && (t.stride(1) == 1 || t.stride(1) == 2),
+                "int4 scales and lows must be float16 (out, blocks) tensors with contiguous rows");
+  TORCH_CHECK(scales.stride(0) == lows.stride(0) && scales.stride(1) == lows.stride(1) &&
+              (scales.stride(1) == 1 || lows.data_ptr<at::Half>() == scales.data_ptr<at::Half>() + 1),
+              "int4 scales and lows must have the same strides");
+  return Int4Weight{packed.data_ptr<uint8_t>(), scales.data_ptr<at::Half>(), lows.data_ptr<at::Half>(), blocks,
+                    packed.stride(0), scales.stride(0), scales.stride(1)};
+}
 
 // The reference: y[r][n] = sum_b d[b] * (scale[b] * sum_j c[j] * q[j] + low[b] * s[b]).
 void int4_scalar(const Int4Weight& weight, const Activations& a, int64_t r0, int64_t rows, int64_t n0, int64_t n1,
@@ -691,23 +721,31 @@ TARGET_AVX2 void int4_row_factors(const Int4Weight& weight, const Activations& a
                                   Int4Rows<R>& x) {
   constexpr int64_t kWidth = 8;
   const int64_t blocks = a.blocks, whole = blocks / kWidth * kWidth;
-  const at::Half* scales = weight.scales + n * blocks;
-  const at::Half* lows = weight.lows + n * blocks;
+  const at::Half* scales = weight.scales_of(n);
+  const at::Half* lows = weight.lows_of(n);
   for (int r = 0; r < R; r++) {
     float* f = x.factors[r];
     const float* d = a.scales_of(r0 + r);
     const float* ds = a.offsets_of(r0 + r);
     __m256 offset = _mm256_setzero_ps();
     for (int64_t b = 0; b < whole; b += kWidth) {
-      const __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(scales + b)));
-      const __m256 low = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(lows + b)));
+      __m256 scale, low;
+      if (weight.half_step == 2) {  // s0 l0 s1 l1 ... s7 l7
+        const __m256 a = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(scales + 2 * b)));
+        const __m256 c = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(scales + 2 * b + 8)));
+        scale = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, c, 0x88)), 0xD8));
+        low = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, c, 0xDD)), 0xD8));
+      } else {
+        scale = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(scales + b)));
+        low = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(lows + b)));
+      }
       _mm256_storeu_ps(f + b, _mm256_mul_ps(scale, _mm256_loadu_ps(d + b)));
       offset = _mm256_fmadd_ps(low, _mm256_loadu_ps(ds + b), offset);
     }
     float total = sum_of(offset);
     for (int64_t b = whole; b < blocks; b++) {
-      f[b] = float(scales[b]) * d[b];
-      total += float(lows[b]) * ds[b];
+      f[b] = weight.scale(n, b) * d[b];
+      total += weight.low(n, b) * ds[b];
     }
     x.offsets[r] = total;
   }
@@ -823,14 +861,8 @@ TARGET_AVX512VNNI void int4_avx512vnni(const Int4Weight& weight, const Activatio
 
 at::Tensor int4_matvec(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
                        const at::Tensor& lows, const std::string& variant_name) {
-  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kByte && packed.is_contiguous(),
-              "int4 codes must be a contiguous uint8 (out, blocks * 16) tensor");
   const int64_t out = packed.size(0), in = x.size(-1), blocks = (in + kBlock - 1) / kBlock;
-  TORCH_CHECK(packed.size(1) == blocks * kBlock / 2, "x has ", in, " inputs: the int4 codes need ",
-              blocks * kBlock / 2, " bytes a row, not ", packed.size(1));
-  for (const at::Tensor& t : {scales, lows})
-    TORCH_CHECK(t.scalar_type() == at::kHalf && t.is_contiguous() && t.dim() == 2 && t.size(0) == out &&
-                    t.size(1) == blocks, "int4 scales and lows must be contiguous float16 (out, blocks)");
+  const Int4Weight w = int4_weight(packed, scales, lows, in);
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
               "x must be float32, bfloat16 or float16");
   const Variant variant = parse_variant("int4", variant_name);
@@ -842,7 +874,6 @@ at::Tensor int4_matvec(const at::Tensor& x, const at::Tensor& packed, const at::
   if (rows == 0 || out == 0) return y.tensor.view(shape);
   const FloatRows xf(rows_in);
   const Activations a(xf.data, rows, in, variant);
-  const Int4Weight w{packed.data_ptr<uint8_t>(), scales.data_ptr<at::Half>(), lows.data_ptr<at::Half>(), blocks};
 #ifdef X86_KERNELS
   const std::vector<int8_t> ordered = variant == Variant::scalar ? std::vector<int8_t>()
                                       : int4_order(a, variant == Variant::avx512vnni ? 4 : 2);
@@ -1171,16 +1202,9 @@ void dequantize_int8(const at::Tensor& codes, const at::Tensor& scales, at::Tens
 }
 
 void dequantize_int4(const at::Tensor& packed, const at::Tensor& scales, const at::Tensor& lows, at::Tensor& out) {
-  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kByte && packed.is_contiguous(),
-              "int4 codes must be a contiguous uint8 (out, blocks * 16) tensor");
-  const int64_t rows = packed.size(0), in = out.size(-1), blocks = (in + kBlock - 1) / kBlock;
-  TORCH_CHECK(packed.size(1) == blocks * kBlock / 2, "the buffer has ", in, " columns: the int4 codes need ",
-              blocks * kBlock / 2, " bytes a row, not ", packed.size(1));
-  for (const at::Tensor& t : {scales, lows})
-    TORCH_CHECK(t.scalar_type() == at::kHalf && t.is_contiguous() && t.dim() == 2 && t.size(0) == rows &&
-                    t.size(1) == blocks, "int4 scales and lows must be contiguous float16 (out, blocks)");
+  const int64_t rows = packed.size(0), in = out.size(-1);
+  const Int4Weight w = int4_weight(packed, scales, lows, in);
   check_buffer(out, rows, in);
-  const Int4Weight w{packed.data_ptr<uint8_t>(), scales.data_ptr<at::Half>(), lows.data_ptr<at::Half>(), blocks};
   float* o = out.data_ptr<float>();
   at::parallel_for(0, rows, std::max<int64_t>(1, kTaskBytes / std::max<int64_t>(1, in)), [&](int64_t n0, int64_t n1) {
 #ifdef X86_KERNELS

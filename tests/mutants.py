@@ -283,6 +283,12 @@ MUTANTS = {
     "native-int4-offset-sign-scalar": (NATIVE, "sum += weight.low(n, b) * a.offsets_of(r)[b];",
                                        "sum -= weight.low(n, b) * a.offsets_of(r)[b];",
                                        [NATIVE_TESTS, "-k", "int4_product and scalar"]),
+    # int4 rows joined in one buffer (native.join_int4): scales read where lows are, rows assumed back to back.
+    "native-int4-joined-scales-read-as-lows": (NATIVE, "_mm256_shuffle_ps(a, c, 0x88)", "_mm256_shuffle_ps(a, c, 0xDD)",
+                                               [NATIVE_TESTS, "-k", "int4_product or joined_or_apart"]),
+    "native-int4-row-stride-ignored": (NATIVE, "return packed + n * packed_stride;",
+                                       "return packed + n * blocks * (kBlock / 2);",
+                                       [NATIVE_TESTS, "-k", "int4_product or joined_or_apart"]),
     # AVX2's int8 tiles for prompt chunks: the sign moved to the wrong operand, an odd last weight row dropped.
     "native-int8-tile-sign-lost": (NATIVE, "_mm256_maddubs_epi16(magnitude[k], _mm256_sign_epi8(q, w[k]))",
                                    "_mm256_maddubs_epi16(magnitude[k], q)", AVX2_INT8),

@@ -113,7 +113,8 @@ def int4_case(x, weight):
     d = d.double()[:, None, :]
     total = (magnitudes * scales.double().abs() * d + lows.double().abs() * d * sums.double().abs()[:, None, :])
     reference = native.int4_matvec_reference(x, packed, scales, lows)
-    return (packed, scales, lows), reference, bound(total.sum(dim=2), d.shape[2])
+    joined = native.int4_parts(native.join_int4(packed, scales, lows))  # the views speedups' layers hold
+    return joined, reference, bound(total.sum(dim=2), d.shape[2])
 
 
 def bf16_case(x, weight):
@@ -237,6 +238,27 @@ def test_int4_codes_are_speedups_quantize_int4s(kernels):
     stock_codes = ((dense.view(64, -1, native.BLOCK) - lows[..., None]) / scales[..., None]).round().flatten(1)
     assert torch.equal(stock_codes, codes.float())
     assert torch.equal(native.unpack_int4(native.pack_int4(codes, scales, lows)[0], 128), codes)
+
+
+@pytest.mark.parametrize("in_features", IN)
+def test_int4_rows_joined_or_apart_give_the_same_products(kernels, in_features):
+    """join_int4 keeps pack_int4's parts exactly; the kernels read its views (each row's scales and lows
+    alternating, then its codes), a slice of its rows (a torchrun process's), and three separate tensors alike."""
+    weight = torch.randn(OUT, in_features, generator=torch.Generator().manual_seed(2)) * 0.02
+    apart = native.pack_int4(*native.quantize_int4(weight))
+    joined = native.join_int4(*apart)
+    assert joined.shape == (OUT, -(-in_features // native.BLOCK) * native.JOINED_BYTES)
+    for part, original in zip(native.int4_parts(joined), apart):
+        assert torch.equal(part, original)
+    x = torch.randn(3, in_features, generator=torch.Generator().manual_seed(3))
+    for variant in native.variants("int4"):
+        expected = native.int4_matvec(x, *apart, variant)
+        assert torch.equal(native.int4_matvec(x, *native.int4_parts(joined), variant), expected)
+        assert torch.equal(native.int4_matvec(x, *native.int4_parts(joined[1000:2001]), variant),
+                           expected[:, 1000:2001])
+    dequantized = torch.empty(OUT, in_features)
+    assert torch.equal(native.dequantize_int4(*native.int4_parts(joined), dequantized),
+                       native.dequantize_int4(*apart, torch.empty(OUT, in_features)))
 
 
 def test_float16_block_values_keep_int4s_error(kernels):
