@@ -194,20 +194,20 @@ def our_int8_product(module, x, variant):
 
 
 def our_int4_product(module, x, variant):
-    return native.int4_matvec(x, module.packed, module.scales, module.lows, variant)
+    return native.int4_matvec(x, *module.parts, variant)
 
 
 def int4_float32_product(module, x):
     """A prompt chunk on our 4-bit layout: each block of rows dequantized into float32, then float32's product."""
     return widened_product(x, module, lambda start, end, buffer: native.dequantize_int4(
-        module.packed[start:end], module.scales[start:end], module.lows[start:end], buffer))
+        *(part[start:end] for part in module.parts), buffer))
 
 
 def int4_bfloat16_product(module, x):
     """The same, each block dequantized into float32 and rounded to bfloat16, then bfloat16's product."""
     def widen(start, end, buffer):
         block = WIDENED.view(end - start, module.in_features)  # float32
-        native.dequantize_int4(module.packed[start:end], module.scales[start:end], module.lows[start:end], block)
+        native.dequantize_int4(*(part[start:end] for part in module.parts), block)
         return buffer.copy_(block)
 
     return widened_product(x, module, widen, torch.bfloat16)

@@ -279,7 +279,19 @@ class BlockInt4Linear(FastLinear):
                 release_pages(block)
         self.relative_error = error.relative()
         self.weight = nn.Parameter(joined_rows(parts), requires_grad=False)  # (out, blocks * 20) uint8
-        self.packed, self.scales, self.lows = native.int4_parts(self.weight)  # views: what the kernels take
+
+    @property
+    def parts(self):
+        """(packed, scales, lows): the views of the weight's buffer that the kernels take (native.int4_parts),
+        kept while the buffer is the same."""
+        kept = self.__dict__.get("kept_parts")
+        if kept is None or kept[0] != self.weight.data_ptr():
+            kept = self.__dict__["kept_parts"] = (self.weight.data_ptr(), native.int4_parts(self.weight.detach()))
+        return kept[1]
+
+    packed = property(lambda self: self.parts[0])
+    scales = property(lambda self: self.parts[1])
+    lows = property(lambda self: self.parts[2])
 
     def codes(self, start, end):
         """The 4-bit codes of rows start .. end - 1, (rows, in) uint8."""
@@ -290,8 +302,7 @@ class BlockInt4Linear(FastLinear):
                                                 self.in_features)
 
     def rows_view(self, start, end):
-        return self.view_of(start, end, packed=self.packed[start:end], scales=self.scales[start:end],
-                            lows=self.lows[start:end])
+        return self.view_of(start, end, parts=tuple(part[start:end] for part in self.parts))
 
 
 class Int4Linear(FastLinear):

@@ -289,6 +289,9 @@ MUTANTS = {
     "native-int4-row-stride-ignored": (NATIVE, "return packed + n * packed_stride;",
                                        "return packed + n * blocks * (kBlock / 2);",
                                        [NATIVE_TESTS, "-k", "int4_product or joined_or_apart"]),
+    "int4-rows-view-from-the-first-row": (LAYOUTS, "parts=tuple(part[start:end] for part in self.parts)",
+                                          "parts=tuple(part[: end - start] for part in self.parts)",
+                                          ["tests/test_quantize.py", "-k", "rows_of_our"]),
     # AVX2's int8 tiles for prompt chunks: the sign moved to the wrong operand, an odd last weight row dropped.
     "native-int8-tile-sign-lost": (NATIVE, "_mm256_maddubs_epi16(magnitude[k], _mm256_sign_epi8(q, w[k]))",
                                    "_mm256_maddubs_epi16(magnitude[k], q)", AVX2_INT8),

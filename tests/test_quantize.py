@@ -90,6 +90,26 @@ def test_our_4_bit_chunk_kernels_give_the_product_of_the_4_bit_weights(kernel, d
     assert (out.float() - expected).abs().max() <= bound * expected.abs().max()
 
 
+@pytest.mark.parametrize("kernel, rows, tolerance", [("q4", 1, 0), ("q4", 5, 0), ("q4-f32", 40, 1e-5)])
+def test_rows_of_our_4_bit_layout_give_those_rows_of_its_product(kernel, rows, tolerance, distributed):
+    """rows_view (wq of wqkv in run_inference's layer_by_hand): views of some rows of the joined buffer, read by
+    the same kernel, give those outputs of the whole layer: exactly with integer products, to float32's
+    rounding where the rows are widened and multiplied by PyTorch (its summation order may follow the shape)."""
+    if native.library() is None:
+        pytest.skip(f"our kernels: not available ({native.why_unavailable()})")
+    generator = torch.Generator().manual_seed(0)
+    layer = fairscale_layers.ColumnParallelLinear(100, 96, bias=False, gather_output=False)
+    layer.weight = torch.nn.Parameter(torch.randn(96, 100, generator=generator), requires_grad=False)
+    module = layouts.BlockInt4Linear(layer)
+    kernels.use(module, dict.fromkeys(layouts.ROW_CLASSES, kernel), 5)
+    x = torch.randn(rows, 100, generator=generator)
+    whole = module(x)
+    for start, end in [(0, 32), (32, 40), (40, 96)]:
+        view = module.rows_view(start, end)
+        part = module.kernels[layouts.row_class(rows, 5)].run(view, x)
+        torch.testing.assert_close(part, whole[:, start:end], rtol=tolerance, atol=tolerance)
+
+
 @pytest.mark.parametrize("rows", [1, 5, CHUNK])
 @pytest.mark.parametrize("kernel", ["w8", "w8-copy", "w8-f32", "w8a8", "w8a8-onednn"])
 def test_every_int8_kernel_gives_the_product_of_the_8_bit_weights_or_is_never_chosen(kernel, rows, distributed):
