@@ -284,9 +284,9 @@ def test_llama_3_1_style_model_matches_factor_8_and_not_32(script, distributed, 
 LLAMA_1B_CUTS = [64, 128, 192, 255]  # prompt chunks of the 1B test: logits at positions 63, 127, 191, 254 and 255
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not per module: on a pytest-xdist worker, other files' tests may come between
 def llama_1b_transformers(llama_1b_dir, tokenizer):
-    """A 256-token prompt, and transformers' float32 logits for it with RoPE factor 32."""
+    """A 256-token prompt, and transformers' float32 logits for it with RoPE factor 32 (131 MB)."""
     ids = random_prompt(tokenizer, 256, seed=4)
     hf_model = transformers_llama(llama_1b_dir / "Llama3.2-1B", rope_factor=32)
     logits = transformers_logits(hf_model, ids)
