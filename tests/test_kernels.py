@@ -350,10 +350,17 @@ def test_each_script_with_its_default_settings_measures_and_prints_the_confident
         assert "kernels measured on this CPU in" in result.stderr
 
 
+@pytest.fixture(scope="module")
+def users_cache(tmp_path_factory):
+    """A cache folder the scripts' runs share, as a user's: the first run builds the kernels and measures, the
+    next finds them there (the test above starts from an empty one each time)."""
+    return tmp_path_factory.mktemp("users-cache")
+
+
 @pytest.mark.parametrize("script_name", SCRIPTS)
-def test_each_script_with_its_default_settings_knows_paris(script_name, smollm_dir, tmp_path):
+def test_each_script_with_its_default_settings_knows_paris(script_name, smollm_dir, users_cache):
     """The stand-in's real weights, every setting at its default but the model: the answer a user expects."""
-    result = run_script(script_name, smollm_dir, BASE_MODEL, KERNELS=None, XDG_CACHE_HOME=tmp_path, DEVICE=None,
+    result = run_script(script_name, smollm_dir, BASE_MODEL, KERNELS=None, XDG_CACHE_HOME=users_cache, DEVICE=None,
                         MAX_NEW_TOKENS=8)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(" Paris")
