@@ -67,19 +67,26 @@ def test_widened_products_outside_inference_mode_share_their_buffer(distributed)
         torch.testing.assert_close(module(x), x @ weight.detach().T, rtol=1e-5, atol=1e-4)
 
 
+def our_4_bit_layer(in_features, kernel, generator):
+    """A 96-row layer of random weights in our 4-bit layout, `kernel` for every number of rows (a skip where our
+    kernels are not built)."""
+    if native.library() is None:
+        pytest.skip(f"our kernels: not available ({native.why_unavailable()})")
+    layer = fairscale_layers.ColumnParallelLinear(in_features, 96, bias=False, gather_output=False)
+    layer.weight = torch.nn.Parameter(torch.randn(96, in_features, generator=generator), requires_grad=False)
+    module = layouts.BlockInt4Linear(layer)
+    kernels.use(module, dict.fromkeys(layouts.ROW_CLASSES, kernel), 5)
+    return module
+
+
 @pytest.mark.parametrize("kernel, dtype, bound", [("q4-f32", torch.float32, 1e-5), ("q4-f32", torch.bfloat16, 0.01),
                                                   ("q4-bf16", torch.bfloat16, 0.01)])
 def test_our_4_bit_chunk_kernels_give_the_product_of_the_4_bit_weights(kernel, dtype, bound, distributed):
     """A prompt chunk (40 rows, two widened blocks: WIDEN_ELEMENTS made small) on our 4-bit layout: x times the
     4-bit weights, to float32's rounding, or bfloat16's (x, the widened weights and the result each rounded
     once: within 1% of the largest entry)."""
-    if native.library() is None:
-        pytest.skip(f"our kernels: not available ({native.why_unavailable()})")
     generator = torch.Generator().manual_seed(0)
-    layer = fairscale_layers.ColumnParallelLinear(64, 96, bias=False, gather_output=False)
-    layer.weight = torch.nn.Parameter(torch.randn(96, 64, generator=generator), requires_grad=False)
-    module = layouts.BlockInt4Linear(layer)
-    kernels.use(module, dict.fromkeys(layouts.ROW_CLASSES, kernel), 5)
+    module = our_4_bit_layer(64, kernel, generator)
     x = torch.randn(40, 64, generator=generator).to(dtype)
     expected = x.float() @ module.dequantized(96).T
     with pytest.MonkeyPatch.context() as patch:
@@ -95,13 +102,8 @@ def test_rows_of_our_4_bit_layout_give_those_rows_of_its_product(kernel, rows, t
     """rows_view (wq of wqkv in run_inference's layer_by_hand): views of some rows of the joined buffer, read by
     the same kernel, give those outputs of the whole layer: exactly with integer products, to float32's
     rounding where the rows are widened and multiplied by PyTorch (its summation order may follow the shape)."""
-    if native.library() is None:
-        pytest.skip(f"our kernels: not available ({native.why_unavailable()})")
     generator = torch.Generator().manual_seed(0)
-    layer = fairscale_layers.ColumnParallelLinear(100, 96, bias=False, gather_output=False)
-    layer.weight = torch.nn.Parameter(torch.randn(96, 100, generator=generator), requires_grad=False)
-    module = layouts.BlockInt4Linear(layer)
-    kernels.use(module, dict.fromkeys(layouts.ROW_CLASSES, kernel), 5)
+    module = our_4_bit_layer(100, kernel, generator)
     x = torch.randn(rows, 100, generator=generator)
     whole = module(x)
     for start, end in [(0, 32), (32, 40), (40, 96)]:
