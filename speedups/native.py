@@ -403,7 +403,7 @@ def pack_int4(codes, scales, lows):
 def join_int4(packed, scales, lows):
     """pack_int4's three parts in one buffer, (out, blocks * JOINED_BYTES) uint8, a row at a time: each block's
     scale and low side by side (float16), then the row's codes. A kernel reads each row front to back, one
-    stream; three tensors of their own made three streams, slower (benchmarks/README.md, "int4 in one stream")."""
+    stream; three tensors of their own made three streams, slower (benchmarks/README.md, "int4 rows in one piece")."""
     out, blocks = scales.shape
     pairs = torch.stack([scales.to(torch.float16), lows.to(torch.float16)], dim=-1)  # (out, blocks, 2)
     return torch.cat([pairs.view(torch.uint8).reshape(out, 4 * blocks), packed], dim=1)
