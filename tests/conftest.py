@@ -105,9 +105,16 @@ def load(script, model_dir, max_seq_len, dtype=torch.float32, batch=1, device=CP
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
 def pytest_collection_modifyitems(items):
+    """xdist groups: the 1B checkpoint's tests, and in each module the tests that share one of the fixtures its
+    ONE_WORKER_FIXTURES names (module-scoped and costly: on two workers each would compute it)."""
     for item in items:
-        if "llama_1b_dir" in getattr(item, "fixturenames", ()):
+        fixtures = getattr(item, "fixturenames", ())
+        if "llama_1b_dir" in fixtures:
             item.add_marker(pytest.mark.xdist_group(LLAMA_1B_GROUP))
+            continue
+        shared = [name for name in getattr(item.module, "ONE_WORKER_FIXTURES", ()) if name in fixtures]
+        if shared:
+            item.add_marker(pytest.mark.xdist_group(f"{item.module.__name__}:{shared[0]}"))
 
 
 @contextlib.contextmanager
@@ -123,6 +130,21 @@ def one_worker_at_a_time(tmp_path_factory, name):
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def only_one_worker_makes(tmp_path_factory, name):
+    """Fails if another pytest-xdist worker of this run made `name` already: its tests are grouped onto one
+    worker (pytest_collection_modifyitems), and a second one means the grouping broke. It did, silently, with
+    pytest 9.2, whose node ids pytest-xdist 3.8 cannot tag with a group: the 1B tests ran on both workers."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker is None:
+        return
+    with one_worker_at_a_time(tmp_path_factory, name):
+        made_by = tmp_path_factory.getbasetemp().parent / f"{name}.made-by"
+        if made_by.exists() and made_by.read_text() != worker:
+            pytest.fail(f"{name}: worker {made_by.read_text()} made it already, and now {worker}: pytest-xdist's "
+                        "--dist loadgroup did not keep its tests on one worker (see requirements-test.txt)")
+        made_by.write_text(worker)
 
 
 @pytest.fixture(scope="session")
@@ -147,6 +169,7 @@ def models_dir(tmp_path_factory, tiny_weights):
 @pytest.fixture(scope="session")
 def llama_1b_dir(tmp_path_factory):
     """A LLAMA_MODELS_DIR holding a random checkpoint with the exact shapes of Llama 3.2 1B (2.5 GB)."""
+    only_one_worker_makes(tmp_path_factory, "llama-1b")
     folder = tmp_path_factory.mktemp("checkpoints_1b")
     write_checkpoint(folder / "Llama3.2-1B", LLAMA_3_2_1B, random_weights(LLAMA_3_2_1B, tie_embeddings=True))
     return folder

@@ -267,6 +267,10 @@ MUTANTS = {
                                          ["tests/test_standin.py", "-k", "relative_xdg"]),
     "stand-in-interrupted-build-left": (STANDIN, "        shutil.rmtree(building, ignore_errors=True)", "        pass",
                                         ["tests/test_standin.py", "-k", "interrupted_build"]),
+    # The suite's own grouping on pytest-xdist workers: the 1B tests split over both would each write the 2.5 GB
+    # checkpoint and compute transformers' logits (35 s), and, with the other worker's, could fill the memory.
+    "xdist-1b-group-dropped": ("tests/conftest.py", "item.add_marker(pytest.mark.xdist_group(LLAMA_1B_GROUP))",
+                               "pass", [ROPE_1B]),
     # Our C++ kernels: the SIMD variants' activation rounding, the scalar int8 loop, every kernel's tail block,
     # the offset term of int4 (SIMD and scalar).
     "native-activation-scale-off": (NATIVE, "std::max(max_of(magnitude) / float(kInt8Max), FLT_MIN)",

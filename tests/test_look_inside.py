@@ -31,6 +31,8 @@ from standin import smollm
 from standin.random_checkpoint import TINY
 from support import picture
 
+ONE_WORKER_FIXTURES = ["story"]  # its tests on one xdist worker (conftest): computed once (15 s)
+
 TOP = run_inference.LOOK_INSIDE_TOP
 STORY = "The Eiffel Tower is in the city of"  # README's picture: SmolLM2 knows the answer, " Paris"
 TINY_TEXT = "The capital of France is Paris, and the capital of Italy is"

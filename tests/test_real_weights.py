@@ -20,6 +20,8 @@ from conftest import load, run_script
 from smollm_witness import english_text, mean_nll, one_thread, token_log_probs, transformers_smollm
 from standin.smollm import BASE_MODEL, INSTRUCT_MODEL, vocabulary
 
+ONE_WORKER_FIXTURES = ["greedy_prompts"]  # its tests on one xdist worker (conftest): computed once (20 s)
+
 PARIS_PROMPT = "The capital of France is"
 # Prompts whose greedy continuations run 32 tokens without a stop token, in transformers as in the scripts.
 GREEDY_PROMPTS = ["The capital of France is", "Once upon a time, there was a little robot who",

@@ -19,6 +19,8 @@ from test_bad_input import fails_with
 from test_chat import MESSAGES, REPLY_TOKENS, SYSTEM, chat, expected_chat, fed_per_turn, stopping_dir  # noqa: F401
 from test_model_parallel import torchrun
 
+ONE_WORKER_FIXTURES = ["bfloat16_runs"]  # its tests on one xdist worker (conftest): computed once (14 s)
+
 PROMPTS = ["The capital of France is", "Once upon a time, once upon a time, there was a", "1, 2, 3, 4, 5, 6, 7,"]
 NEW_TOKENS = 40
 DRAFT_NOISE = 0.05  # Tiny-Draft: the tiny weights plus this share of their spread as noise: it agrees with Tiny often
