@@ -127,6 +127,8 @@ MUTANTS = {
     "chat-cache-not-kept": (TUTORIAL, "        return len(dialog) + len(reply)\n", "        return 0\n", CHAT),
     "chat-cut-reply-last-token-not-fed": (TUTORIAL, "if reply and (interrupted or len(reply) == MAX_NEW_TOKENS):",
                                           "if reply and interrupted:", CHAT),
+    "torchrun-collectives-skipped": (LAYOUTS, "several = get_model_parallel_world_size() > 1", "several = False",
+                                     ["tests/test_model_parallel.py::test_two_processes_decode_the_single_process_tokens"]),
     "torchrun-threads-not-shared": (DEVICES, "return max(1, physical_cores // local_processes)", "return None",
                                     PLATFORM),
     "bfloat16-on-a-t4": (DEVICES, "tuple(capability) < BF16_CAPABILITY", "tuple(capability) < (7, 5)", PLATFORM),

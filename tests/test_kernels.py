@@ -17,6 +17,8 @@ from conftest import CPU, SCRIPTS, load, run_script
 from standin.smollm import BASE_MODEL
 from test_quantize import successor_chain
 
+ONE_WORKER_FIXTURES = ["users_cache"]  # its tests on one xdist worker (conftest): the kernels built once (20 s)
+
 EPYC_ONE_ROW = {"linear-native": 0.061, "linear": 0.090, "mv": 0.070, "packed": 0.25}  # REFERENCE.md's table
 XEON_ONE_ROW = {"mv": 0.075, "linear-native": 0.088, "linear": 0.103, "packed": 0.67}  # this project's Xeon, AMX
 
