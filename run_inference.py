@@ -327,9 +327,10 @@ def compare_layer_by_hand(model, prompt_ids):
 #   int8: each output row w gets a scale, scale = max(|w|) / 127, w_int8 = round(w / scale): w ~ w_int8 *
 #     scale, at most scale / 2 off per weight. The product is x @ w_int8.T * scale.
 #   int4: each run of 32 weights in a row gets a scale = (max - min) / 15 and an offset min; q = round((w -
-#     min) / scale) in 0 .. 15, w ~ q * scale + min; two weights per byte. Each row is kept in one piece,
-#     its scales and offsets first, then its codes, so that a step reads it front to back in one stream;
-#     three separate arrays, read side by side, streamed slower (`python benchmarks/bench_kernels.py`).
+#     min) / scale) in 0 .. 15, w ~ q * scale + min; two weights per byte. The rows are kept in tiles of 16,
+#     side by side: a kernel multiplies 16 rows at once, one per slot of a 512-bit register, so the work of
+#     applying each run's scale serves 16 rows, and a tile is read front to back in one stream
+#     (speedups/quantized.cpp draws the layout; `python benchmarks/bench_kernels.py` times it).
 # Integers times integers: PyTorch's stock kernels widen each weight to a float and spend a float
 # multiply-add on it, so on a few cores they run out of instructions before memory runs out of bytes.
 # speedups/quantized.cpp rounds x to 8 bits too (a scale per 32 inputs) and multiplies bytes by bytes: one

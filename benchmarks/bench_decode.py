@@ -76,8 +76,8 @@ CONFIGURATIONS = {
     # the weights in 4 KiB pages: Linux's transparent huge pages switched off for the process (prctl)
     "minimal-small-pages": ("script", dict(script="minimal_run_inference", small_pages=True), True),
     "tutorial-beam5": ("script", dict(script="run_inference", beams=5), False),
-    "tutorial-int8": ("script", dict(script="run_inference", quantize="int8"), False),
-    "tutorial-int4": ("script", dict(script="run_inference", quantize="int4"), False),
+    "tutorial-int8": ("script", dict(script="run_inference", quantize="int8"), True),
+    "tutorial-int4": ("script", dict(script="run_inference", quantize="int4"), True),
     # another process keeps one core busy (a Python busy loop) while the tutorial decodes with 1 or 2 threads
     "tutorial-busy-core-1-thread": ("script", dict(script="run_inference", threads=1, busy=True), False),
     "tutorial-busy-core-2-threads": ("script", dict(script="run_inference", threads=2, busy=True), False),

@@ -176,25 +176,6 @@ def time_pages(model_dir, dtype, quantize, passes):
     return seconds[True], seconds[False]
 
 
-def time_int4_rows(model_dir, dtype, passes):
-    """(seconds for our int4 kernel over every 4-bit layer of the model on one row, reading the layers' own
-    buffers, each row in one piece; the same with copies of the codes (in 2 MiB pages where Linux has them,
-    as the buffers), scales and lows as three tensors of their own), the two taking turns."""
-    model = load(model_dir, dtype, 8, 1, True, "int4", kernels="measure")
-    layers = [m for m in model.modules() if isinstance(m, layouts.BlockInt4Linear)]
-    joined = [(layer.in_features, layer.parts) for layer in layers]
-    apart = [(features, (layouts.weight_memory(packed.shape, packed.dtype).copy_(packed), scales.contiguous(),
-                         lows.contiguous())) for features, (packed, scales, lows) in joined]
-    xs = {features: torch.randn(1, features, dtype=dtype) for features, _ in joined}
-    seconds = [float("inf"), float("inf")]
-    with torch.inference_mode():
-        for _ in range(passes):
-            for i, parts in enumerate((joined, apart)):
-                call = lambda: [native.int4_matvec(xs[features], *tensors) for features, tensors in parts]
-                seconds[i] = min(seconds[i], fastest(call, 1))
-    return tuple(seconds)
-
-
 def rows_label(rows):
     return "1 row" if rows == 1 else f"{rows} rows"
 
@@ -241,14 +222,6 @@ def main():
     for quantize in ("", "int8", "int4") if layouts.huge_pages_available() else ():
         huge, small = time_pages(model_dir, dtype, quantize, CALLS)
         print(f"| {FORMAT_NAMES[quantize]} | {1000 * huge:.1f} | {1000 * small:.1f} | {small / huge:.2f} |", flush=True)
-
-    if native.library() is not None:
-        print(f"\nOur int4 kernel on every 4-bit layer, one row: each weight row in one piece (speedups' layout: "
-              f"native.join_int4) or its codes, scales and lows in three tensors; ms, the fastest of {CALLS} passes "
-              f"taking turns\n")
-        joined, apart = time_int4_rows(model_dir, dtype, CALLS)
-        print(f"| rows in one piece | three tensors | three / one |\n|---|---|---|\n"
-              f"| {1000 * joined:.1f} | {1000 * apart:.1f} | {apart / joined:.2f} |", flush=True)
 
     print(f"\nAttention of one layer in a decode step, projections excluded; ms, the fastest of {CALLS} calls\n")
     columns = [(rows, context) for rows in (1, PACKED_FOR) for context in contexts]

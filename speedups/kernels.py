@@ -120,14 +120,15 @@ WIDENED = WideningBuffer()
 
 
 @torch.no_grad()  # the buffer is shared: a weight that requires grad must not tie it into a graph
-def widened_product(x, module, widen, dtype=torch.float32):
+def widened_product(x, module, widen, rows_multiple=1, dtype=torch.float32):
     """x @ weight.T in `dtype`, the weight widened a block of rows at a time by widen(start, end, buffer), which
-    fills the buffer with rows start .. end - 1 in dtype; a prompt chunk's rows share the widening. float32's
+    fills the buffer with rows start .. end - 1 in dtype (start a multiple of rows_multiple: int4's whole tiles);
+    a prompt chunk's rows share the widening. float32's
     matrix product is several times faster than bfloat16's on CPUs without bfloat16 instructions; with them
     (AVX512-BF16, AMX), bfloat16's is the faster, which the 8- and 4-bit weights reach by widening to it."""
     wide = x.to(dtype)
     out = torch.empty(x.shape[0], module.out_features, dtype=dtype)
-    step = max(1, WIDEN_ELEMENTS // module.in_features)
+    step = max(1, WIDEN_ELEMENTS // module.in_features // rows_multiple) * rows_multiple
     for start in range(0, module.out_features, step):
         end = min(start + step, module.out_features)
         out[:, start:end] = F.linear(wide, widen(start, end, WIDENED.view(end - start, module.in_features, dtype)))
@@ -194,23 +195,28 @@ def our_int8_product(module, x, variant):
 
 
 def our_int4_product(module, x, variant):
-    return native.int4_matvec(x, *module.parts, variant)
+    return native.int4_matvec(x, module.weight, module.out_features, variant)
 
 
 def int4_float32_product(module, x):
     """A prompt chunk on our 4-bit layout: each block of rows dequantized into float32, then float32's product."""
     return widened_product(x, module, lambda start, end, buffer: native.dequantize_int4(
-        *(part[start:end] for part in module.parts), buffer))
+        int4_tiles(module, start, end), buffer), native.TILE)
 
 
 def int4_bfloat16_product(module, x):
     """The same, each block dequantized into float32 and rounded to bfloat16, then bfloat16's product."""
     def widen(start, end, buffer):
         block = WIDENED.view(end - start, module.in_features)  # float32
-        native.dequantize_int4(*(part[start:end] for part in module.parts), block)
+        native.dequantize_int4(int4_tiles(module, start, end), block)
         return buffer.copy_(block)
 
-    return widened_product(x, module, widen, torch.bfloat16)
+    return widened_product(x, module, widen, native.TILE, torch.bfloat16)
+
+
+def int4_tiles(module, start, end):
+    """The tiles that hold rows start .. end - 1 of a BlockInt4Linear (start: a whole number of tiles)."""
+    return module.weight[start // native.TILE : -(-end // native.TILE)]
 
 
 NATIVE_VARIANTS = {  # native.variants(): the instruction sets each of our kernels comes in, fastest first

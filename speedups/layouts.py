@@ -263,9 +263,10 @@ class ErrorSum:
 
 class BlockInt4Linear(FastLinear):
     """4-bit weights in blocks of INT4_GROUP along each row, each block with its own scale and minimum
-    (weight ~= q * scale + minimum, q in 0..15: Int4Linear's numbers), laid out plainly for the project's
-    own kernels: a block's 32 codes in 16 bytes (native.pack_int4), and each row in one piece, its blocks'
-    scales and minima (float16) before its codes (native.join_int4), so that a kernel reads it in one stream."""
+    (weight ~= q * scale + minimum, q in 0..15: Int4Linear's numbers), laid out for the project's own kernels:
+    the rows in tiles of native.TILE side by side, each tile's blocks one after the other, each block its rows'
+    scales and minima (float16), then their codes (native.pack_int4), so that a kernel reads a tile in one
+    stream and multiplies its rows at once."""
 
     FORMAT = "int4"
 
@@ -273,40 +274,35 @@ class BlockInt4Linear(FastLinear):
         super().__init__(fairscale_facts(layer))
         weight = layer.weight.detach()
         parts, error, sample = [], ErrorSum(), slice(None, None, ERROR_SAMPLE)
-        for start in range(0, weight.shape[0], QUANTIZE_BLOCK_ROWS):
+        for start in range(0, weight.shape[0], QUANTIZE_BLOCK_ROWS):  # whole tiles but in the last block
             block = weight[start : start + QUANTIZE_BLOCK_ROWS]
-            packed, scales, lows = native.pack_int4(*native.quantize_int4(block))
-            parts.append(native.join_int4(packed, scales, lows))
-            error.add(block[sample], native.dequantize_int4_reference(packed[sample], scales[sample], lows[sample],
+            codes, scales, lows = native.quantize_int4(block)
+            scales, lows = scales.to(torch.float16), lows.to(torch.float16)  # as the kernels read them
+            parts.append(native.pack_int4(codes, scales, lows))
+            error.add(block[sample], native.dequantize_int4_reference(codes[sample], scales[sample], lows[sample],
                                                                       self.in_features))
             if from_file(layer):
                 release_pages(block)
         self.relative_error = error.relative()
-        self.weight = nn.Parameter(joined_rows(parts), requires_grad=False)  # (out, blocks * 20) uint8
+        self.weight = nn.Parameter(joined_rows(parts), requires_grad=False)  # (tiles, blocks, 320) uint8
 
-    @property
-    def parts(self):
-        """(packed, scales, lows): the views of the weight's buffer that the kernels take (native.int4_parts),
-        kept while the buffer is the same."""
-        kept = self.__dict__.get("kept_parts")
-        if kept is None or kept[0] != self.weight.data_ptr():
-            kept = self.__dict__["kept_parts"] = (self.weight.data_ptr(), native.int4_parts(self.weight.detach()))
-        return kept[1]
-
-    packed = property(lambda self: self.parts[0])
-    scales = property(lambda self: self.parts[1])
-    lows = property(lambda self: self.parts[2])
+    def unpacked(self, start, end):
+        """(codes (rows, blocks * 32) uint8, scales, lows (rows, blocks) float16) of rows start .. end - 1."""
+        first = start // native.TILE
+        tiles = self.weight.detach()[first : -(-end // native.TILE)]
+        return tuple(part[start - first * native.TILE :] for part in native.unpack_int4(tiles, end - first * native.TILE))
 
     def codes(self, start, end):
         """The 4-bit codes of rows start .. end - 1, (rows, in) uint8."""
-        return native.unpack_int4(self.packed[start:end], self.in_features)
+        return self.unpacked(start, end)[0][:, : self.in_features]
 
     def dequantized(self, rows):
-        return native.dequantize_int4_reference(self.packed[:rows], self.scales[:rows], self.lows[:rows],
-                                                self.in_features)
+        return native.dequantize_int4_reference(*self.unpacked(0, rows), self.in_features)
 
     def rows_view(self, start, end):
-        return self.view_of(start, end, parts=tuple(part[start:end] for part in self.parts))
+        if start % native.TILE or (end % native.TILE and end != self.out_features):  # whole tiles only
+            return None
+        return self.view_of(start, end, weight=self.weight[start // native.TILE : -(-end // native.TILE)])
 
 
 class Int4Linear(FastLinear):
@@ -375,7 +371,7 @@ def repack_int4(block_int4):
     for start in range(0, block_int4.out_features, QUANTIZE_BLOCK_ROWS):
         end = min(start + QUANTIZE_BLOCK_ROWS, block_int4.out_features)
         packed[start:end] = torch._convert_weight_to_int4pack_for_cpu(block_int4.codes(start, end).to(torch.int32), 1)
-    scale, low = block_int4.scales.float(), block_int4.lows.float()
+    _, scale, low = (part.float() for part in block_int4.unpacked(0, block_int4.out_features))
     zero = low + INT4_MIDPOINT * scale  # the kernel's offset is the value of the middle code
     return packed, torch.stack([scale, zero], dim=2).transpose(0, 1).contiguous()  # (groups, out, 2)
 

@@ -3,7 +3,8 @@
 quantized.cpp holds matrix-vector products for decoding (one input row, or the few rows of beam search), each
 with a scalar loop and one variant per instruction set (its opening comment draws the layouts and the math):
     int8 weights (out, in) with one float32 scale per row, times x rounded to int8 per block of 32 inside the call;
-    int4 weights in blocks of 32 with a float16 scale and low per block (our layout: pack_int4), times x as above;
+    int4 weights in blocks of 32 with a float16 scale and low per block, 16 rows side by side (our layout:
+    pack_int4), times x as above;
     bfloat16 weights, widened to float32 in registers (or multiplied by vdpbf16ps where x is bfloat16);
 and dequantisation of int8 and int4 weights into a caller's float32 buffer (for prompt chunks).
 
@@ -19,7 +20,7 @@ build; a build killed half-way leaves a temporary folder that the next build rem
 built (checked on Linux x86-64 only: AVX2, AVX-512 with VNNI and BF16).
 
 API (x is (..., in) in float32, bfloat16 or float16; results are (..., out) in x's dtype; a variant is one of
-`variants(kernel)`, "" for the fastest; all threaded by at::parallel_for over output rows):
+`variants(kernel)`, "" for the fastest; all threaded by at::parallel_for over output rows, int4's by tiles):
     library()                                     the loaded extension or None (built or loaded once per process)
     why_unavailable()                             None, or why library() is None
     variants(kernel)                              "int8", "int4" or "bf16": what this CPU runs, fastest first,
@@ -27,10 +28,12 @@ API (x is (..., in) in float32, bfloat16 or float16; results are (..., out) in x
                                                   or ["avx512bf16", "avx512", "avx2", "scalar"] (bf16)
     int8_matvec(x, codes, scales, variant="")     codes (out, in) int8 in -127 .. 127 (not -128: AVX2's sign
                                                   trick would overflow), scales (out,) float32
-    int4_matvec(x, packed, scales, lows, variant="")   pack_int4's layout, or int4_parts' views of join_int4's
+    int4_matvec(x, tiles, out, variant="")        tiles: pack_int4's (ceil(out / 16), blocks, 320) uint8 (or a
+                                                  slice of whole tiles); out: the rows they hold
     bf16_matvec(x, weight, variant="")            weight (out, in) bfloat16
     dequantize_int8(codes, scales, out)           out: float32 (out, in), filled with codes * scales[:, None]
-    dequantize_int4(packed, scales, lows, out)    out: float32 (out, in), filled with codes * scale + low
+    dequantize_int4(tiles, out)                   out: float32 (rows, in), filled with the first rows of the
+                                                  tiles' codes * scale + low
     quantize_activations(x, variant="")           the kernels' int8 rounding of x: (codes, scales, sums)
 These wrappers add one Python call; a hot loop can call library()'s functions of the same names directly.
 
@@ -38,17 +41,15 @@ The same math in PyTorch (the tests compare each variant with these):
     quantize_activations_reference(x)             (codes (rows, blocks * 32) int8, scales (rows, blocks) float32,
                                                   sums (rows, blocks) int32): the same rounding, bit for bit
     int8_matvec_reference(x, codes, scales)       float64 results from the integer dot products
-    int4_matvec_reference(x, packed, scales, lows)
+    int4_matvec_reference(x, codes, scales, lows)  (quantize_int4's or unpack_int4's)
     bf16_matvec_reference(x, weight)              float64
     quantize_int4(weight)                         (codes (out, blocks * 32) uint8, scales, lows float32): the
                                                   codes of speedups' quantize_int4, any `in` (a short last block)
-    pack_int4(codes, scales, lows)                (packed (out, blocks * 16) uint8, scales, lows float16)
-    join_int4(packed, scales, lows)               the three in one (out, blocks * 20) uint8 buffer, row by row:
-                                                  each block's scale and low, then the row's codes (speedups'
-                                                  int4 layout: each row one stream)
-    int4_parts(joined)                            join_int4's buffer as views (packed, scales, lows)
-    unpack_int4(packed, in_features)              the codes (out, in) back, as uint8
-    dequantize_int4_reference(packed, scales, lows, in_features)
+    pack_int4(codes, scales, lows)                the kernels' tiles (ceil(out / 16), blocks, 320) uint8: each
+                                                  tile's blocks one after the other, each block its 16 rows'
+                                                  float16 scales, lows, then codes (quantized.cpp draws it)
+    unpack_int4(tiles, out)                       (codes (out, blocks * 32) uint8, scales, lows float16) back
+    dequantize_int4_reference(codes, scales, lows, in_features)
 
 This module imports nothing from the rest of speedups.
 """
@@ -80,7 +81,9 @@ LINK_FLAGS = ["-fopenmp"]  # resolves to the libgomp that torch has loaded (the 
 LOCK_FILE = "kernels.lock"  # in the cache folder: held while building (empty; it stays)
 BUILD_SECONDS = 30  # about what the first build takes on 2 cores (20 s of CPU time on an EPYC): shown meanwhile
 BLOCK = 32  # inputs per block: one activation scale; one int4 scale and low
-JOINED_BYTES = BLOCK // 2 + 4  # an int4 block in join_int4's buffer: 16 bytes of codes, a float16 scale and low
+TILE = 16  # int4: weight rows per tile, side by side (one per 32-bit lane of a 512-bit register)
+CHUNK = 4  # int4: a lane's bytes per 64-byte chunk of codes (the inputs 4i .. 4i + 3 and 16 + 4i .. of a block)
+TILE_BLOCK_BYTES = TILE * (BLOCK // 2 + 4)  # int4: one block of a tile: 16 float16 scales, 16 lows, 256 code bytes
 INT8_MAX = 127  # activation codes are in -127 .. 127
 INT4_LEVELS = 15  # int4 codes are in 0 .. 15
 
@@ -300,8 +303,8 @@ def int8_matvec(x, codes, scales, variant=""):
     return library().int8_matvec(x, codes, scales, variant or variants("int8")[0])
 
 
-def int4_matvec(x, packed, scales, lows, variant=""):
-    return library().int4_matvec(x, packed, scales, lows, variant or variants("int4")[0])
+def int4_matvec(x, tiles, out, variant=""):
+    return library().int4_matvec(x, tiles, out, variant or variants("int4")[0])
 
 
 def bf16_matvec(x, weight, variant=""):
@@ -313,8 +316,8 @@ def dequantize_int8(codes, scales, out):
     return out
 
 
-def dequantize_int4(packed, scales, lows, out):
-    library().dequantize_int4(packed, scales, lows, out)
+def dequantize_int4(tiles, out):
+    library().dequantize_int4(tiles, out)
     return out
 
 
@@ -357,10 +360,11 @@ def int8_matvec_reference(x, codes, scales):
     return (dots * d.double()[:, None, :]).sum(dim=2) * scales.double()
 
 
-def int4_matvec_reference(x, packed, scales, lows):
-    """The int4 kernel's math in float64: sum_b d[b] * (scale[b] * sum_j c[j] q[j] + low[b] * sum_j q[j])."""
+def int4_matvec_reference(x, codes, scales, lows):
+    """The int4 kernel's math in float64: sum_b d[b] * (scale[b] * sum_j c[j] q[j] + low[b] * sum_j q[j]), from
+    the codes (out, blocks * 32) and the blocks' scales and lows (out, blocks)."""
     q, d, sums = quantize_activations_reference(x)
-    c = unpack_int4(packed, q.shape[1]).double().view(packed.shape[0], -1, BLOCK)  # (out, blocks, 32)
+    c = codes.double().view(codes.shape[0], -1, BLOCK)  # (out, blocks, 32)
     dots = torch.einsum("rbj,obj->rob", q.double().view(q.shape[0], -1, BLOCK), c)
     d = d.double()[:, None, :]
     return (dots * scales.double() * d + lows.double() * (d * sums.double()[:, None, :])).sum(dim=2)
@@ -393,37 +397,38 @@ def quantize_int4(weight):
 
 
 def pack_int4(codes, scales, lows):
-    """quantize_int4's codes (out, blocks * 32) -> the kernels' layout: byte i of each block's 16 holds the codes
-    of inputs i (low nibble) and i + 16 (high nibble). Scales and lows become float16."""
-    blocks = codes.to(torch.uint8).view(codes.shape[0], -1, 2, BLOCK // 2)  # (out, blocks, halves, 16)
-    packed = blocks[:, :, 0] | (blocks[:, :, 1] << 4)
-    return packed.flatten(1).contiguous(), scales.to(torch.float16).contiguous(), lows.to(torch.float16).contiguous()
-
-
-def join_int4(packed, scales, lows):
-    """pack_int4's three parts in one buffer, (out, blocks * JOINED_BYTES) uint8, a row at a time: each block's
-    scale and low side by side (float16), then the row's codes. A kernel reads each row front to back, one
-    stream; three tensors of their own made three streams, slower (benchmarks/README.md, "int4 rows in one piece")."""
+    """quantize_int4's codes, scales and lows -> the kernels' tiles (ceil(out / 16), blocks, 320) uint8. Rows
+    past `out` that fill the last tile get codes, scales and lows 0. Block b of tile t: the 16 rows' scales
+    (float16), their lows, then 4 chunks of 64 bytes; in chunk i, row j's 4 bytes hold its codes of inputs
+    32b + 4i + k (low nibbles) and 32b + 16 + 4i + k (high nibbles), k = 0 .. 3."""
     out, blocks = scales.shape
-    pairs = torch.stack([scales.to(torch.float16), lows.to(torch.float16)], dim=-1)  # (out, blocks, 2)
-    return torch.cat([pairs.view(torch.uint8).reshape(out, 4 * blocks), packed], dim=1)
+    tiles = -(-out // TILE)
+    fill = tiles * TILE - out
+    codes = torch.nn.functional.pad(codes.to(torch.uint8), (0, 0, 0, fill))
+    by_lane = codes.view(tiles, TILE, blocks, 2, BLOCK // 2 // CHUNK, CHUNK)  # (t, j, b, half, i, k)
+    bytes_ = (by_lane[:, :, :, 0] | (by_lane[:, :, :, 1] << 4)).permute(0, 2, 3, 1, 4)  # (t, b, i, j, k)
+
+    def lanes(values):  # (out, blocks) -> (t, b, 32 bytes): each block's 16 rows side by side, float16
+        values = torch.nn.functional.pad(values.to(torch.float16), (0, 0, 0, fill))
+        return values.view(tiles, TILE, blocks).transpose(1, 2).contiguous().view(torch.uint8)
+
+    return torch.cat([lanes(scales), lanes(lows), bytes_.reshape(tiles, blocks, -1)], dim=2).contiguous()
 
 
-def int4_parts(joined):
-    """join_int4's buffer (or some of its rows) as the views the kernels take: (packed, scales, lows)."""
-    blocks = joined.shape[1] // JOINED_BYTES
-    halves = joined[:, : 4 * blocks].view(torch.float16)  # s0 l0 s1 l1 ...
-    return joined[:, 4 * blocks :], halves[:, 0::2], halves[:, 1::2]
+def unpack_int4(tiles, out):
+    """pack_int4's tiles -> (codes (out, blocks * 32) uint8, scales (out, blocks) float16, lows float16)."""
+    count, blocks = tiles.shape[:2]
+    codes = tiles[:, :, 4 * TILE :].reshape(count, blocks, BLOCK // 2 // CHUNK, TILE, CHUNK).permute(0, 3, 1, 2, 4)
+    codes = torch.stack([codes & 0x0F, codes >> 4], dim=3).reshape(count * TILE, blocks * BLOCK)  # (t j, b half i k)
+
+    def rows(start):  # 16 float16 per tile and block -> (out, blocks)
+        values = tiles[:, :, start : start + 2 * TILE].contiguous().view(torch.float16)  # (t, b, j)
+        return values.transpose(1, 2).reshape(count * TILE, blocks)[:out]
+
+    return codes[:out], rows(0), rows(2 * TILE)
 
 
-def unpack_int4(packed, in_features):
-    """pack_int4's bytes -> codes (out, in_features) uint8 (in_features may be padded to whole blocks)."""
-    blocks = packed.view(packed.shape[0], -1, BLOCK // 2)
-    codes = torch.stack([blocks & 0x0F, blocks >> 4], dim=2).flatten(1)  # (out, blocks * 32)
-    return codes[:, :in_features]
-
-
-def dequantize_int4_reference(packed, scales, lows, in_features):
+def dequantize_int4_reference(codes, scales, lows, in_features):
     """codes * scale + low per block, float32 (out, in_features)."""
-    codes = unpack_int4(packed, _blocks(in_features) * BLOCK).float().view(packed.shape[0], -1, BLOCK)
-    return (codes * scales.float()[..., None] + lows.float()[..., None]).flatten(1)[:, :in_features]
+    blocks = codes.float().view(codes.shape[0], -1, BLOCK)
+    return (blocks * scales.float()[..., None] + lows.float()[..., None]).flatten(1)[:, :in_features]

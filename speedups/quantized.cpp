@@ -33,26 +33,25 @@
 //     y[n] = scales[n] * sum_b d[b] * (sum_j q[32b + j] * w[n][32b + j])       the inner sum in int32, exact
 //
 // int4 weights: our own layout; the same codes as speedups' quantize_int4 (native.py's pack_int4 builds it).
-// Each output row has ceil(in / 32) blocks of 16 bytes; byte i of a block holds the codes of inputs i (low
-// nibble) and i + 16 (high nibble), so a mask gives a block's first 16 codes in order and a shift and a mask its
-// last 16 (a register of 2 or 4 blocks gives theirs side by side; x's codes are put in that order once a call):
+// The rows go in tiles of 16, and a tile's 16 rows side by side, one per 32-bit lane of a 512-bit register: a
+// kernel multiplies 16 rows at once by x's codes broadcast to every lane, with no sum across lanes at the end.
+// A tile holds ceil(in / 32) blocks of 320 bytes each, one after the other, so it is read as one stream:
 //
-//     packed (out, blocks * 16) uint8        block b of row n:
-//         byte:         0        1              15
-//         low nibble:   c[0]     c[1]    ...    c[15]
-//         high nibble:  c[16]    c[17]   ...    c[31]      codes c in 0 .. 15 (0 past the end of a short tail)
-//     scales (out, blocks) float16, lows (out, blocks) float16:   weight[32b + j] ~= c[j] * scale[b] + low[b]
-//
-// The three may be tensors of their own or, as speedups keeps them, views of one buffer (native.py's
-// join_int4) that holds each row in one piece, so that the row is read as one stream, front to back:
-//
-//     row n:  | scale[0] low[0] scale[1] low[1] ... (float16 pairs) | packed codes of row n |
-//
-// Rows may be any distance apart (each tensor's row stride), and scales and lows either contiguous or
-// alternating (lows one float16 after scales, both with a stride of 2).
+//     tiles (ceil(out / 16), blocks, 320) uint8        block b of tile t (rows 16t .. 16t + 15):
+//         bytes   0 ..  31:   scale[16t + j][b], j = 0 .. 15     float16
+//         bytes  32 ..  63:   low[16t + j][b]                    float16
+//         bytes  64 .. 319:   4 chunks of 64 bytes; in chunk i (i = 0 .. 3), the 4 bytes of row j (a lane):
+//                                 byte k (k = 0 .. 3):  low nibble  c[j][32b + 4i + k]
+//                                                       high nibble c[j][32b + 16 + 4i + k]
+//     codes c in 0 .. 15 (0 past the end of a short tail, and in the rows past `out` that fill the last tile):
+//     weight[32b + m] ~= c[m] * scale[b] + low[b]
 //
 //     y[n] = sum_b d[b] * (scale[n][b] * sum_j c[j] * q[32b + j]  +  low[n][b] * s[b])
 //
+// The layout of each row in a piece of its own made the kernel compute-bound: per 32 weights, a row's sum
+// needed its scale widened and moved to its lane, and the lanes summed at the end. Here those steps serve 16
+// rows (benchmarks/README.md, "int4 in tiles of 16 rows").
+
 // bfloat16 weights, (out, in) as stored: each weight is widened to float32 in a register (a bfloat16 is the top
 // half of a float32, so a 16-bit shift does it) and multiplied in float32; AVX512-BF16's `vdpbf16ps` multiplies
 // bfloat16 pairs directly where x is bfloat16 too.
@@ -72,7 +71,7 @@
 // to kMaxRows rows, so a few rows cost little more than one; more rows go kMaxRows at a time over a tile of
 // weight rows small enough to stay in the core's cache.
 //
-// Threads: at::parallel_for splits the output rows into one contiguous range per thread.
+// Threads: at::parallel_for splits the output rows (int4: whole tiles) into one contiguous range per thread.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -295,7 +294,7 @@ TARGET_AVX2 float quantize_block_avx2(const float* x, int64_t n, int8_t* codes, 
 #endif
 
 // x (rows, in) quantised per block. Buffers are padded with codes 0 and scales 0 to a whole number of groups of
-// kGroup blocks (the 512-bit int4 variant takes four at a time).
+// kGroup blocks, so that a SIMD loop may read a few blocks at a time.
 constexpr int64_t kGroup = 4;
 
 struct Activations {
@@ -337,22 +336,6 @@ struct Activations {
 std::vector<int8_t> biased(const Activations& a) {
   std::vector<int8_t> out(a.codes.size());
   for (size_t i = 0; i < out.size(); i++) out[i] = int8_t(uint8_t(a.codes[i]) ^ 0x80);
-  return out;
-}
-
-// For int4, in groups of `group` blocks: the first 16 codes of each block of the group, then the last 16 of each,
-// the order in which a register of the group's int4 bytes holds its low nibbles, then its high nibbles.
-std::vector<int8_t> int4_order(const Activations& a, int64_t group) {
-  constexpr int64_t half = kBlock / 2;
-  std::vector<int8_t> out(a.codes.size());
-  for (int64_t r = 0; r < a.rows; r++)
-    for (int64_t g = 0; g < a.padded_blocks; g += group)
-      for (int64_t k = 0; k < group; k++) {
-        const int8_t* block = a.codes_of(r) + (g + k) * kBlock;
-        int8_t* to = out.data() + r * a.row_bytes() + g * kBlock;
-        std::memcpy(to + k * half, block, half);
-        std::memcpy(to + (group + k) * half, block + half, half);
-      }
   return out;
 }
 
@@ -643,226 +626,180 @@ at::Tensor int8_matvec(const at::Tensor& x, const at::Tensor& codes, const at::T
 // ---------------------------------------------------------------------------------------------------------
 // int4 weights x int8 activations.
 // ---------------------------------------------------------------------------------------------------------
+// The weight in tiles of kTile rows (the layout's picture is at the top of this file). Tile t, block b:
+constexpr int64_t kTile = 16;                                  // weight rows per tile: one per 32-bit lane of 512 bits
+constexpr int64_t kTileScales = 0;                             // 16 float16 scales, one per row
+constexpr int64_t kTileLows = 2 * kTile;                       // then 16 float16 lows
+constexpr int64_t kTileCodes = 4 * kTile;                      // then the codes: 4 chunks of 64 bytes
+constexpr int64_t kTileBlockBytes = kTileCodes + kTile * kBlock / 2;  // 320
+
 struct Int4Weight {
-  const uint8_t* packed;   // (out, blocks * 16), row n at packed + n * packed_stride
-  const at::Half* scales;  // (out, blocks), row n at scales + n * half_stride
-  const at::Half* lows;    // (out, blocks), the same stride as scales
-  int64_t blocks, packed_stride, half_stride, half_step;  // half_step: 1, or 2 where scales and lows alternate
-  const uint8_t* row(int64_t n) const { return packed + n * packed_stride; }
-  const at::Half* scales_of(int64_t n) const { return scales + n * half_stride; }
-  const at::Half* lows_of(int64_t n) const { return lows + n * half_stride; }
-  float scale(int64_t n, int64_t b) const { return float(scales_of(n)[b * half_step]); }
-  float low(int64_t n, int64_t b) const { return float(lows_of(n)[b * half_step]); }
+  const uint8_t* tiles;  // (tiles, blocks, 320), contiguous
+  int64_t out, blocks;
+  const uint8_t* block(int64_t t, int64_t b) const { return tiles + (t * blocks + b) * kTileBlockBytes; }
+  int64_t rows_in_tile(int64_t t) const { return std::min(kTile, out - t * kTile); }
 };
 
-// The int4 weight of a layer with `in` inputs, checked: three (out, ...) tensors whose rows are contiguous and
-// may be any distance apart, so that one buffer can hold each row's scales, lows and codes side by side
-// (speedups' int4 layout; its three parts are views of it).
-Int4Weight int4_weight(const at::Tensor& packed, const at::Tensor& scales, const at::Tensor& lows, int64_t in) {
-  const int64_t blocks = (in + kBlock - 1) / kBlock;
-  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kByte && packed.stride(1) == 1,
-              "int4 codes must be a uint8 (out, blocks * 16) tensor with contiguous rows");
-  TORCH_CHECK(packed.size(1) == blocks * kBlock / 2, "the layer has ", in, " inputs: the int4 codes need ",
-              blocks * kBlock / 2, " bytes a row, not ", packed.size(1));
-  for (const at::Tensor& t : {scales, lows})
-    TORCH_CHECK(t.scalar_type() == at::kHalf && t.dim() == 2 && t.size(0) == packed.size(0) &&
-                    t.size(1) == blocks && (t.stride(1) == 1 || t.stride(1) == 2),
-                "int4 scales and lows must be float16 (out, blocks) tensors with contiguous rows");
-  TORCH_CHECK(scales.stride(0) == lows.stride(0) && scales.stride(1) == lows.stride(1) &&
-              (scales.stride(1) == 1 || lows.data_ptr<at::Half>() == scales.data_ptr<at::Half>() + 1),
-              "int4 scales and lows must have the same strides");
-  return Int4Weight{packed.data_ptr<uint8_t>(), scales.data_ptr<at::Half>(), lows.data_ptr<at::Half>(), blocks,
-                    packed.stride(0), scales.stride(0), scales.stride(1)};
+// Row j's scale and low in a tile's block, and the byte that holds its codes of inputs i and i + 16 (i < 16).
+inline float tile_scale(const uint8_t* block, int64_t j) {
+  return float(reinterpret_cast<const at::Half*>(block + kTileScales)[j]);
+}
+inline float tile_low(const uint8_t* block, int64_t j) {
+  return float(reinterpret_cast<const at::Half*>(block + kTileLows)[j]);
+}
+inline uint8_t tile_byte(const uint8_t* block, int64_t j, int64_t i) {
+  return block[kTileCodes + (i / 4) * 4 * kTile + 4 * j + i % 4];
 }
 
-// The reference: y[r][n] = sum_b d[b] * (scale[b] * sum_j c[j] * q[j] + low[b] * s[b]).
-void int4_scalar(const Int4Weight& weight, const Activations& a, int64_t r0, int64_t rows, int64_t n0, int64_t n1,
+// The int4 weight of a layer with `out` rows and `in` inputs, checked: (ceil(out / 16), blocks, 320) uint8,
+// contiguous (a slice of whole tiles of a larger weight is: wq of wqkv).
+Int4Weight int4_weight(const at::Tensor& tiles, int64_t out, int64_t in) {
+  const int64_t blocks = (in + kBlock - 1) / kBlock;
+  TORCH_CHECK(tiles.dim() == 3 && tiles.scalar_type() == at::kByte && tiles.size(1) == blocks &&
+                  tiles.size(2) == kTileBlockBytes && tiles.is_contiguous(),
+              "int4 tiles for ", in, " inputs must be a contiguous uint8 (tiles, ", blocks, ", ", kTileBlockBytes,
+              ") tensor");
+  TORCH_CHECK(out >= 0 && (out + kTile - 1) / kTile == tiles.size(0), out, " rows need ", (out + kTile - 1) / kTile,
+              " int4 tiles of ", kTile, ", not ", tiles.size(0));
+  return Int4Weight{tiles.data_ptr<uint8_t>(), out, blocks};
+}
+
+// The reference: y[r][n] = sum_b d[b] * (scale[b] * sum_j c[j] * q[j] + low[b] * s[b]), row n = tile t, lane j.
+void int4_scalar(const Int4Weight& weight, const Activations& a, int64_t r0, int64_t rows, int64_t t0, int64_t t1,
                  const Output& y) {
   constexpr int64_t half = kBlock / 2;
-  for (int64_t n = n0; n < n1; n++) {
-    const uint8_t* w = weight.row(n);
-    for (int64_t r = r0; r < r0 + rows; r++) {
-      const int8_t* q = a.codes_of(r);
-      float sum = 0.0f;
-      for (int64_t b = 0; b < a.blocks; b++) {
-        int32_t dot = 0;  // codes past the end of a short block are 0 on both sides
-        for (int64_t i = 0; i < half; i++)
-          dot += int32_t(w[b * half + i] & 0x0F) * q[b * kBlock + i] +
-                 int32_t(w[b * half + i] >> 4) * q[b * kBlock + half + i];
-        sum += float(dot) * (weight.scale(n, b) * a.scales_of(r)[b]);
-        sum += weight.low(n, b) * a.offsets_of(r)[b];
+  for (int64_t t = t0; t < t1; t++)
+    for (int64_t j = 0; j < weight.rows_in_tile(t); j++)
+      for (int64_t r = r0; r < r0 + rows; r++) {
+        const int8_t* q = a.codes_of(r);
+        float sum = 0.0f;
+        for (int64_t b = 0; b < a.blocks; b++) {
+          const uint8_t* block = weight.block(t, b);
+          int32_t dot = 0;  // codes past the end of a short block are 0 on both sides
+          for (int64_t i = 0; i < half; i++)
+            dot += int32_t(tile_byte(block, j, i) & 0x0F) * q[b * kBlock + i] +
+                   int32_t(tile_byte(block, j, i) >> 4) * q[b * kBlock + half + i];
+          sum += float(dot) * (tile_scale(block, j) * a.scales_of(r)[b]);
+          sum += tile_low(block, j) * a.offsets_of(r)[b];
+        }
+        y.store(r, t * kTile + j, sum);
       }
-      y.store(r, n, sum);
-    }
-  }
 }
 
 #ifdef X86_KERNELS
-// What the SIMD variants read per input row: its codes in int4_order, and per weight row n, factors[r][b] =
-// scale[b] * d[b], the factor of block b's dot product (0 past the last block), and offsets[r] =
-// sum_b low[b] * (d[b] * s[b]), the part of the product that needs no weight codes.
-template <int R>
-struct Int4Rows {
-  const int8_t* codes[R];
-  float* factors[R];
-  float offsets[R];
-  std::vector<float> buffer;
-  Int4Rows(const Activations& a, int64_t r0, const int8_t* ordered) : buffer(R * a.padded_blocks, 0.0f) {
-    for (int r = 0; r < R; r++) {
-      codes[r] = ordered + (r0 + r) * a.row_bytes();
-      factors[r] = buffer.data() + r * a.padded_blocks;
-    }
-  }
-};
-
-// Int4Rows' factors and offsets for weight row n, 8 blocks at a time.
-template <int R>
-TARGET_AVX2 void int4_row_factors(const Int4Weight& weight, const Activations& a, int64_t n, int64_t r0,
-                                  Int4Rows<R>& x) {
-  constexpr int64_t kWidth = 8;
-  const int64_t blocks = a.blocks, whole = blocks / kWidth * kWidth;
-  const at::Half* scales = weight.scales_of(n);
-  const at::Half* lows = weight.lows_of(n);
-  for (int r = 0; r < R; r++) {
-    float* f = x.factors[r];
-    const float* d = a.scales_of(r0 + r);
-    const float* ds = a.offsets_of(r0 + r);
-    __m256 offset = _mm256_setzero_ps();
-    for (int64_t b = 0; b < whole; b += kWidth) {
-      __m256 scale, low;
-      if (weight.half_step == 2) {  // s0 l0 s1 l1 ... s7 l7
-        const __m256 a = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(scales + 2 * b)));
-        const __m256 c = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(scales + 2 * b + 8)));
-        scale = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, c, 0x88)), 0xD8));
-        low = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, c, 0xDD)), 0xD8));
-      } else {
-        scale = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(scales + b)));
-        low = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(lows + b)));
-      }
-      _mm256_storeu_ps(f + b, _mm256_mul_ps(scale, _mm256_loadu_ps(d + b)));
-      offset = _mm256_fmadd_ps(low, _mm256_loadu_ps(ds + b), offset);
-    }
-    float total = sum_of(offset);
-    for (int64_t b = whole; b < blocks; b++) {
-      f[b] = weight.scale(n, b) * d[b];
-      total += weight.low(n, b) * ds[b];
-    }
-    x.offsets[r] = total;
-  }
+// x's codes four at a time: the 32-bit word k of block b (inputs 32b + 4k .. 32b + 4k + 3), in every lane.
+inline const int32_t* code_words(const Activations& a, int64_t r) {
+  return reinterpret_cast<const int32_t*>(a.codes_of(r));
 }
 
-// AVX2, two blocks (32 bytes) at a time. Masking the bytes gives both blocks' first 16 codes, shifting then
-// masking their last 16; x's codes are in the same order (int4_order with groups of 2), so vpmaddubsw (codes
-// unsigned, 0 .. 15; q signed) and vpmaddwd leave 4 partial sums of block b, then 4 of block b + 1.
+// One tile's 16 (or 8) sums, per input row, stored for the rows of the tile that exist.
+inline void store_lanes(const Output& y, int64_t r, int64_t n0, const float* lanes, int64_t count) {
+  for (int64_t j = 0; j < count; j++) y.store(r, n0 + j, lanes[j]);
+}
+
+// AVX512-VNNI: a tile's 16 rows in the 16 lanes. Per block, each 64-byte chunk of codes gives its low nibbles
+// (inputs 4i .. 4i + 3 of every row) and its high nibbles (inputs 16 + 4i ..); vpdpbusd multiplies them by x's
+// four codes, broadcast, so each lane gathers its own row's dot product. Per input row, per block, eight
+// vpdpbusd and two multiply-adds serve 16 weight rows.
 template <int R>
-TARGET_AVX2 inline void int4_pair_avx2(__m256i bytes, const Int4Rows<R>& x, int64_t b, __m256* sum) {
-  const __m256i low_nibble = _mm256_set1_epi8(0x0F);
-  const __m256i first = _mm256_and_si256(bytes, low_nibble);
-  const __m256i last = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low_nibble);
-  for (int r = 0; r < R; r++) {
-    const int8_t* q = x.codes[r] + b * kBlock;
-    const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(first, _mm256_loadu_si256((const __m256i*)q)),
-                                           _mm256_maddubs_epi16(last, _mm256_loadu_si256((const __m256i*)(q + 32))));
-    const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));  // |pairs| <= 4 * 15 * 127
-    const __m256 factors = _mm256_set_m128(_mm_set1_ps(x.factors[r][b + 1]), _mm_set1_ps(x.factors[r][b]));
-    sum[r] = _mm256_fmadd_ps(dot, factors, sum[r]);
-  }
-}
-
-// AVX-VNNI: vpdpbusd in place of vpmaddubsw + vpmaddwd.
-template <int R, bool kVex>
-TARGET_AVX2 inline void int4_pair_avxvnni(__m256i bytes, const Int4Rows<R>& x, int64_t b, __m256* sum) {
-  const __m256i low_nibble = _mm256_set1_epi8(0x0F);
-  const __m256i first = _mm256_and_si256(bytes, low_nibble);
-  const __m256i last = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low_nibble);
-  for (int r = 0; r < R; r++) {
-    const int8_t* q = x.codes[r] + b * kBlock;
-    const __m256i dots = dot_bytes<kVex>(dot_bytes<kVex>(_mm256_setzero_si256(), first,
-                                                         _mm256_loadu_si256((const __m256i*)q)),
-                                         last, _mm256_loadu_si256((const __m256i*)(q + 32)));
-    const __m256 factors = _mm256_set_m128(_mm_set1_ps(x.factors[r][b + 1]), _mm_set1_ps(x.factors[r][b]));
-    sum[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), factors, sum[r]);
-  }
-}
-
-// The 256-bit loop over a weight row's blocks (Pair: one of the two above), kChains<R> sums per row; an odd last
-// block is paired with codes 0.
-template <int R, void (*Pair)(__m256i, const Int4Rows<R>&, int64_t, __m256*)>
-TARGET_AVX2 void int4_rows_256(const Int4Weight& weight, const Activations& a, Int4Rows<R>& x, int64_t r0,
-                               int64_t n0, int64_t n1, const Output& y) {
-  constexpr int kC = kChains<R>;
-  const int64_t blocks = a.blocks;
-  for (int64_t n = n0; n < n1; n++) {
-    int4_row_factors(weight, a, n, r0, x);
-    const uint8_t* w = weight.row(n);
-    __m256 sum[kC][R];
-    for (int c = 0; c < kC; c++)
-      for (int r = 0; r < R; r++) sum[c][r] = _mm256_setzero_ps();
-    int64_t b = 0;
-    for (; b + 2 * kC <= blocks; b += 2 * kC)
-      for (int c = 0; c < kC; c++)
-        Pair(_mm256_loadu_si256((const __m256i*)(w + (b + 2 * c) * kBlock / 2)), x, b + 2 * c, sum[c]);
-    for (; b + 2 <= blocks; b += 2) Pair(_mm256_loadu_si256((const __m256i*)(w + b * kBlock / 2)), x, b, sum[0]);
-    if (b < blocks) Pair(_mm256_zextsi128_si256(_mm_loadu_si128((const __m128i*)(w + b * kBlock / 2))), x, b, sum[0]);
-    for (int r = 0; r < R; r++) {
-      for (int c = 1; c < kC; c++) sum[0][r] = _mm256_add_ps(sum[0][r], sum[c][r]);
-      y.store(r0 + r, n, sum_of(sum[0][r]) + x.offsets[r]);
-    }
-  }
-}
-
-// AVX512-VNNI: four blocks (64 bytes) at a time, x's codes in int4_order with groups of 4; each 128-bit lane of
-// the sums holds one block's 4 partial sums.
-template <int R>
-TARGET_AVX512VNNI inline void int4_group_avx512vnni(__m512i bytes, const Int4Rows<R>& x, int64_t b, __m512* sum) {
+TARGET_AVX512VNNI void int4_avx512vnni(const Int4Weight& weight, const Activations& a, int64_t r0, int64_t t0,
+                                       int64_t t1, const Output& y) {
   const __m512i low_nibble = _mm512_set1_epi8(0x0F);
-  const __m512i first = _mm512_and_si512(bytes, low_nibble);
-  const __m512i last = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low_nibble);
-  const __m512i by_lane = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
-  for (int r = 0; r < R; r++) {
-    const int8_t* q = x.codes[r] + b * kBlock;
-    const __m512i dots = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), first,
-                                                                 _mm512_loadu_si512(q)),
-                                             last, _mm512_loadu_si512(q + 64));
-    const __m512 factors = _mm512_permutexvar_ps(by_lane, _mm512_castps128_ps512(_mm_loadu_ps(x.factors[r] + b)));
-    sum[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots), factors, sum[r]);
+  const int32_t* q[R];
+  for (int r = 0; r < R; r++) q[r] = code_words(a, r0 + r);
+  for (int64_t t = t0; t < t1; t++) {
+    __m512 sum[R], offset[R];
+    for (int r = 0; r < R; r++) sum[r] = offset[r] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < weight.blocks; b++) {
+      const uint8_t* block = weight.block(t, b);
+      const __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(block + kTileScales)));
+      const __m512 low = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(block + kTileLows)));
+      __m512i first[4], last[4];  // chunk i's codes of inputs 4i .. 4i + 3, and of 16 + 4i .. 16 + 4i + 3
+      for (int i = 0; i < 4; i++) {
+        const __m512i bytes = _mm512_loadu_si512(block + kTileCodes + 64 * i);
+        first[i] = _mm512_and_si512(bytes, low_nibble);
+        last[i] = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low_nibble);
+      }
+      for (int r = 0; r < R; r++) {
+        const int32_t* x = q[r] + b * (kBlock / 4);
+        __m512i dot_first = _mm512_setzero_si512(), dot_last = _mm512_setzero_si512();  // two chains
+        for (int i = 0; i < 4; i++) {
+          dot_first = _mm512_dpbusd_epi32(dot_first, first[i], _mm512_set1_epi32(x[i]));
+          dot_last = _mm512_dpbusd_epi32(dot_last, last[i], _mm512_set1_epi32(x[4 + i]));
+        }
+        const __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(dot_first, dot_last));
+        sum[r] = _mm512_fmadd_ps(dot, _mm512_mul_ps(scale, _mm512_set1_ps(a.scales_of(r0 + r)[b])), sum[r]);
+        offset[r] = _mm512_fmadd_ps(low, _mm512_set1_ps(a.offsets_of(r0 + r)[b]), offset[r]);
+      }
+    }
+    for (int r = 0; r < R; r++) {
+      alignas(64) float lanes[kTile];
+      _mm512_store_ps(lanes, _mm512_add_ps(sum[r], offset[r]));
+      store_lanes(y, r0 + r, t * kTile, lanes, weight.rows_in_tile(t));
+    }
   }
 }
 
-// The 512-bit loop; the last 1 to 3 blocks are read with a mask (codes 0 past them).
-template <int R>
-TARGET_AVX512VNNI void int4_avx512vnni(const Int4Weight& weight, const Activations& a, Int4Rows<R>& x, int64_t r0,
-                                       int64_t n0, int64_t n1, const Output& y) {
-  constexpr int kC = kChains<R>;
-  const int64_t blocks = a.blocks;
-  for (int64_t n = n0; n < n1; n++) {
-    int4_row_factors(weight, a, n, r0, x);
-    const uint8_t* w = weight.row(n);
-    __m512 sum[kC][R];
-    for (int c = 0; c < kC; c++)
-      for (int r = 0; r < R; r++) sum[c][r] = _mm512_setzero_ps();
-    int64_t b = 0;
-    for (; b + kGroup * kC <= blocks; b += kGroup * kC)
-      for (int c = 0; c < kC; c++)
-        int4_group_avx512vnni<R>(_mm512_loadu_si512(w + (b + kGroup * c) * kBlock / 2), x, b + kGroup * c, sum[c]);
-    for (; b + kGroup <= blocks; b += kGroup)
-      int4_group_avx512vnni<R>(_mm512_loadu_si512(w + b * kBlock / 2), x, b, sum[0]);
-    if (b < blocks) {
-      const __mmask64 present = (__mmask64(1) << ((blocks - b) * kBlock / 2)) - 1;
-      int4_group_avx512vnni<R>(_mm512_maskz_loadu_epi8(present, w + b * kBlock / 2), x, b, sum[0]);
+// 256 bits: a tile's rows in two halves of 8 lanes, one after the other (the second half reads the tile again,
+// from the cache). AVX2 has no vpdpbusd: vpmaddubsw gives 16-bit sums of byte pairs, added up over the block's
+// eight products (at most 16 * 15 * 127 = 30480: no saturation), then vpmaddwd by 1 sums pairs into 32 bits.
+template <int R, int kKind>  // kKind: 0 AVX2, 1 AVX-VNNI (VEX), 2 AVX512-VNNI at 256 bits (EVEX)
+TARGET_AVX2 void int4_tiles_256(const Int4Weight& weight, const Activations& a, int64_t r0, int64_t t0, int64_t t1,
+                                const Output& y) {
+  const __m256i low_nibble = _mm256_set1_epi8(0x0F);
+  const int32_t* q[R];
+  for (int r = 0; r < R; r++) q[r] = code_words(a, r0 + r);
+  for (int64_t t = t0; t < t1; t++)
+    for (int64_t h = 0; h < 2; h++) {
+      const int64_t lanes_here = std::min<int64_t>(8, weight.rows_in_tile(t) - 8 * h);
+      if (lanes_here <= 0) break;
+      __m256 sum[R], offset[R];
+      for (int r = 0; r < R; r++) sum[r] = offset[r] = _mm256_setzero_ps();
+      for (int64_t b = 0; b < weight.blocks; b++) {
+        const uint8_t* block = weight.block(t, b);
+        const __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(block + kTileScales + 16 * h)));
+        const __m256 low = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(block + kTileLows + 16 * h)));
+        __m256i first[4], last[4];
+        for (int i = 0; i < 4; i++) {
+          const __m256i bytes = _mm256_loadu_si256((const __m256i*)(block + kTileCodes + 64 * i + 32 * h));
+          first[i] = _mm256_and_si256(bytes, low_nibble);
+          last[i] = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low_nibble);
+        }
+        for (int r = 0; r < R; r++) {
+          const int32_t* x = q[r] + b * (kBlock / 4);
+          __m256i dot;
+          if (kKind == 0) {
+            __m256i pairs = _mm256_setzero_si256();
+            for (int i = 0; i < 4; i++) {
+              pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(first[i], _mm256_set1_epi32(x[i])));
+              pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(last[i], _mm256_set1_epi32(x[4 + i])));
+            }
+            dot = _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+          } else {
+            __m256i dot_first = _mm256_setzero_si256(), dot_last = _mm256_setzero_si256();
+            for (int i = 0; i < 4; i++) {
+              dot_first = dot_bytes<kKind == 1>(dot_first, first[i], _mm256_set1_epi32(x[i]));
+              dot_last = dot_bytes<kKind == 1>(dot_last, last[i], _mm256_set1_epi32(x[4 + i]));
+            }
+            dot = _mm256_add_epi32(dot_first, dot_last);
+          }
+          sum[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(scale, _mm256_set1_ps(a.scales_of(r0 + r)[b])),
+                                   sum[r]);
+          offset[r] = _mm256_fmadd_ps(low, _mm256_set1_ps(a.offsets_of(r0 + r)[b]), offset[r]);
+        }
+      }
+      for (int r = 0; r < R; r++) {
+        alignas(32) float lanes[8];
+        _mm256_store_ps(lanes, _mm256_add_ps(sum[r], offset[r]));
+        store_lanes(y, r0 + r, t * kTile + 8 * h, lanes, lanes_here);
+      }
     }
-    for (int r = 0; r < R; r++) {
-      for (int c = 1; c < kC; c++) sum[0][r] = _mm512_add_ps(sum[0][r], sum[c][r]);
-      y.store(r0 + r, n, _mm512_reduce_add_ps(sum[0][r]) + x.offsets[r]);
-    }
-  }
 }
 #endif
 
-at::Tensor int4_matvec(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
-                       const at::Tensor& lows, const std::string& variant_name) {
-  const int64_t out = packed.size(0), in = x.size(-1), blocks = (in + kBlock - 1) / kBlock;
-  const Int4Weight w = int4_weight(packed, scales, lows, in);
+at::Tensor int4_matvec(const at::Tensor& x, const at::Tensor& tiles, int64_t out, const std::string& variant_name) {
+  const int64_t in = x.size(-1);
+  const Int4Weight w = int4_weight(tiles, out, in);
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
               "x must be float32, bfloat16 or float16");
   const Variant variant = parse_variant("int4", variant_name);
@@ -874,23 +811,19 @@ at::Tensor int4_matvec(const at::Tensor& x, const at::Tensor& packed, const at::
   if (rows == 0 || out == 0) return y.tensor.view(shape);
   const FloatRows xf(rows_in);
   const Activations a(xf.data, rows, in, variant);
-#ifdef X86_KERNELS
-  const std::vector<int8_t> ordered = variant == Variant::scalar ? std::vector<int8_t>()
-                                      : int4_order(a, variant == Variant::avx512vnni ? 4 : 2);
-#endif
-  for_rows(rows, out, blocks * kBlock / 2, [&](int64_t r0, int64_t count, int64_t n0, int64_t n1) {
+  // Threads and cache tiles over whole tiles of 16 weight rows.
+  for_rows(rows, tiles.size(0), w.blocks * kTileBlockBytes, [&](int64_t r0, int64_t count, int64_t t0, int64_t t1) {
 #ifdef X86_KERNELS
     if (variant != Variant::scalar)
       return with_rows(count, [&](auto R) {
         constexpr int kR = decltype(R)::value;
-        Int4Rows<kR> x(a, r0, ordered.data());
-        if (variant == Variant::avx512vnni) return int4_avx512vnni<kR>(w, a, x, r0, n0, n1, y);
-        if (variant == Variant::avx2) return int4_rows_256<kR, int4_pair_avx2<kR>>(w, a, x, r0, n0, n1, y);
-        if (cpu().avxvnni) return int4_rows_256<kR, int4_pair_avxvnni<kR, true>>(w, a, x, r0, n0, n1, y);
-        int4_rows_256<kR, int4_pair_avxvnni<kR, false>>(w, a, x, r0, n0, n1, y);
+        if (variant == Variant::avx512vnni) return int4_avx512vnni<kR>(w, a, r0, t0, t1, y);
+        if (variant == Variant::avx2) return int4_tiles_256<kR, 0>(w, a, r0, t0, t1, y);
+        if (cpu().avxvnni) return int4_tiles_256<kR, 1>(w, a, r0, t0, t1, y);
+        int4_tiles_256<kR, 2>(w, a, r0, t0, t1, y);
       });
 #endif
-    int4_scalar(w, a, r0, count, n0, n1, y);
+    int4_scalar(w, a, r0, count, t0, t1, y);
   });
   return y.tensor.view(shape);
 }
@@ -1128,24 +1061,22 @@ inline __attribute__((always_inline)) void dequantize_int8_rows(const int8_t* co
     for (int64_t j = 0; j < in; j++) out[n * in + j] = float(codes[n * in + j]) * scales[n];
 }
 
-inline __attribute__((always_inline)) void dequantize_int4_rows(const Int4Weight& weight, float* out, int64_t in,
-                                                                int64_t n0, int64_t n1, int64_t first_block = 0) {
+// A tile's rows, codes * scale + low (row t * 16 + j of the weight is row t * 16 + j of out), from block
+// first_block on.
+inline __attribute__((always_inline)) void dequantize_int4_tiles(const Int4Weight& weight, float* out, int64_t in,
+                                                                 int64_t t0, int64_t t1, int64_t first_block = 0) {
   constexpr int64_t half = kBlock / 2;
-  for (int64_t n = n0; n < n1; n++)
-    for (int64_t b = first_block; b < weight.blocks; b++) {
-      const uint8_t* block = weight.row(n) + b * half;
-      const float scale = weight.scale(n, b), low = weight.low(n, b);
-      float* o = out + n * in + b * kBlock;
-      if ((b + 1) * kBlock <= in) {
-        for (int64_t i = 0; i < half; i++) {
-          o[i] = float(block[i] & 0x0F) * scale + low;
-          o[i + half] = float(block[i] >> 4) * scale + low;
+  for (int64_t t = t0; t < t1; t++)
+    for (int64_t j = 0; j < weight.rows_in_tile(t); j++)
+      for (int64_t b = first_block; b < weight.blocks; b++) {
+        const uint8_t* block = weight.block(t, b);
+        const float scale = tile_scale(block, j), low = tile_low(block, j);
+        float* o = out + (t * kTile + j) * in + b * kBlock;
+        for (int64_t i = 0; i < std::min(kBlock, in - b * kBlock); i++) {
+          const uint8_t byte = tile_byte(block, j, i % half);
+          o[i] = float(i < half ? byte & 0x0F : byte >> 4) * scale + low;
         }
-      } else {  // a short tail block
-        for (int64_t j = 0; j < in - b * kBlock; j++)
-          o[j] = float(j < half ? block[j] & 0x0F : block[j - half] >> 4) * scale + low;
       }
-    }
 }
 
 #ifdef X86_KERNELS
@@ -1156,23 +1087,28 @@ TARGET_AVX512 void dequantize_int8_avx512(const int8_t* c, const float* s, float
 TARGET_AVX2 void dequantize_int8_avx2(const int8_t* c, const float* s, float* o, int64_t in, int64_t n0, int64_t n1) {
   dequantize_int8_rows(c, s, o, in, n0, n1);
 }
-// int4 with AVX2 (the compiler does not vectorise the loop above): a block's 32 codes widened 8 at a time.
-TARGET_AVX2 void dequantize_int4_avx2(const Int4Weight& weight, float* out, int64_t in, int64_t n0, int64_t n1) {
+// int4 with AVX2 (the compiler does not vectorise the loop above): row j's 16 code bytes of a block, gathered
+// from the four chunks (4 bytes each: inputs 4i .. 4i + 3 and 16 + 4i ..), widened 8 codes at a time.
+TARGET_AVX2 void dequantize_int4_avx2(const Int4Weight& weight, float* out, int64_t in, int64_t t0, int64_t t1) {
   const __m128i low_nibble = _mm_set1_epi8(0x0F);
   const int64_t whole = in / kBlock;
-  for (int64_t n = n0; n < n1; n++) {
-    for (int64_t b = 0; b < whole; b++) {
-      const __m128i bytes = _mm_loadu_si128((const __m128i*)(weight.row(n) + b * kBlock / 2));
-      const __m128i halves[2] = {_mm_and_si128(bytes, low_nibble), _mm_and_si128(_mm_srli_epi16(bytes, 4), low_nibble)};
-      const __m256 scale = _mm256_set1_ps(weight.scale(n, b)), low = _mm256_set1_ps(weight.low(n, b));
-      float* o = out + n * in + b * kBlock;
-      for (int h = 0; h < 2; h++)
-        for (int e = 0; e < 2; e++) {
-          const __m256i codes = _mm256_cvtepu8_epi32(e ? _mm_srli_si128(halves[h], 8) : halves[h]);
-          _mm256_storeu_ps(o + 16 * h + 8 * e, _mm256_fmadd_ps(_mm256_cvtepi32_ps(codes), scale, low));
-        }
-    }
-    if (whole * kBlock < in) dequantize_int4_rows(weight, out, in, n, n + 1, whole);  // the short last block
+  for (int64_t t = t0; t < t1; t++) {
+    for (int64_t j = 0; j < weight.rows_in_tile(t); j++)
+      for (int64_t b = 0; b < whole; b++) {
+        const uint8_t* block = weight.block(t, b);
+        int32_t words[4];
+        for (int i = 0; i < 4; i++) std::memcpy(&words[i], block + kTileCodes + i * 4 * kTile + 4 * j, 4);
+        const __m128i bytes = _mm_loadu_si128((const __m128i*)words);
+        const __m128i halves[2] = {_mm_and_si128(bytes, low_nibble), _mm_and_si128(_mm_srli_epi16(bytes, 4), low_nibble)};
+        const __m256 scale = _mm256_set1_ps(tile_scale(block, j)), low = _mm256_set1_ps(tile_low(block, j));
+        float* o = out + (t * kTile + j) * in + b * kBlock;
+        for (int h = 0; h < 2; h++)
+          for (int e = 0; e < 2; e++) {
+            const __m256i codes = _mm256_cvtepu8_epi32(e ? _mm_srli_si128(halves[h], 8) : halves[h]);
+            _mm256_storeu_ps(o + 16 * h + 8 * e, _mm256_fmadd_ps(_mm256_cvtepi32_ps(codes), scale, low));
+          }
+      }
+    if (whole * kBlock < in) dequantize_int4_tiles(weight, out, in, t, t + 1, whole);  // the short last block
   }
 }
 #endif
@@ -1201,16 +1137,19 @@ void dequantize_int8(const at::Tensor& codes, const at::Tensor& scales, at::Tens
   });
 }
 
-void dequantize_int4(const at::Tensor& packed, const at::Tensor& scales, const at::Tensor& lows, at::Tensor& out) {
-  const int64_t rows = packed.size(0), in = out.size(-1);
-  const Int4Weight w = int4_weight(packed, scales, lows, in);
+// out (rows, in): the weight's first `rows` rows, from tiles (ceil(rows / 16), blocks, 320).
+void dequantize_int4(const at::Tensor& tiles, at::Tensor& out) {
+  TORCH_CHECK(out.dim() == 2, "the buffer must be a (rows, in) float32 tensor");
+  const int64_t rows = out.size(0), in = out.size(1);
+  const Int4Weight w = int4_weight(tiles, rows, in);
   check_buffer(out, rows, in);
   float* o = out.data_ptr<float>();
-  at::parallel_for(0, rows, std::max<int64_t>(1, kTaskBytes / std::max<int64_t>(1, in)), [&](int64_t n0, int64_t n1) {
+  const int64_t grain = std::max<int64_t>(1, kTaskBytes / std::max<int64_t>(1, kTile * in));
+  at::parallel_for(0, tiles.size(0), grain, [&](int64_t t0, int64_t t1) {
 #ifdef X86_KERNELS
-    if (cpu().avx2) return dequantize_int4_avx2(w, o, in, n0, n1);
+    if (cpu().avx2) return dequantize_int4_avx2(w, o, in, t0, t1);
 #endif
-    dequantize_int4_rows(w, o, in, n0, n1);
+    dequantize_int4_tiles(w, o, in, t0, t1);
   });
 }
 
@@ -1243,9 +1182,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("kernel"));
   m.def("quantize_activations", &quantize_activations, py::arg("x"), py::arg("variant") = "");
   m.def("int8_matvec", &int8_matvec, py::arg("x"), py::arg("codes"), py::arg("scales"), py::arg("variant") = "");
-  m.def("int4_matvec", &int4_matvec, py::arg("x"), py::arg("packed"), py::arg("scales"), py::arg("lows"),
-        py::arg("variant") = "");
+  m.def("int4_matvec", &int4_matvec, py::arg("x"), py::arg("tiles"), py::arg("out"), py::arg("variant") = "");
   m.def("bf16_matvec", &bf16_matvec, py::arg("x"), py::arg("weight"), py::arg("variant") = "");
   m.def("dequantize_int8", &dequantize_int8, py::arg("codes"), py::arg("scales"), py::arg("out"));
-  m.def("dequantize_int4", &dequantize_int4, py::arg("packed"), py::arg("scales"), py::arg("lows"), py::arg("out"));
+  m.def("dequantize_int4", &dequantize_int4, py::arg("tiles"), py::arg("out"));
 }

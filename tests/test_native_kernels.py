@@ -106,15 +106,14 @@ def int8_case(x, weight):
 
 
 def int4_case(x, weight):
-    packed, scales, lows = native.pack_int4(*native.quantize_int4(weight))
+    codes, scales, lows = native.quantize_int4(weight)
+    scales, lows = scales.to(torch.float16), lows.to(torch.float16)  # as the kernels read them
     q, d, sums = native.quantize_activations_reference(x)
-    codes = native.unpack_int4(packed, q.shape[1])
     magnitudes = torch.einsum("rbj,obj->rob", blocks_of(q.abs()), blocks_of(codes))
     d = d.double()[:, None, :]
     total = (magnitudes * scales.double().abs() * d + lows.double().abs() * d * sums.double().abs()[:, None, :])
-    reference = native.int4_matvec_reference(x, packed, scales, lows)
-    joined = native.int4_parts(native.join_int4(packed, scales, lows))  # the views speedups' layers hold
-    return joined, reference, bound(total.sum(dim=2), d.shape[2])
+    reference = native.int4_matvec_reference(x, codes, scales, lows)
+    return (native.pack_int4(codes, scales, lows), weight.shape[0]), reference, bound(total.sum(dim=2), d.shape[2])
 
 
 def bf16_case(x, weight):
@@ -237,28 +236,34 @@ def test_int4_codes_are_speedups_quantize_int4s(kernels):
     codes, scales, lows = native.quantize_int4(weight)
     stock_codes = ((dense.view(64, -1, native.BLOCK) - lows[..., None]) / scales[..., None]).round().flatten(1)
     assert torch.equal(stock_codes, codes.float())
-    assert torch.equal(native.unpack_int4(native.pack_int4(codes, scales, lows)[0], 128), codes)
 
 
 @pytest.mark.parametrize("in_features", IN)
-def test_int4_rows_joined_or_apart_give_the_same_products(kernels, in_features):
-    """join_int4 keeps pack_int4's parts exactly; the kernels read its views (each row's scales and lows
-    alternating, then its codes), a slice of its rows (a torchrun process's), and three separate tensors alike."""
+def test_int4_tiles_hold_every_row_and_slice_by_whole_tiles(kernels, in_features):
+    """pack_int4's tiles give back each row's codes, scales and lows exactly (unpack_int4), the rows that fill
+    the last tile are zeros, and a slice of whole tiles (a torchrun process's rows, or wq of wqkv) multiplies as
+    those rows of the whole weight."""
     weight = torch.randn(OUT, in_features, generator=torch.Generator().manual_seed(2)) * 0.02
-    apart = native.pack_int4(*native.quantize_int4(weight))
-    joined = native.join_int4(*apart)
-    assert joined.shape == (OUT, -(-in_features // native.BLOCK) * native.JOINED_BYTES)
-    for part, original in zip(native.int4_parts(joined), apart):
-        assert torch.equal(part, original)
+    codes, scales, lows = native.quantize_int4(weight)
+    scales, lows = scales.to(torch.float16), lows.to(torch.float16)
+    tiles = native.pack_int4(codes, scales, lows)
+    blocks = -(-in_features // native.BLOCK)
+    assert tiles.shape == (-(-OUT // native.TILE), blocks, native.TILE_BLOCK_BYTES)
+    for got, original in zip(native.unpack_int4(tiles, OUT), (codes, scales, lows)):
+        assert torch.equal(got, original)
+    filler = native.unpack_int4(tiles, tiles.shape[0] * native.TILE)
+    assert all(part[OUT:].eq(0).all() for part in filler) and len(filler[0]) > OUT
     x = torch.randn(3, in_features, generator=torch.Generator().manual_seed(3))
+    first, last = 62, 125  # tiles: rows 992 .. 1999
     for variant in native.variants("int4"):
-        expected = native.int4_matvec(x, *apart, variant)
-        assert torch.equal(native.int4_matvec(x, *native.int4_parts(joined), variant), expected)
-        assert torch.equal(native.int4_matvec(x, *native.int4_parts(joined[1000:2001]), variant),
-                           expected[:, 1000:2001])
-    dequantized = torch.empty(OUT, in_features)
-    assert torch.equal(native.dequantize_int4(*native.int4_parts(joined), dequantized),
-                       native.dequantize_int4(*apart, torch.empty(OUT, in_features)))
+        whole = native.int4_matvec(x, tiles, OUT, variant)
+        part = native.int4_matvec(x, tiles[first:last], (last - first) * native.TILE, variant)
+        assert torch.equal(part, whole[:, first * native.TILE : last * native.TILE])
+        assert torch.equal(native.int4_matvec(x, tiles[first:], OUT - first * native.TILE, variant),
+                           whole[:, first * native.TILE :])
+    count = tiles.shape[0]
+    with pytest.raises(RuntimeError, match=f"{OUT + 16} rows need {count + 1} int4 tiles of 16, not {count}"):
+        native.int4_matvec(x, tiles, OUT + 16)
 
 
 def test_float16_block_values_keep_int4s_error(kernels):
@@ -266,9 +271,8 @@ def test_float16_block_values_keep_int4s_error(kernels):
     error by far less than 1%."""
     weight = torch.randn(256, 2048) * 0.02
     codes, scales, lows = native.quantize_int4(weight)
-    packed, scales16, lows16 = native.pack_int4(codes, scales, lows)
-    error32 = (native.dequantize_int4_reference(packed, scales, lows, 2048) - weight).norm()
-    error16 = (native.dequantize_int4_reference(packed, scales16, lows16, 2048) - weight).norm()
+    error32 = (native.dequantize_int4_reference(codes, scales, lows, 2048) - weight).norm()
+    error16 = (native.dequantize_int4_reference(codes, scales.half(), lows.half(), 2048) - weight).norm()
     assert abs(error16 / error32 - 1) < 0.01
 
 
@@ -277,9 +281,10 @@ def test_dequantising_fills_the_buffer_with_the_weight(kernels, in_features, thr
     _, (codes, scales), _, _ = case("int8", 1, in_features)
     buffer = torch.full((OUT, in_features), float("nan"))
     assert torch.equal(native.dequantize_int8(codes, scales, buffer), codes.float() * scales[:, None])
-    _, (packed, scales, lows), _, _ = case("int4", 1, in_features)
-    expected = native.dequantize_int4_reference(packed, scales, lows, in_features)
-    got = native.dequantize_int4(packed, scales, lows, buffer)
+    _, (tiles, out), _, _ = case("int4", 1, in_features)
+    codes, scales, lows = native.unpack_int4(tiles, out)
+    expected = native.dequantize_int4_reference(codes, scales, lows, in_features)
+    got = native.dequantize_int4(tiles, buffer)
     allowed = 2.0**-22 * (expected.abs() + lows.float().abs().repeat_interleave(native.BLOCK, 1)[:, :in_features])
     assert ((got - expected).abs() <= allowed).all()  # a fused multiply-add may round once instead of twice
 
