@@ -346,10 +346,11 @@ def compare_layer_by_hand(model, prompt_ids):
 # streams through all the weights, 600,000 pages for the 1B model in bfloat16, so nearly every page costs
 # a lookup. Linux can back memory with 2 MiB pages instead ("transparent huge pages", asked for with
 # madvise): 512 times fewer lookups. So on a CPU speedups/ builds the weights it makes (wqkv, w13, 8- and
-# 4-bit weights) in memory asked for 2 MiB pages; the "fast path" line says how many GB of the weights Linux
-# backed with them (`python benchmarks/bench_kernels.py` and `python benchmarks/bench_decode.py --only
-# minimal,minimal-small-pages` measure what it buys). The file's own bfloat16 weights stay mapped in 4 KiB
-# pages: copying them costs more at load than it saves a short run.
+# 4-bit weights) in memory asked for 2 MiB pages, and copies there the file's own weights that a step reads
+# as they are (wo, w2 and the output table in bfloat16), 2 MiB at a time, each piece's file pages let go once
+# copied; the "fast path" line says how many GB of the weights Linux backed with them (`python
+# benchmarks/bench_kernels.py` and `python benchmarks/bench_decode.py --only minimal,minimal-small-pages`
+# measure what it buys).
 #
 # Attention. llama-models' Attention copies each key-value head's cached keys and values 4 times
 # (repeat_kv), so that every query head has its own: copies that grow with the context, at every step.

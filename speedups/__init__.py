@@ -45,8 +45,9 @@ from speedups.calibration import (SAMPLE_MAX_WEIGHTS, StepThreads, build_layout,
                                   plan_kernels, vet)
 from speedups import native
 from speedups.kernels import DEFAULT_KERNEL, KERNELS, base_layout
-from speedups.layouts import (FEW_ROWS, FORMATS, ROW_CLASSES, Concatenated, FastLinear, row_class,
-                              transparent_huge_pages, trim_heap, weights_in_huge_pages)
+from speedups.layouts import (FEW_ROWS, FORMATS, ROW_CLASSES, Concatenated, FastLinear, PlainLinear,
+                              move_into_weight_memory, row_class, transparent_huge_pages, trim_heap,
+                              weights_in_huge_pages)
 
 __all__ = ["FORMATS", "FusedFeedForward", "GroupedQueryAttention", "LastPositionLogits", "apply", "describe",
            "kernel_choice"]
@@ -77,6 +78,10 @@ def apply(model, device, dtype, quantize="", kernels="measure", progress=None):
     plans, skipped, report, timings_check = plan_kernels(in_order, device, dtype, quantize, args.max_batch_size,
                                                          kernels, ours)
     kept = convert_layers(layers, plans, device, dtype, args.max_batch_size)
+    if device.type == "cpu":  # the file's weights a step reads, as they are: into 2 MiB pages too
+        for module in model.modules():
+            if isinstance(module, PlainLinear) and module.from_file and module.weight.dtype == dtype:
+                move_into_weight_memory(module.weight)
     model.kernel_report = report + skipped_report(skipped, kept)
     for module in in_order:
         vars(module).pop("first_rows", None)  # rows of the weight a layout was made from: for choosing only

@@ -11,8 +11,9 @@ malloc keeps freed temporaries in per-thread pools it does not always reuse; tri
 them back after each layer, which made the int8 load's peak the same from run to run.
 
 Memory while decoding. Each step reads every weight once; the weights built here (joined, quantized) go in
-weight_memory, which asks Linux to back them with 2 MiB pages. The file's own weights stay where they are:
-copying them there too would cost more at load than it saves a short run (benchmarks/README.md).
+weight_memory, which asks Linux to back them with 2 MiB pages, and so do the file's own weights that stay as
+they are (wo, w2 and the output table in 16 bits: move_into_weight_memory copies them there, 2 MiB at a time,
+about 0.2 s for the 1B model's 1.2 GB; benchmarks/README.md, "The file's weights in 2 MiB pages").
 """
 
 import ctypes
@@ -168,6 +169,7 @@ class PlainLinear(FastLinear):
     def __init__(self, layer):
         super().__init__(fairscale_facts(layer))
         self.weight = layer.weight  # the same Parameter: a tied weight stays tied
+        self.from_file = from_file(layer)  # the memory-mapped file's pages (move_into_weight_memory may copy them)
 
     def dequantized(self, rows):
         return self.weight[:rows].float()
@@ -441,6 +443,23 @@ def weight_memory(shape, dtype):
     linear layers alone."""
     memory = empty_in_huge_pages(shape, dtype) if torch.Size(shape).numel() * dtype.itemsize >= HUGE_PAGE else None
     return memory if memory is not None else torch.empty(shape, dtype=dtype)
+
+
+COPY_BYTES = 2 << 20  # move_into_weight_memory copies this much at a time (copy_ of a whole tensor ran at 2 GB/s)
+
+
+def move_into_weight_memory(weight):
+    """A weight of the memory-mapped file (a Parameter) copied into weight_memory, a piece at a time, each piece's
+    file pages released once copied; the Parameter keeps its identity (a tied embedding table follows). Where no
+    2 MiB pages can be asked for, nothing is done."""
+    if not huge_pages_available() or weight.device.type != "cpu" or weight.nbytes < HUGE_PAGE:
+        return
+    copy = weight_memory(weight.shape, weight.dtype)
+    rows = max(1, COPY_BYTES // (weight[0].nbytes or 1))
+    for start in range(0, weight.shape[0], rows):
+        copy[start : start + rows].copy_(weight[start : start + rows])
+        release_pages(weight[start : start + rows])
+    weight.data = copy
 
 
 def joined_rows(tensors):

@@ -54,7 +54,7 @@ LOOK_TABLE = [LOOK + "test_every_column_of_the_table_and_the_picture_file"]
 LOOK_PICTURE = [LOOK + "test_the_picture_shows_the_tables_numbers_and_transformers"]
 LOOK_LONG_PICTURE = [LOOK + "test_a_long_prompts_picture_shows_its_last_positions_and_where_the_rest_went"]
 LOOK_MEMORY = [LOOK + "test_the_lens_of_every_position_of_a_long_prompt_stays_within_a_memory_bound"]
-HUGE_PAGES = SPEEDUPS_TESTS + "test_joined_weights_are_the_files_in_2_mib_pages"
+HUGE_PAGES = SPEEDUPS_TESTS + "test_every_weight_is_the_files_in_2_mib_pages"
 NATIVE_TESTS = "tests/test_native_kernels.py"
 AVX2_INT8 = [NATIVE_TESTS, "-k", "int8_product and avx2"]
 STEP_THREADS = ["tests/test_kernels.py", "-k", "step_threads"]
@@ -327,6 +327,12 @@ MUTANTS = {
                                  "        memory.madvise(mmap.MADV_HUGEPAGE, start, 0 // HUGE_PAGE", [HUGE_PAGES]),
     "weights-in-small-pages": (LAYOUTS, "    memory = empty_in_huge_pages(shape, dtype) if torch.Size(shape).numel()",
                                "    memory = None if torch.Size(shape).numel()", [HUGE_PAGES]),
+    # the file's own weights (wo, w2, the output table in bfloat16): not copied, or copied from the wrong rows
+    "file-weights-left-in-the-file": (SPEEDUPS, "                move_into_weight_memory(module.weight)",
+                                      "                pass", [HUGE_PAGES]),
+    "file-weights-copied-from-the-first-rows": (LAYOUTS, "copy[start : start + rows].copy_(weight[start : start + rows])",
+                                                "copy[start : start + rows].copy_(weight[: len(copy[start : start + rows])])",
+                                                [HUGE_PAGES]),
     # speculative decoding (run_inference.py's DRAFT)
     "speculation-keeps-a-rejected-draft": (TUTORIAL, "    return drafts[:kept] + [choices[kept]]",
                                            "    return drafts[: kept + 1] + [choices[kept]]", SPECULATIVE_GREEDY),
