@@ -740,60 +740,59 @@ TARGET_AVX512VNNI void int4_avx512vnni(const Int4Weight& weight, const Activatio
   }
 }
 
-// 256 bits: a tile's rows in two halves of 8 lanes, one after the other (the second half reads the tile again,
-// from the cache). AVX2 has no vpdpbusd: vpmaddubsw gives 16-bit sums of byte pairs, added up over the block's
-// eight products (at most 16 * 15 * 127 = 30480: no saturation), then vpmaddwd by 1 sums pairs into 32 bits.
+// 256 bits: a tile's rows in two halves of 8 lanes, each 64-byte chunk read as its two 32-byte halves in
+// the same pass (one stream). AVX2 has no vpdpbusd: vpmaddubsw gives 16-bit sums of byte pairs, added up over
+// the block's eight products (at most 16 * 15 * 127 = 30480: no saturation), then vpmaddwd by 1 sums pairs
+// into 32 bits.
 template <int R, int kKind>  // kKind: 0 AVX2, 1 AVX-VNNI (VEX), 2 AVX512-VNNI at 256 bits (EVEX)
 TARGET_AVX2 void int4_tiles_256(const Int4Weight& weight, const Activations& a, int64_t r0, int64_t t0, int64_t t1,
                                 const Output& y) {
   const __m256i low_nibble = _mm256_set1_epi8(0x0F);
   const int32_t* q[R];
   for (int r = 0; r < R; r++) q[r] = code_words(a, r0 + r);
-  for (int64_t t = t0; t < t1; t++)
-    for (int64_t h = 0; h < 2; h++) {
-      const int64_t lanes_here = std::min<int64_t>(8, weight.rows_in_tile(t) - 8 * h);
-      if (lanes_here <= 0) break;
-      __m256 sum[R], offset[R];
-      for (int r = 0; r < R; r++) sum[r] = offset[r] = _mm256_setzero_ps();
-      for (int64_t b = 0; b < weight.blocks; b++) {
-        const uint8_t* block = weight.block(t, b);
-        const __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(block + kTileScales + 16 * h)));
-        const __m256 low = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(block + kTileLows + 16 * h)));
-        __m256i first[4], last[4];
+  for (int64_t t = t0; t < t1; t++) {
+    __m256 sum[2][R], offset[2][R];
+    for (int h = 0; h < 2; h++)
+      for (int r = 0; r < R; r++) sum[h][r] = offset[h][r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < weight.blocks; b++) {
+      const uint8_t* block = weight.block(t, b);
+      for (int h = 0; h < 2; h++) {  // rows 8h .. 8h + 7 of the tile
+        __m256i dot[R];
+        for (int r = 0; r < R; r++) dot[r] = _mm256_setzero_si256();
         for (int i = 0; i < 4; i++) {
           const __m256i bytes = _mm256_loadu_si256((const __m256i*)(block + kTileCodes + 64 * i + 32 * h));
-          first[i] = _mm256_and_si256(bytes, low_nibble);
-          last[i] = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low_nibble);
-        }
-        for (int r = 0; r < R; r++) {
-          const int32_t* x = q[r] + b * (kBlock / 4);
-          __m256i dot;
-          if (kKind == 0) {
-            __m256i pairs = _mm256_setzero_si256();
-            for (int i = 0; i < 4; i++) {
-              pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(first[i], _mm256_set1_epi32(x[i])));
-              pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(last[i], _mm256_set1_epi32(x[4 + i])));
+          const __m256i first = _mm256_and_si256(bytes, low_nibble);
+          const __m256i last = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low_nibble);
+          for (int r = 0; r < R; r++) {
+            const int32_t* x = q[r] + b * (kBlock / 4);
+            if (kKind == 0) {  // 16-bit pair sums, widened once per block below
+              dot[r] = _mm256_add_epi16(dot[r], _mm256_maddubs_epi16(first, _mm256_set1_epi32(x[i])));
+              dot[r] = _mm256_add_epi16(dot[r], _mm256_maddubs_epi16(last, _mm256_set1_epi32(x[4 + i])));
+            } else {
+              dot[r] = dot_bytes<kKind == 1>(dot[r], first, _mm256_set1_epi32(x[i]));
+              dot[r] = dot_bytes<kKind == 1>(dot[r], last, _mm256_set1_epi32(x[4 + i]));
             }
-            dot = _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
-          } else {
-            __m256i dot_first = _mm256_setzero_si256(), dot_last = _mm256_setzero_si256();
-            for (int i = 0; i < 4; i++) {
-              dot_first = dot_bytes<kKind == 1>(dot_first, first[i], _mm256_set1_epi32(x[i]));
-              dot_last = dot_bytes<kKind == 1>(dot_last, last[i], _mm256_set1_epi32(x[4 + i]));
-            }
-            dot = _mm256_add_epi32(dot_first, dot_last);
           }
-          sum[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(scale, _mm256_set1_ps(a.scales_of(r0 + r)[b])),
-                                   sum[r]);
-          offset[r] = _mm256_fmadd_ps(low, _mm256_set1_ps(a.offsets_of(r0 + r)[b]), offset[r]);
+        }
+        const __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(block + kTileScales + 16 * h)));
+        const __m256 low = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(block + kTileLows + 16 * h)));
+        for (int r = 0; r < R; r++) {
+          const __m256i dots = kKind == 0 ? _mm256_madd_epi16(dot[r], _mm256_set1_epi16(1)) : dot[r];
+          sum[h][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots),
+                                      _mm256_mul_ps(scale, _mm256_set1_ps(a.scales_of(r0 + r)[b])), sum[h][r]);
+          offset[h][r] = _mm256_fmadd_ps(low, _mm256_set1_ps(a.offsets_of(r0 + r)[b]), offset[h][r]);
         }
       }
-      for (int r = 0; r < R; r++) {
+    }
+    for (int h = 0; h < 2; h++) {
+      const int64_t lanes_here = std::min<int64_t>(8, weight.rows_in_tile(t) - 8 * h);
+      for (int r = 0; r < R && lanes_here > 0; r++) {
         alignas(32) float lanes[8];
-        _mm256_store_ps(lanes, _mm256_add_ps(sum[r], offset[r]));
+        _mm256_store_ps(lanes, _mm256_add_ps(sum[h][r], offset[h][r]));
         store_lanes(y, r0 + r, t * kTile + 8 * h, lanes, lanes_here);
       }
     }
+  }
 }
 #endif
 
