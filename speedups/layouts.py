@@ -13,7 +13,8 @@ them back after each layer, which made the int8 load's peak the same from run to
 Memory while decoding. Each step reads every weight once; the weights built here (joined, quantized) go in
 weight_memory, which asks Linux to back them with 2 MiB pages, and so do the file's own weights that stay as
 they are (wo, w2 and the output table in 16 bits: move_into_weight_memory copies them there, 2 MiB at a time,
-about 0.2 s for the 1B model's 1.2 GB; benchmarks/README.md, "The file's weights in 2 MiB pages").
+a small part of the load; benchmarks/README.md, "The file's weights in 2 MiB pages", has what it costs and
+buys).
 """
 
 import ctypes
@@ -445,7 +446,7 @@ def weight_memory(shape, dtype):
     return memory if memory is not None else torch.empty(shape, dtype=dtype)
 
 
-COPY_BYTES = 2 << 20  # move_into_weight_memory copies this much at a time (copy_ of a whole tensor ran at 2 GB/s)
+COPY_BYTES = 2 << 20  # move_into_weight_memory copies this much at a time (a whole tensor's copy_ was slower)
 
 
 def move_into_weight_memory(weight):
