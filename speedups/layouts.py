@@ -293,7 +293,8 @@ class BlockInt4Linear(FastLinear):
         """(codes (rows, blocks * 32) uint8, scales, lows (rows, blocks) float16) of rows start .. end - 1."""
         first = start // native.TILE
         tiles = self.weight.detach()[first : -(-end // native.TILE)]
-        return tuple(part[start - first * native.TILE :] for part in native.unpack_int4(tiles, end - first * native.TILE))
+        parts = native.unpack_int4(tiles, end - first * native.TILE)  # from the first row of the first tile
+        return tuple(part[start - first * native.TILE :] for part in parts)
 
     def codes(self, start, end):
         """The 4-bit codes of rows start .. end - 1, (rows, in) uint8."""
