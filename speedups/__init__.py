@@ -8,6 +8,7 @@ module classes below into llama-models' Transformer, so `print(model)` shows wha
                             wv as one weight wqkv (one product, one pass over the input)
     FusedFeedForward        llama-models' FeedForward, with w1 and w3 as one weight w13
     LastPositionLogits      the output layer, for the last position only (every_position(model): for all)
+    OneCallRMSNorm          llama-models' RMSNorm as one call of our C++ loop (where our kernels were built)
     PlainLinear             a linear layer with its weight as stored (16 or 32 bits)
     PackedLinear            the weight laid out once for oneDNN's kernels
     Int8Linear              8-bit weights, one scale per row (QUANTIZE=int8)
@@ -25,7 +26,9 @@ The package, one module per concern (imports point down the list):
     kernels.py       every product a layout can run (KERNELS), and the float32 products for prompt chunks
     calibration.py   the choice: the fixed rule, trying each kernel for right answers, timing, the cache,
                      and StepThreads (the number of threads while decoding)
-    __init__.py      apply and describe, the attention and the last position
+    decoding.cpp     RMSNorm, and RoPE with the write into the KV cache, each as one call (native.py builds it
+                     with quantized.cpp): a decoding step's small operations without PyTorch's cost per operation
+    __init__.py      apply and describe, the attention, the norms and the last position
 
 Nothing here changes what the model computes, except rounding, the 8- or 4-bit weights asked for, and
 (kernels w8a8, w8a8-onednn) activations rounded to 8 bits per token. DTYPE and QUANTIZE are never changed.
@@ -38,7 +41,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallelLinear
-from llama_models.llama3.model import apply_rotary_emb
+from llama_models.llama3.model import RMSNorm, apply_rotary_emb
 from torch import nn
 
 from speedups.calibration import (SAMPLE_MAX_WEIGHTS, StepThreads, build_layout, copy_in_dtype, kernel_choice,
@@ -49,8 +52,8 @@ from speedups.layouts import (FEW_ROWS, FORMATS, ROW_CLASSES, Concatenated, Fast
                               move_into_weight_memory, row_class, transparent_huge_pages, trim_heap,
                               weights_in_huge_pages)
 
-__all__ = ["FORMATS", "FusedFeedForward", "GroupedQueryAttention", "LastPositionLogits", "apply", "describe",
-           "kernel_choice"]
+__all__ = ["FORMATS", "FusedFeedForward", "GroupedQueryAttention", "LastPositionLogits", "OneCallRMSNorm", "apply",
+           "describe", "kernel_choice"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -66,6 +69,11 @@ def apply(model, device, dtype, quantize="", kernels="measure", progress=None):
         layer.feed_forward = FusedFeedForward(layer.feed_forward)
     layers = linear_layers(model)
     ours = device.type == "cpu" and kernel_choice(kernels) != "rule" and native.library() is not None
+    if ours:  # decoding.cpp's one-call RMSNorm and RoPE
+        model.norm = OneCallRMSNorm(model.norm)
+        for layer in model.layers:
+            layer.attention_norm, layer.ffn_norm = OneCallRMSNorm(layer.attention_norm), OneCallRMSNorm(layer.ffn_norm)
+            layer.attention.one_call_rope = True
     base = base_layout(quantize, ours)
     for done, (parent, name, layer) in enumerate(layers):  # the largest first, while little else is converted
         setattr(parent, name, base(layer))
@@ -159,7 +167,8 @@ def describe(model):
     counts = {}
     errors = []
     for module in model.modules():
-        if isinstance(module, (GroupedQueryAttention, FusedFeedForward, LastPositionLogits, FastLinear)):
+        if isinstance(module, (GroupedQueryAttention, FusedFeedForward, LastPositionLogits, OneCallRMSNorm,
+                               FastLinear)):
             counts[type(module).__name__] = counts.get(type(module).__name__, 0) + 1
         if hasattr(module, "relative_error"):
             errors.append(module.relative_error)
@@ -194,6 +203,7 @@ class GroupedQueryAttention(nn.Module):
         cache_shape = (max_batch_size, self.n_local_kv_heads, max_seq_len, self.head_dim)
         self.cache_k = torch.empty(cache_shape, device="meta")  # a shape: load_model allocates it
         self.cache_v = torch.empty(cache_shape, device="meta")
+        self.one_call_rope = False  # apply() sets it where decoding.cpp was built (on the CPU)
 
     wq = property(lambda self: RowsOf(self.wqkv, self.sizes, 0))  # for code that calls them one by one
     wk = property(lambda self: RowsOf(self.wqkv, self.sizes, 1))
@@ -201,16 +211,20 @@ class GroupedQueryAttention(nn.Module):
 
     def forward(self, x, start_pos, freqs_cis, mask):
         batch, seqlen, _ = x.shape
-        xq, xk, xv = self.wqkv(x).split(self.sizes, dim=-1)  # one product for the three projections
-        xq = xq.view(batch, seqlen, self.n_local_heads, self.head_dim)
-        xk = xk.view(batch, seqlen, self.n_local_kv_heads, self.head_dim)
-        xv = xv.view(batch, seqlen, self.n_local_kv_heads, self.head_dim)
-        xq, xk = apply_rotary_emb(xq, xk, freqs_cis=freqs_cis)  # llama-models' own RoPE
         end = start_pos + seqlen
-        self.cache_k[:batch, :, start_pos:end] = xk.transpose(1, 2)  # (batch, kv_heads, seqlen, head_dim)
-        self.cache_v[:batch, :, start_pos:end] = xv.transpose(1, 2)
+        if self.one_call_rope and x.device.type == "cpu":  # the same RoPE and cache writes, in one call
+            queries = native.rotate_into_cache(self.wqkv(x), torch.view_as_real(freqs_cis), self.cache_k, self.cache_v,
+                                               start_pos, self.n_local_heads, self.n_local_kv_heads)
+        else:
+            xq, xk, xv = self.wqkv(x).split(self.sizes, dim=-1)  # one product for the three projections
+            xq = xq.view(batch, seqlen, self.n_local_heads, self.head_dim)
+            xk = xk.view(batch, seqlen, self.n_local_kv_heads, self.head_dim)
+            xv = xv.view(batch, seqlen, self.n_local_kv_heads, self.head_dim)
+            xq, xk = apply_rotary_emb(xq, xk, freqs_cis=freqs_cis)  # llama-models' own RoPE
+            self.cache_k[:batch, :, start_pos:end] = xk.transpose(1, 2)  # (batch, kv_heads, seqlen, head_dim)
+            self.cache_v[:batch, :, start_pos:end] = xv.transpose(1, 2)
+            queries = xq.transpose(1, 2)  # (batch, heads, seqlen, head_dim); head h reads key-value head h // n_rep
         keys, values = self.cache_k[:batch, :, :end], self.cache_v[:batch, :, :end]  # (batch, kv_heads, end, head_dim)
-        queries = xq.transpose(1, 2)  # (batch, heads, seqlen, head_dim); head h reads key-value head h // n_rep
         if seqlen == 1:  # decoding: each key-value head's n_rep queries as n_rep rows, no mask needed
             grouped = queries.reshape(batch, self.n_local_kv_heads, self.n_rep, self.head_dim)
             output = F.scaled_dot_product_attention(grouped, keys, values)  # (batch, kv_heads, n_rep, head_dim)
@@ -222,6 +236,21 @@ class GroupedQueryAttention(nn.Module):
     def extra_repr(self):
         return (f"heads={self.n_local_heads}, kv_heads={self.n_local_kv_heads}, head_dim={self.head_dim}, "
                 f"cache={tuple(self.cache_k.shape)} (batch, kv_heads, seq, head_dim)")
+
+
+class OneCallRMSNorm(RMSNorm):
+    """llama-models' RMSNorm (the same weight and epsilon) computed by one call of decoding.cpp's loop: the same
+    math and roundings, only the float32 sum of squares added in another order. Where x is not on the CPU or
+    not in the weight's dtype, llama-models' own forward."""
+
+    def __init__(self, norm):
+        nn.Module.__init__(self)
+        self.eps, self.weight = norm.eps, norm.weight
+
+    def forward(self, x):
+        if x.device.type == "cpu" and x.dtype == self.weight.dtype:
+            return native.rms_norm(x, self.weight, self.eps)
+        return super().forward(x)
 
 
 class FusedFeedForward(nn.Module):

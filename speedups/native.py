@@ -1,4 +1,5 @@
-"""speedups' own CPU kernels: quantized.cpp, compiled on first use, and the same math in plain PyTorch.
+"""speedups' own CPU kernels: quantized.cpp and decoding.cpp, compiled on first use into one library, and the
+same math in plain PyTorch.
 
 quantized.cpp holds matrix-vector products for decoding (one input row, or the few rows of beam search), each
 with a scalar loop and one variant per instruction set (its opening comment draws the layouts and the math):
@@ -6,12 +7,13 @@ with a scalar loop and one variant per instruction set (its opening comment draw
     int4 weights in blocks of 32 with a float16 scale and low per block, 16 rows side by side (our layout:
     pack_int4), times x as above;
     bfloat16 weights, widened to float32 in registers (or multiplied by vdpbf16ps where x is bfloat16);
-and dequantisation of int8 and int4 weights into a caller's float32 buffer (for prompt chunks).
+and dequantisation of int8 and int4 weights into a caller's float32 buffer (for prompt chunks). decoding.cpp
+holds a decoding step's small operations as one call each: RMSNorm, and RoPE with the write into the KV cache.
 
-The build. `library()` compiles quantized.cpp once with torch.utils.cpp_extension (ninja and a C++ compiler:
+The build. `library()` compiles both files once with torch.utils.cpp_extension (ninja and a C++ compiler:
 $CXX, else c++), printing one progress line on stderr while it does, and keeps the library under the user's
 cache folder ($XDG_CACHE_HOME if it is an absolute path, else ~/.cache), in CACHE_FOLDER/kernels-<key>, where the
-key hashes the source, the build flags, the compiler's version, torch's and Python's: later runs load it in a
+key hashes the sources, the build flags, the compiler's version, torch's and Python's: later runs load it in a
 fraction of a second. The build happens in a temporary folder beside the final one and is renamed into place
 when complete, under a file lock, so processes starting together (torchrun) build it once and never see half a
 build; a build killed half-way leaves a temporary folder that the next build removes. Where it cannot be built
@@ -35,6 +37,13 @@ API (x is (..., in) in float32, bfloat16 or float16; results are (..., out) in x
     dequantize_int4(tiles, out)                   out: float32 (rows, in), filled with the first rows of the
                                                   tiles' codes * scale + low
     quantize_activations(x, variant="")           the kernels' int8 rounding of x: (codes, scales, sums)
+    rms_norm(x, weight, eps)                      llama-models' RMSNorm; x (..., dim) and weight (dim,) of one dtype
+    rotate_into_cache(qkv, rotations, cache_k, cache_v, start, heads, kv_heads)
+                                                  qkv (batch, seqlen, (heads + 2 kv_heads) head_dim): the queries
+                                                  rotated, returned (batch, heads, seqlen, head_dim); the keys
+                                                  rotated and the values written into the caches (max_batch,
+                                                  kv_heads, max_seq, head_dim) at start .. start + seqlen - 1;
+                                                  rotations: view_as_real of freqs_cis's rows, float32
 These wrappers add one Python call; a hot loop can call library()'s functions of the same names directly.
 
 The same math in PyTorch (the tests compare each variant with these):
@@ -73,7 +82,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("quantized.cpp")
+SOURCES = [Path(__file__).with_name(name) for name in ("quantized.cpp", "decoding.cpp")]  # one library
 NAME = "llama_scripts_kernels"  # the Python module the build makes (quantized.cpp's TORCH_EXTENSION_NAME)
 CACHE_FOLDER = "llama-scripts"  # under $XDG_CACHE_HOME or ~/.cache, as speedups' kernel timings
 FLAGS = ["-O3", "-fopenmp"]  # -fopenmp: at::parallel_for runs threads only in code compiled with OpenMP
@@ -120,8 +129,8 @@ def _load():
         if compiler is None:
             cxx = os.environ.get("CXX", "c++")
             return None, f"no C++ compiler ({cxx} is not on PATH; set CXX to one)"
-        source = SOURCE.read_bytes()
-        key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS + LINK_FLAGS).encode(), compiler.encode(),
+        sources = [path.read_bytes() for path in SOURCES]
+        key = hashlib.sha256(b"\0".join([*sources, " ".join(FLAGS + LINK_FLAGS).encode(), compiler.encode(),
                                          torch.__version__.encode(), sys.version.encode(),
                                          platform.machine().encode()])).hexdigest()[:16]
         folder = cache_folder() / f"kernels-{key}"
@@ -193,8 +202,9 @@ def _compile(staging, ninja):
     try:
         with warnings.catch_warnings(), _quiet(logging.getLogger(cpp_extension.__name__)):
             warnings.simplefilter("ignore")  # torch warns about compiler versions; a failure says more
-            return cpp_extension.load(name=NAME, sources=[str(SOURCE)], build_directory=str(staging),
-                                      extra_cflags=FLAGS, extra_ldflags=LINK_FLAGS, verbose=False)
+            return cpp_extension.load(name=NAME, sources=[str(path) for path in SOURCES],
+                                      build_directory=str(staging), extra_cflags=FLAGS, extra_ldflags=LINK_FLAGS,
+                                      verbose=False)
     finally:
         os.environ["PATH"] = path
 
@@ -323,6 +333,14 @@ def dequantize_int4(tiles, out):
 
 def quantize_activations(x, variant=""):
     return tuple(library().quantize_activations(x, variant))
+
+
+def rms_norm(x, weight, eps):
+    return library().rms_norm(x, weight, eps)
+
+
+def rotate_into_cache(qkv, rotations, cache_k, cache_v, start, heads, kv_heads):
+    return library().rotate_into_cache(qkv, rotations, cache_k, cache_v, start, heads, kv_heads)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1175,6 +1175,8 @@ std::vector<at::Tensor> quantize_activations(const at::Tensor& x, const std::str
 
 }  // namespace
 
+void add_decoding_functions(pybind11::module_& m);  // decoding.cpp: RMSNorm, RoPE into the KV cache
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "speedups' own CPU kernels: see speedups/native.py";
   m.def("variants", &variants, "the variants of kernel 'int8', 'int4' or 'bf16' that this CPU runs, fastest first",
@@ -1185,4 +1187,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bf16_matvec", &bf16_matvec, py::arg("x"), py::arg("weight"), py::arg("variant") = "");
   m.def("dequantize_int8", &dequantize_int8, py::arg("codes"), py::arg("scales"), py::arg("out"));
   m.def("dequantize_int4", &dequantize_int4, py::arg("tiles"), py::arg("out"));
+  add_decoding_functions(m);
 }

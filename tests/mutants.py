@@ -26,6 +26,7 @@ CHECKPOINT, DEVICES, EXITS = "support/checkpoint.py", "support/devices.py", "sup
 SETTINGS, REPORT, STANDIN, README = "support/settings.py", "support/report.py", "standin/smollm.py", "README.md"
 PICTURE = "support/picture.py"
 NATIVE = "speedups/quantized.cpp"  # each mutant of it compiles its own copy (a minute) into the user's cache
+DECODING = "speedups/decoding.cpp"  # the same
 # Tests, by what they check: pytest node ids ([...] picks parameters) or a file and a -k expression.
 SPEEDUPS_TESTS = "tests/test_speedups.py::"
 CHUNKED = SPEEDUPS_TESTS + "test_prefill_in_chunks_gives_the_cache_free_logits_and_tokens"
@@ -333,6 +334,24 @@ MUTANTS = {
     "file-weights-copied-from-the-first-rows": (LAYOUTS, "copy[start : start + rows].copy_(weight[start : start + rows])",
                                                 "copy[start : start + rows].copy_(weight[: len(copy[start : start + rows])])",
                                                 [HUGE_PAGES]),
+    # decoding.cpp's one-call RMSNorm and RoPE into the cache, and their use by the model
+    "one-call-norm-epsilon-lost": (DECODING, "std::sqrt(squares / float(dim) + eps)", "std::sqrt(squares / float(dim))",
+                                   [NATIVE_TESTS, "-k", "rms_norm"]),
+    "one-call-norm-rounded-once": (DECODING, "narrow<T>(widen(narrow<T>(widen(row[j]) * r_inv)) * widen(weight[j]))",
+                                   "narrow<T>(widen(row[j]) * r_inv * widen(weight[j]))", [NATIVE_TESTS, "-k", "rms_norm"]),
+    "one-call-norm-tail-not-squared": (DECODING, "for (; i < dim; i++) partial", "for (; i < 0; i++) partial",
+                                       [NATIVE_TESTS, "-k", "rms_norm"]),
+    "one-call-rope-sine-sign": (DECODING, "out[2 * i] = narrow<T>(a * c - b * s);", "out[2 * i] = narrow<T>(a * c + b * s);",
+                                [NATIVE_TESTS, "-k", "rotate_into_cache"]),
+    "one-call-cache-one-position-late": (DECODING, "max_seq + start + s) * head_dim", "max_seq + start + s + 1) * head_dim",
+                                         [NATIVE_TESTS, "-k", "rotate_into_cache"]),
+    "one-call-values-rotated": (DECODING, "std::copy(value, value + head_dim, cache_v + at);",
+                                "rotate_head(value, rotation, cache_v + at, head_dim);", [NATIVE_TESTS, "-k", "rotate_into_cache"]),
+    "one-call-caches-swapped": (SPEEDUPS, "torch.view_as_real(freqs_cis), self.cache_k, self.cache_v,",
+                                "torch.view_as_real(freqs_cis), self.cache_v, self.cache_k,",
+                                [f"{CHUNKED}[minimal-speedups-on-one-call-7]"]),
+    "one-call-norms-not-swapped-in": (SPEEDUPS, "        model.norm = OneCallRMSNorm(model.norm)\n", "",
+                                      [f"{CHUNKED}[minimal-speedups-on-one-call-7]"]),
     # speculative decoding (run_inference.py's DRAFT)
     "speculation-keeps-a-rejected-draft": (TUTORIAL, "    return drafts[:kept] + [choices[kept]]",
                                            "    return drafts[: kept + 1] + [choices[kept]]", SPECULATIVE_GREEDY),

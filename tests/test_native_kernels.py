@@ -1,4 +1,5 @@
-"""speedups' own C++ kernels (speedups/quantized.cpp, built by speedups/native.py) against plain PyTorch.
+"""speedups' own C++ kernels (speedups/quantized.cpp, built by speedups/native.py) against plain PyTorch, and
+decoding.cpp's one-call RMSNorm and RoPE against llama-models' own code.
 
 Integer dot products are exact, so every variant this CPU runs is compared with native.py's PyTorch computation
 of the same quantised math: the activation codes and scales must match bit for bit, and the products may differ
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from llama_models.llama3 import model as llama_model
 
 from speedups import layouts
 from speedups import native
@@ -310,6 +312,68 @@ def probe(**environment):
     return json.loads(result.stdout.strip().splitlines()[-1]), result.stderr
 
 
+# ---------------------------------------------------------------------------------------------------------
+# decoding.cpp: RMSNorm, and RoPE with the write into the KV cache, against llama-models' own code.
+# ---------------------------------------------------------------------------------------------------------
+ULP = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}  # relative spacing of numbers
+ROUNDING_FLIPS = 1e-3  # 16 bits: where a float32 result lands near a rounding boundary, a different summation
+# order may round it the other way (one unit in the last place), rarely
+
+
+def assert_same_up_to_rounding(ours, theirs):
+    """float32: within a few units in the last place; 16 bits: equal but for rare one-unit rounding flips."""
+    ulps = (ours.double() - theirs.double()).abs() / (theirs.double().abs() * ULP[theirs.dtype]).clamp(min=1e-30)
+    if theirs.dtype == torch.float32:
+        assert ulps.max() <= 8
+    else:
+        assert ulps.max() <= 1 and (ours != theirs).double().mean() <= ROUNDING_FLIPS
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [(1, 1, 2048), (2, 7, 100), (300, 33)])
+def test_rms_norm_is_llama_models(kernels, dtype, shape, threads):
+    """Rows whose mean square is near epsilon (so that a lost epsilon shows), every dtype, one row to a prompt
+    chunk's many (threaded), dims that are and are not multiples of the 16 partial sums."""
+    generator = torch.Generator().manual_seed(shape[-1])
+    norm = llama_model.RMSNorm(shape[-1], eps=1e-5)
+    norm.weight.data = torch.randn(shape[-1], generator=generator)
+    norm = norm.to(dtype)
+    x = (torch.randn(shape, generator=generator) * torch.rand(shape[:-1] + (1,), generator=generator) * 0.01).to(dtype)
+    with torch.no_grad():
+        assert_same_up_to_rounding(native.rms_norm(x, norm.weight, norm.eps), norm(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("batch, seqlen, start", [(1, 1, 0), (1, 1, 37), (3, 5, 11), (2, 64, 0)])
+def test_rotate_into_cache_is_llama_models_rope_and_cache_writes(kernels, dtype, batch, seqlen, start, threads):
+    """The queries llama-models' apply_rotary_emb returns, and the caches as GroupedQueryAttention's own writes
+    leave them: rotated keys and the values at positions start .. start + seqlen - 1 of the first `batch` rows,
+    every other entry untouched (max_batch 4 > batch)."""
+    heads, kv_heads, head_dim, max_seq = 8, 2, 16, 80
+    generator = torch.Generator().manual_seed(batch * 100 + seqlen)
+    qkv = torch.randn(batch, seqlen, (heads + 2 * kv_heads) * head_dim, generator=generator).to(dtype)
+    angles = torch.rand(seqlen, head_dim // 2, generator=generator) * 100
+    rotations = torch.polar(torch.ones_like(angles), angles)  # (seqlen, head_dim / 2) complex, as freqs_cis
+    cache_k, cache_v = (torch.randn(4, kv_heads, max_seq, head_dim, generator=generator).to(dtype) for _ in range(2))
+    expected_k, expected_v = cache_k.clone(), cache_v.clone()
+    xq, xk, xv = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    xq, xk = llama_model.apply_rotary_emb(xq.reshape(batch, seqlen, heads, head_dim),
+                                         xk.reshape(batch, seqlen, kv_heads, head_dim), freqs_cis=rotations)
+    expected_k[:batch, :, start : start + seqlen] = xk.transpose(1, 2)
+    expected_v[:batch, :, start : start + seqlen] = xv.reshape(batch, seqlen, kv_heads, head_dim).transpose(1, 2)
+    queries = native.rotate_into_cache(qkv, torch.view_as_real(rotations), cache_k, cache_v, start, heads, kv_heads)
+    assert queries.shape == (batch, heads, seqlen, head_dim)
+    assert_same_up_to_rounding(queries, xq.transpose(1, 2))
+    assert_same_up_to_rounding(cache_k, expected_k)
+    assert torch.equal(cache_v, expected_v)
+
+
+def test_rotate_into_cache_past_the_cache_is_one_clear_error(kernels):
+    cache = torch.zeros(1, 2, 8, 16)
+    with pytest.raises(RuntimeError, match=r"positions 7 \.\. 8 are past the cache's 8"):
+        native.rotate_into_cache(torch.zeros(1, 2, 12 * 16), torch.zeros(2, 8, 2), cache, cache.clone(), 7, 8, 2)
+
+
 def test_a_second_process_loads_the_cached_build(kernels):
     report, stderr = probe()
     assert report == {"built": True, "reason": None, "compiled": False}
@@ -325,14 +389,15 @@ def test_without_a_compiler_the_kernels_are_unavailable_in_one_line(compiler, tm
 
 
 def fake_compiler(folder, seconds=0):
-    """A 'compiler' that reports a version, then fails every compile (after `seconds`), noting when it ran."""
+    """A 'compiler' that reports a version, then fails every compile (after `seconds`), noting when it ran and
+    in which build folder (ninja runs it there)."""
     script = folder / "fake-c++"
     script.write_text(textwrap.dedent(f"""\
         #!/bin/sh
         if [ "$1" = "--version" ]; then echo "fake-c++ 1.0"; exit 0; fi
         case "$*" in *" -c "*)
-            echo "start $(date +%s.%N)" >> {folder}/compiles; sleep {seconds}
-            echo "end $(date +%s.%N)" >> {folder}/compiles;;
+            echo "start $(date +%s.%N) $PWD" >> {folder}/compiles; sleep {seconds}
+            echo "end $(date +%s.%N) $PWD" >> {folder}/compiles;;
         esac
         echo "quantized.cpp:1:1: error: this compiler compiles nothing" >&2
         exit 1
@@ -364,6 +429,11 @@ def test_processes_starting_together_build_one_at_a_time(tmp_path):
     processes = [subprocess.Popen([sys.executable, "-c", PROBE], cwd=REPO, env=env, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True) for _ in range(2)]
     stderrs = [process.communicate(timeout=600)[1] for process in processes]
-    times = [float(line.split()[1]) for line in (tmp_path / "compiles").read_text().splitlines()]
-    assert len(times) == 4 and times == sorted(times)  # start, end, start, end: never two at once
+    builds = {}  # build folder: the times its compiles started and ended (its sources compile side by side)
+    for line in (tmp_path / "compiles").read_text().splitlines():
+        _, time, folder = line.split()
+        builds.setdefault(folder, []).append(float(time))
+    assert len(builds) == 2 and all(len(times) == 2 * len(native.SOURCES) for times in builds.values())
+    first, second = sorted(builds.values(), key=min)
+    assert max(first) < min(second)  # one build ended before the other began: never two at once
     assert any("waiting for another process" in stderr for stderr in stderrs)

@@ -9,8 +9,8 @@ from llama_models.llama3 import model as llama_model
 import minimal_run_inference
 import run_inference
 import speedups
-from speedups import calibration, layouts
-from conftest import CPU, SCRIPTS, greedy_without_cache, load, reference_model, run_script
+from speedups import calibration, layouts, native
+from conftest import CPU, FIXED_KERNELS, SCRIPTS, greedy_without_cache, load, reference_model, run_script
 from standin.random_checkpoint import TINY, ffn_hidden_dim
 from test_independent import random_prompt
 
@@ -68,20 +68,33 @@ def test_speedups_on_and_off_print_the_cache_free_greedy_text(script_name, model
 
 
 @pytest.mark.parametrize("chunk", [7, 256])
-@pytest.mark.parametrize("use_speedups", [False, True], ids=["speedups-off", "speedups-on"])
-def test_prefill_in_chunks_gives_the_cache_free_logits_and_tokens(script, use_speedups, chunk, models_dir, tokenizer,
-                                                                  distributed, monkeypatch):
+@pytest.mark.parametrize("use_speedups, kernels", [(False, FIXED_KERNELS), (True, FIXED_KERNELS), (True, "linear")],
+                         ids=["speedups-off", "speedups-on", "speedups-on-one-call"])
+def test_prefill_in_chunks_gives_the_cache_free_logits_and_tokens(script, use_speedups, kernels, chunk, models_dir,
+                                                                  tokenizer, distributed, monkeypatch):
     """A prompt longer than the chunk (300 tokens) is fed chunk by chunk, each at its own position: the last
-    position's logits are those of one pass over the whole prompt, and so is every greedy token after it."""
+    position's logits are those of one pass over the whole prompt, and so is every greedy token after it. With
+    our C++ built and a kernel named (not the rule), the norms and RoPE are decoding.cpp's single calls."""
     monkeypatch.setattr(script, "PREFILL_CHUNK", chunk)
     ids = random_prompt(tokenizer, 300, seed=5)
     reference = reference_model(models_dir / "Tiny", len(ids) + 12)
-    model = load(script, models_dir / "Tiny", len(ids) + 12, use_speedups=use_speedups)
+    model = load(script, models_dir / "Tiny", len(ids) + 12, use_speedups=use_speedups, kernels=kernels)
+    if kernels != FIXED_KERNELS:
+        one_call(model)
     expected = reference(torch.tensor([ids]), start_pos=0)[0, -1]
     assert (script.prefill(model, ids) - expected).abs().max() < 1e-4
-    model = load(script, models_dir / "Tiny", len(ids) + 12, use_speedups=use_speedups)  # an empty cache again
+    model = load(script, models_dir / "Tiny", len(ids) + 12, use_speedups=use_speedups, kernels=kernels)  # empty cache
     assert list(script.generate(model, ids, 12, tokenizer.stop_tokens)) == \
         greedy_without_cache(reference, ids, 12, tokenizer.stop_tokens)
+
+
+def one_call(model):
+    """Skips where our C++ is not built; else checks that every norm and attention layer uses it."""
+    if native.library() is None:
+        pytest.skip(f"our C++: not available ({native.why_unavailable()})")
+    norms = [model.norm, *(norm for layer in model.layers for norm in (layer.attention_norm, layer.ffn_norm))]
+    assert all(type(norm) is speedups.OneCallRMSNorm for norm in norms)
+    assert all(layer.attention.one_call_rope for layer in model.layers)
 
 
 def test_prefill_continues_after_what_the_cache_holds(script, models_dir, tokenizer, distributed):
