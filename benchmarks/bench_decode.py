@@ -370,8 +370,9 @@ def run_llama_bench(args, gguf, depths):
     if done.returncode != 0:
         return {"error": (done.stderr.strip().splitlines() or ["llama-bench failed"])[-1]}
     entries = json.loads(done.stdout)
+    prompt = [entry["avg_ts"] for entry in entries if entry["n_prompt"] and entry["n_depth"] == 0]  # none at -p 0
     return {"decode": {str(entry["n_depth"]): entry["avg_ts"] for entry in entries if entry["n_gen"]},
-            "prompt": next(entry["avg_ts"] for entry in entries if entry["n_prompt"] and entry["n_depth"] == 0)}
+            **({"prompt": prompt[0]} if prompt else {})}
 
 
 def decode_rate(marks):
@@ -395,8 +396,9 @@ def summarise(runs):
                                peak_gib=statistics.median(r["peak_bytes"] for r in good) / GIB,
                                tally=good[0].get("tally"))  # greedy: the same drafts every round
             elif good and "decode" in good[0]:  # llama.cpp
-                numbers.update(decode=statistics.median(r["decode"][depth] for r in good),
-                               prompt=statistics.median(r["prompt"] for r in good))
+                numbers.update(decode=statistics.median(r["decode"][depth] for r in good))
+                if "prompt" in good[0]:
+                    numbers.update(prompt=statistics.median(r["prompt"] for r in good))
             elif good and "verify_s" in good[0]:  # the fastest of the rounds, per k
                 numbers.update(verify_s={k: min(r["verify_s"][k] for r in good) for k in good[0]["verify_s"]})
             elif good and "bandwidth" in good[0]:  # the best of the rounds, per method
