@@ -42,7 +42,12 @@ from speedups.layouts import FORMATS, ROW_CLASSES, PlainLinear
 
 CALIBRATION_SECONDS = 2.0  # the most the timing may take, once per cache key (paging the weights in aside)
 CALIBRATION_ROUNDS = 3  # each candidate is timed up to this many times, interleaved; the fastest counts
-CALIBRATION_VERSION = 6  # part of the cache key: raise it when what is measured or how it is chosen changes
+CALIBRATION_VERSION = 7  # part of the cache key: raise it when what is measured or how it is chosen changes
+# A stock kernel replaces the project's own (C++) one only when it times faster by more than this factor. Timed one
+# layer at a time, a stock kernel's extra PyTorch operations per call (w8a8 rounds the input in six) cost less
+# than they do in the model's order: a choice of w8a8 timed 4% faster than q8 on three shapes decoded 13% slower
+# than q8 everywhere, in one process, the two taking turns (benchmarks/README.md, "A margin for our kernels").
+OURS_MARGIN = 1.15
 SWEEP_BYTES = 2**30  # the weights one timed pass streams: more than this machine's caches (a 480 MiB L3)
 CHUNK_ROWS = 256  # a prompt chunk is timed with the scripts' PREFILL_CHUNK rows (compute-bound: one layer per shape)
 FEW_TIMED = 8  # a few rows (a short prompt's) are timed with this many, where beam search does not say
@@ -109,12 +114,16 @@ def choose(seconds, decode_class):
     """The choice for one weight shape, a pure function of timings: seconds {row class: {kernel: seconds per
     product}} (measured, cached, or the rule's stand-ins) -> (layout, {row class: kernel}). The layout is
     that of the kernel fastest for the rows decoding uses (decode_class: "one", or "few" for beam search);
-    every row class then takes the fastest kernel timed on that layout, or the layout's default."""
-    decoding = seconds[decode_class]
+    every row class then takes the fastest kernel timed on that layout, or the layout's default. Stock kernels'
+    times count OURS_MARGIN times longer beside our own."""
+    def weighed(times):
+        return {name: s if KERNELS[name].ours else s * OURS_MARGIN for name, s in times.items()}
+
+    decoding = weighed(seconds[decode_class])
     layout = KERNELS[min(decoding, key=decoding.get)].layout
     kernels = {}
     for rows in ROW_CLASSES:
-        options = {name: s for name, s in seconds.get(rows, {}).items()
+        options = {name: s for name, s in weighed(seconds.get(rows, {})).items()
                    if KERNELS[name].layout is layout and rows in KERNELS[name].rows}
         kernels[rows] = min(options, key=options.get) if options else DEFAULT_KERNEL[layout][rows]
     return layout, kernels

@@ -34,6 +34,11 @@ XEON_ONE_ROW = {"mv": 0.075, "linear-native": 0.088, "linear": 0.103, "packed": 
      (layouts.PackedInt8Linear, dict.fromkeys(layouts.ROW_CLASSES, "w8a8-onednn"))),
     ({"w8": 0.081, "w8a8": 0.116, "w8a8-onednn": 0.095}, {"w8": 0.5, "w8-copy": 0.2, "w8a8": 0.1},
      (layouts.Int8Linear, {"one": "w8", "few": "w8", "chunk": "w8a8"})),
+    # ours (q8) against stock kernels: kept while they are at most OURS_MARGIN times faster, replaced beyond
+    ({"q8": 0.100, "w8a8": 0.090, "w8": 0.2}, {"w8-copy": 0.2}, (layouts.Int8Linear, {"one": "q8", "few": "w8",
+                                                                                   "chunk": "w8-copy"})),
+    ({"q8": 0.100, "w8a8": 0.085, "w8": 0.2}, {"w8-copy": 0.2}, (layouts.Int8Linear, {"one": "w8a8", "few": "w8",
+                                                                                   "chunk": "w8-copy"})),
 ])
 def test_the_choice_is_the_fastest_layout_for_decoding_then_the_fastest_kernel_per_row_class(one_row, chunk, expected):
     assert calibration.choose({"one": one_row, "chunk": chunk}, "one") == expected
