@@ -527,14 +527,18 @@ class StepThreads:
     SLOWDOWN times slower than when it was kept (the machine got busier), and every PERIOD steps while one thread is
     kept (so that all come back soon after the machine is quiet again). A trial whose first step is SLOWDOWN times
     slower than the kept count's median ends there: on a quiet machine a 1-thread step is, so a trial costs one slow
-    step, not TRIAL (in a 64-token run two full trials made 8 steps slow, about 12%). Steps are timed from one
-    decode step's end to the next, so the prompt's chunks and what the script does between steps are left out as
-    long as they are alike for both counts."""
+    step, not TRIAL (in a 64-token run two full trials made 8 steps slow, about 12%). One thread is kept only where
+    its median step is FEWER_MARGIN times shorter than all threads': on a quiet machine a 1-thread step of the 1B
+    model took 1.13 (int4) to 1.21 (int8) times a 2-thread one, close enough that four noisy steps could pick one
+    thread for the next PERIOD steps; a busy core made it 3 to 6 times shorter. Steps are timed from one decode
+    step's end to the next, so the prompt's chunks and what the script does between steps are left out as long as
+    they are alike for both counts."""
 
     TRIAL = 4  # steps of each trial
     PERIOD = 32  # decode steps between the first trial and the second; doubled after each trial that keeps
     MAX_PERIOD = 1024  # the count, up to this
     SLOWDOWN = 1.5  # kept count's median step over the one it was kept with, beyond which a trial starts at once
+    FEWER_MARGIN = 1.1  # how much shorter one thread's median step must be to be kept instead of all threads
 
     def __init__(self, threads):
         self.counts = (threads, 1)
@@ -562,7 +566,7 @@ class StepThreads:
             trial = self.steps[threads]
             lost = len(trial) == 1 and trial[0] > self.SLOWDOWN * median(self.steps[self.current])
             if lost or len(trial) >= self.TRIAL:
-                kept = self.current if lost else min(self.counts, key=lambda count: median(self.steps[count]))
+                kept = self.current if lost else self.faster()
                 backing_off = kept == self.current == self.counts[0]  # on one thread, try all again every PERIOD
                 self.period = min(2 * self.period, self.MAX_PERIOD) if backing_off else self.PERIOD
                 self.current, self.kept_step = kept, median(self.steps[kept])
@@ -573,6 +577,11 @@ class StepThreads:
             other = self.counts[1] if self.current == self.counts[0] else self.counts[0]
             self.steps[other].clear()
             torch.set_num_threads(other)
+
+    def faster(self):
+        """All threads, unless one thread's median step is FEWER_MARGIN times shorter."""
+        every, one = (median(self.steps[count]) for count in self.counts)
+        return self.counts[1] if one * self.FEWER_MARGIN < every else self.counts[0]
 
     def busier(self):
         recent = self.steps[self.current]

@@ -320,6 +320,10 @@ MUTANTS = {
     # A trial of the other thread count whose first step is clearly slower would still run all its steps.
     "step-threads-trial-runs-on-when-clearly-slower": (CALIBRATION, "            lost = len(trial) == 1 and trial[0]",
                                                       "            lost = False and trial[0]", STEP_THREADS),
+    # No margin: one thread kept on a near tie; a stock kernel chosen over ours when it times barely faster.
+    "step-threads-one-thread-on-a-tie": (CALIBRATION, "    FEWER_MARGIN = 1.1", "    FEWER_MARGIN = 1.0", STEP_THREADS),
+    "stock-kernel-on-a-tie": (CALIBRATION, "OURS_MARGIN = 1.15", "OURS_MARGIN = 1.0",
+                              ["tests/test_kernels.py", "-k", "the_choice_is_the_fastest"]),
     # Decoding one row would time other layouts on one copied layer again.
     "one-row-tries-other-layouts": (CALIBRATION, '    if decode_class == "one":\n', '    if False:\n',
                                     ["tests/test_kernels.py", "-k", "one_row_never_tries"]),

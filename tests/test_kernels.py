@@ -138,6 +138,15 @@ def test_step_threads_keeps_the_count_whose_steps_are_shorter(slow_count, kept, 
         torch.set_num_threads(before)
 
 
+def test_step_threads_keeps_all_threads_when_one_is_barely_faster(monkeypatch):
+    """One thread's steps 5% shorter than two threads' (within what noise does to four steps): all threads stay;
+    20% shorter: one thread is kept."""
+    used = decode_with_step_threads(monkeypatch, lambda step, threads: 0.3 if threads == 2 else 0.285, 40)
+    assert used[calibration.StepThreads.TRIAL * 2 + 1 :].count(2) == len(used) - calibration.StepThreads.TRIAL * 2 - 1
+    used = decode_with_step_threads(monkeypatch, lambda step, threads: 0.3 if threads == 2 else 0.24, 40)
+    assert used[-1] == 1
+
+
 def decode_with_step_threads(monkeypatch, seconds, steps):
     """StepThreads(2) over `steps` decode steps on a fake clock, a step taking seconds(step, threads); returns the
     thread count each step ran with."""
