@@ -6,9 +6,9 @@
 // of work, but written in PyTorch it is several operations (llama-models' RMSNorm is six: widen, square,
 // mean, add, rsqrt, multiply, then round and multiply by the weight; RoPE widens, views as complex, multiplies,
 // views as real and rounds, for queries and keys; the cache takes two more), and each PyTorch operation costs
-// a few microseconds to dispatch and allocate. 33 norms and 16 attention layers per step of the 1B model came
-// to over a millisecond (`python benchmarks/bench_decode.py` measures whole steps). Here each is one loop over
-// the numbers.
+// a few microseconds to dispatch and allocate, and a step of the 1B model runs 33 norms and 16 attention
+// layers (`python benchmarks/bench_decode.py` measures whole steps; benchmarks/README.md, "One call each").
+// Here each is one loop over the numbers.
 //
 // Same math, same roundings, as llama-models computes them:
 //
