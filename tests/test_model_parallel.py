@@ -38,7 +38,8 @@ def torchrun(processes, script_name, models_dir, **settings):
     ("minimal_run_inference.py", {}),
     ("run_inference.py", {}),
     ("run_inference.py", {"BEAM_WIDTH": 3}),  # beam search is in run_inference.py only
-], ids=["minimal-greedy", "tutorial-greedy", "tutorial-beam"])
+    ("minimal_run_inference.py", {"KERNELS": "linear"}),  # a named kernel: our C++ norms and RoPE, on local heads
+], ids=["minimal-greedy", "tutorial-greedy", "tutorial-beam", "minimal-greedy-one-call"])
 def test_two_processes_decode_the_single_process_tokens(script_name, strategy, models_dir, sharded_dir):
     single = run_script(script_name, models_dir, "Tiny", **SETTINGS, **strategy)
     assert single.returncode == 0 and single.stdout, single.stderr
