@@ -338,6 +338,9 @@ MUTANTS = {
     "file-weights-copied-from-the-first-rows": (LAYOUTS, "copy[start : start + rows].copy_(weight[start : start + rows])",
                                                 "copy[start : start + rows].copy_(weight[: len(copy[start : start + rows])])",
                                                 [HUGE_PAGES]),
+    # Two processes building the library at once: each build's compiles must not overlap the other's.
+    "build-lock-not-taken": ("speedups/native.py", "        _lock(lock, progress)\n", "",
+                             [NATIVE_TESTS, "-k", "one_at_a_time"]),
     # decoding.cpp's one-call RMSNorm and RoPE into the cache, and their use by the model
     "one-call-norm-epsilon-lost": (DECODING, "std::sqrt(squares / float(dim) + eps)", "std::sqrt(squares / float(dim))",
                                    [NATIVE_TESTS, "-k", "rms_norm"]),

@@ -315,14 +315,14 @@ def probe(**environment):
 # ---------------------------------------------------------------------------------------------------------
 # decoding.cpp: RMSNorm, and RoPE with the write into the KV cache, against llama-models' own code.
 # ---------------------------------------------------------------------------------------------------------
-ULP = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}  # relative spacing of numbers
 ROUNDING_FLIPS = 1e-3  # 16 bits: where a float32 result lands near a rounding boundary, a different summation
 # order may round it the other way (one unit in the last place), rarely
 
 
 def assert_same_up_to_rounding(ours, theirs):
     """float32: within a few units in the last place; 16 bits: equal but for rare one-unit rounding flips."""
-    ulps = (ours.double() - theirs.double()).abs() / (theirs.double().abs() * ULP[theirs.dtype]).clamp(min=1e-30)
+    spacing = torch.finfo(theirs.dtype).eps  # relative spacing of neighbouring numbers: one unit in the last place
+    ulps = (ours.double() - theirs.double()).abs() / (theirs.double().abs() * spacing).clamp(min=1e-30)
     if theirs.dtype == torch.float32:
         assert ulps.max() <= 8
     else:
