@@ -22,10 +22,13 @@ benchmarks/bench_decode.py writes (and this script too).
 4. A whole decode step at a short context, and the share of it the linear layers take; the rest is
    attention, norms, RoPE and Python. It also counts the step's tensor operations (each one a trip through
    Python and PyTorch's dispatcher), to show what the rest costs per operation.
+5. Read-ahead: whole decode steps with our kernels' non-temporal read-ahead of the weights (quantized.cpp's
+   kReadAhead) and without it, taking turns in one process; the time in the linear layers and the rest.
 """
 
 import argparse
 import copy
+import statistics
 import sys
 import time
 from contextlib import redirect_stdout
@@ -148,6 +151,47 @@ def time_step(model_dir, dtype, quantize):
     return step, linears, in_step.count, in_linears.count
 
 
+READ_AHEAD_TURNS, READ_AHEAD_STEPS = 8, 12  # turns of each setting, decode steps per turn (the first 2 not counted)
+
+
+def time_read_ahead(model_dir, dtype, quantize):
+    """{read-ahead bytes: (median decode step, median time in its linear layers)} for our kernels' default
+    read-ahead and for none, the two taking turns every READ_AHEAD_STEPS steps of one decode (threads fixed)."""
+    model = load(model_dir, dtype, 1024, 1, True, quantize, kernels="measure")
+    model.output.watchers = []  # no thread-count trials: both settings run on the same threads
+    layers = [m for m in model.modules() if isinstance(m, layouts.FastLinear)]
+    inside = [0.0]
+
+    def timed(forward):
+        def run(x):
+            start = time.perf_counter()
+            out = forward(x)
+            inside[0] += time.perf_counter() - start
+            return out
+        return run
+
+    for layer in layers:
+        layer.forward = timed(layer.forward)
+    default = native.set_read_ahead(0)
+    native.set_read_ahead(default)
+    steps = {default: [], 0: []}
+    with torch.inference_mode():
+        logits = run_inference.prefill(model, list(range(1000, 1016)))
+        pos = 16
+        for turn in range(READ_AHEAD_TURNS):
+            for bytes_ahead in (default, 0) if turn % 2 == 0 else (0, default):
+                native.set_read_ahead(bytes_ahead)
+                for step in range(READ_AHEAD_STEPS):
+                    inside[0], start = 0.0, time.perf_counter()
+                    logits = run_inference.decode_step(model, [int(logits.argmax())], pos)[0]
+                    pos += 1
+                    if step >= 2:  # the first steps of a turn still read what the other setting left in the caches
+                        steps[bytes_ahead].append((time.perf_counter() - start, inside[0]))
+    native.set_read_ahead(default)
+    return {bytes_ahead: (statistics.median(s for s, _ in times), statistics.median(i for _, i in times))
+            for bytes_ahead, times in steps.items()}
+
+
 def in_pages(layers, huge):
     """Copies of the layers whose tensors of at least one huge page are in fresh memory: asked for 2 MiB pages
     (layouts.weight_memory) or not (4 KiB pages)."""
@@ -241,6 +285,20 @@ def main():
         rest = step - linears
         print(f"| {quantize or args.dtype} | {1000 * step:.1f} | {1000 * linears:.1f} | {1000 * rest:.1f} | "
               f"{operations} ({in_linears}) | {1e6 * rest / (operations - in_linears):.1f} |", flush=True)
+
+    if native.library() is not None:
+        print(f"\nDecode steps with our kernels' read-ahead (prefetchnta) and without, taking turns in one decode "
+              f"({READ_AHEAD_TURNS} turns of {READ_AHEAD_STEPS} steps); ms, medians\n")
+        print("| weights | read-ahead | step | its linear layers | the rest | step without / with |\n"
+              "|---|---|---|---|---|---|")
+        for quantize in ("", "int8", "int4"):
+            seconds = time_read_ahead(model_dir, dtype, quantize)
+            on = max(seconds)
+            for bytes_ahead, (step, linears) in sorted(seconds.items(), reverse=True):
+                label = f"{bytes_ahead} bytes" if bytes_ahead else "off"
+                ratio = f"{seconds[0][0] / seconds[on][0]:.2f}" if bytes_ahead == 0 else ""
+                print(f"| {quantize or args.dtype} | {label} | {1000 * step:.1f} | {1000 * linears:.1f} | "
+                      f"{1000 * (step - linears):.1f} | {ratio} |", flush=True)
     devices.close_distributed()
 
 

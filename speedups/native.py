@@ -33,6 +33,9 @@ API (x is (..., in) in float32, bfloat16 or float16; results are (..., out) in x
     int4_matvec(x, tiles, out, variant="")        tiles: pack_int4's (ceil(out / 16), blocks, 320) uint8 (or a
                                                   slice of whole tiles); out: the rows they hold
     bf16_matvec(x, weight, variant="")            weight (out, in) bfloat16
+    set_read_ahead(bytes)                         how far ahead the three products' SIMD loops prefetch their
+                                                  weight, non-temporally (0: not at all); returns the value it
+                                                  replaces (for benchmarks/bench_kernels.py's on/off turns)
     dequantize_int8(codes, scales, out)           out: float32 (out, in), filled with codes * scales[:, None]
     dequantize_int4(tiles, out)                   out: float32 (rows, in), filled with the first rows of the
                                                   tiles' codes * scale + low
@@ -319,6 +322,10 @@ def int4_matvec(x, tiles, out, variant=""):
 
 def bf16_matvec(x, weight, variant=""):
     return library().bf16_matvec(x, weight, variant or variants("bf16")[0])
+
+
+def set_read_ahead(bytes):
+    return library().set_read_ahead(bytes)
 
 
 def dequantize_int8(codes, scales, out):

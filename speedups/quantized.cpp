@@ -98,6 +98,22 @@ namespace {
 constexpr int64_t kBlock = 32;       // inputs per block: one activation scale, one int4 scale and low
 constexpr int64_t kInt8Max = 127;    // activation codes are in -127 .. 127
 constexpr int64_t kMaxRows = 8;      // input rows multiplied per pass over a weight block
+
+// Reading ahead. A decoding step reads every weight once, so nothing a kernel reads is read again soon; yet the
+// CPU keeps each line it loads in its caches, pushing out what the rest of the step reuses (the activations, the
+// KV cache, Python's and PyTorch's own data). So the SIMD loops ask for the weight `read_ahead` bytes ahead of
+// where they read, as non-temporal prefetches (prefetchnta): the line arrives before it is needed and is not
+// kept in the outer caches after it is used. Rule: on by default at kReadAhead; `set_read_ahead(0)` turns it off.
+// python benchmarks/bench_kernels.py measures decode steps with it on and off, taking turns.
+constexpr int64_t kReadAhead = 5120;  // bytes: 16 int4 blocks of a tile, 80 cache lines
+int64_t read_ahead = kReadAhead;      // set_read_ahead's value, read once per call
+
+int64_t set_read_ahead(int64_t bytes) {  // returns the value it replaces
+  TORCH_CHECK(bytes >= 0, "read_ahead must be 0 (off) or a number of bytes, not ", bytes);
+  const int64_t was = read_ahead;
+  read_ahead = bytes;
+  return was;
+}
 constexpr int64_t kTaskBytes = 1 << 16;   // the least weight bytes worth a thread of their own
 constexpr int64_t kTileBytes = 1 << 18;   // with more than kMaxRows rows: weight bytes reread from the cache
 
@@ -251,6 +267,13 @@ float quantize_block_scalar(const float* x, int64_t n, int8_t* codes, int32_t* s
 #define TARGET_AVX512 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq")))
 #define TARGET_AVX512VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
 #define TARGET_AVX512BF16 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+
+// Non-temporal prefetches of the 64-byte lines of bytes p .. p + bytes - 1, `ahead` bytes further on (0: none).
+inline __attribute__((always_inline)) void read_ahead_of(const void* p, int64_t bytes, int64_t ahead) {
+  if (ahead == 0) return;
+  const char* from = static_cast<const char*>(p) + ahead;
+  for (int64_t k = 0; k < bytes; k += 64) _mm_prefetch(from + k, _MM_HINT_NTA);
+}
 
 TARGET_AVX2 inline float max_of(__m256 v) {
   __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -506,14 +529,17 @@ TARGET_AVX2 void int8_rows_256(const int8_t* weight, const float* weight_scales,
   constexpr int kC = kChains<R>;
   const int64_t blocks = (in + kBlock - 1) / kBlock, whole = in / kBlock;
   alignas(32) int8_t spare[kBlock];
+  const int64_t ahead = read_ahead;
   for (int64_t n = n0; n < n1; n++) {
     const int8_t* w = weight + n * in;
     __m256 sum[kC][R];
     for (int c = 0; c < kC; c++)
       for (int r = 0; r < R; r++) sum[c][r] = _mm256_setzero_ps();
     int64_t b = 0;
-    for (; b + kC <= whole; b += kC)
+    for (; b + kC <= whole; b += kC) {
+      read_ahead_of(w + b * kBlock, kC * kBlock, ahead);
       for (int c = 0; c < kC; c++) Block(w + (b + c) * kBlock, x, b + c, sum[c]);
+    }
     for (; b < blocks; b++) Block(whole_block(w, in, b * kBlock, kBlock, spare), x, b, sum[0]);
     for (int r = 0; r < R; r++) {
       for (int c = 1; c < kC; c++) sum[0][r] = _mm256_add_ps(sum[0][r], sum[c][r]);
@@ -556,14 +582,17 @@ TARGET_AVX512VNNI void int8_avx512vnni(const int8_t* weight, const float* weight
   constexpr int kC = kChains<R>;
   const int64_t blocks = (in + kBlock - 1) / kBlock, whole = in / (2 * kBlock) * 2;  // blocks in whole pairs
   alignas(64) int8_t spare[2 * kBlock];
+  const int64_t ahead = read_ahead;
   for (int64_t n = n0; n < n1; n++) {
     const int8_t* w = weight + n * in;
     __m512 sum[kC][R];
     for (int c = 0; c < kC; c++)
       for (int r = 0; r < R; r++) sum[c][r] = _mm512_setzero_ps();
     int64_t b = 0;
-    for (; b + 2 * kC <= whole; b += 2 * kC)
+    for (; b + 2 * kC <= whole; b += 2 * kC) {
+      read_ahead_of(w + b * kBlock, 2 * kC * kBlock, ahead);
       for (int c = 0; c < kC; c++) int8_pair_avx512vnni<R>(w + (b + 2 * c) * kBlock, x, b + 2 * c, sum[c]);
+    }
     for (; b < blocks; b += 2)
       int8_pair_avx512vnni<R>(whole_block(w, in, b * kBlock, 2 * kBlock, spare), x, b, sum[0]);
     for (int r = 0; r < R; r++) {
@@ -705,6 +734,7 @@ template <int R>
 TARGET_AVX512VNNI void int4_avx512vnni(const Int4Weight& weight, const Activations& a, int64_t r0, int64_t t0,
                                        int64_t t1, const Output& y) {
   const __m512i low_nibble = _mm512_set1_epi8(0x0F);
+  const int64_t ahead = read_ahead;
   const int32_t* q[R];
   for (int r = 0; r < R; r++) q[r] = code_words(a, r0 + r);
   for (int64_t t = t0; t < t1; t++) {
@@ -712,6 +742,7 @@ TARGET_AVX512VNNI void int4_avx512vnni(const Int4Weight& weight, const Activatio
     for (int r = 0; r < R; r++) sum[r] = offset[r] = _mm512_setzero_ps();
     for (int64_t b = 0; b < weight.blocks; b++) {
       const uint8_t* block = weight.block(t, b);
+      read_ahead_of(block, kTileBlockBytes, ahead);
       const __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(block + kTileScales)));
       const __m512 low = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(block + kTileLows)));
       __m512i first[4], last[4];  // chunk i's codes of inputs 4i .. 4i + 3, and of 16 + 4i .. 16 + 4i + 3
@@ -748,6 +779,7 @@ template <int R, int kKind>  // kKind: 0 AVX2, 1 AVX-VNNI (VEX), 2 AVX512-VNNI a
 TARGET_AVX2 void int4_tiles_256(const Int4Weight& weight, const Activations& a, int64_t r0, int64_t t0, int64_t t1,
                                 const Output& y) {
   const __m256i low_nibble = _mm256_set1_epi8(0x0F);
+  const int64_t ahead = read_ahead;
   const int32_t* q[R];
   for (int r = 0; r < R; r++) q[r] = code_words(a, r0 + r);
   for (int64_t t = t0; t < t1; t++) {
@@ -756,6 +788,7 @@ TARGET_AVX2 void int4_tiles_256(const Int4Weight& weight, const Activations& a, 
       for (int r = 0; r < R; r++) sum[h][r] = offset[h][r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < weight.blocks; b++) {
       const uint8_t* block = weight.block(t, b);
+      read_ahead_of(block, kTileBlockBytes, ahead);
       for (int h = 0; h < 2; h++) {  // rows 8h .. 8h + 7 of the tile
         __m256i dot[R];
         for (int r = 0; r < R; r++) dot[r] = _mm256_setzero_si256();
@@ -894,14 +927,17 @@ TARGET_AVX2 void bf16_avx2(const at::BFloat16* weight, const X* xs, int64_t stri
   const X* x[R];  // x's rows, `stride` elements apart
   for (int r = 0; r < R; r++) x[r] = xs + (r0 + r) * stride;
   alignas(32) uint16_t spare[kWidth];
+  const int64_t ahead = read_ahead;
   for (int64_t n = n0; n < n1; n++) {
     const uint16_t* w = reinterpret_cast<const uint16_t*>(weight + n * in);
     __m256 sum[kC][R];
     for (int c = 0; c < kC; c++)
       for (int r = 0; r < R; r++) sum[c][r] = _mm256_setzero_ps();
     int64_t c = 0;
-    for (; c + kC <= whole; c += kC)
+    for (; c + kC <= whole; c += kC) {
+      read_ahead_of(w + c * kWidth, kC * kWidth * 2, ahead);
       for (int k = 0; k < kC; k++) bf16_chunk_avx2<R, X>(w + (c + k) * kWidth, x, c + k, sum[k]);
+    }
     for (; c < chunks; c++) bf16_chunk_avx2<R, X>(whole_block(w, in, c * kWidth, kWidth, spare), x, c, sum[0]);
     for (int r = 0; r < R; r++) {
       for (int k = 1; k < kC; k++) sum[0][r] = _mm256_add_ps(sum[0][r], sum[k][r]);
@@ -942,14 +978,17 @@ TARGET_AVX512 void bf16_avx512(const at::BFloat16* weight, const X* xs, int64_t 
   const X* x[R];  // x's rows, `stride` elements apart
   for (int r = 0; r < R; r++) x[r] = xs + (r0 + r) * stride;
   alignas(64) uint16_t spare[kWidth];
+  const int64_t ahead = read_ahead;
   for (int64_t n = n0; n < n1; n++) {
     const uint16_t* w = reinterpret_cast<const uint16_t*>(weight + n * in);
     __m512 sum[kC][R];
     for (int c = 0; c < kC; c++)
       for (int r = 0; r < R; r++) sum[c][r] = _mm512_setzero_ps();
     int64_t c = 0;
-    for (; c + kC <= whole; c += kC)
+    for (; c + kC <= whole; c += kC) {
+      read_ahead_of(w + c * kWidth, kC * kWidth * 2, ahead);
       for (int k = 0; k < kC; k++) bf16_chunk_avx512<R, X>(w + (c + k) * kWidth, x, c + k, sum[k]);
+    }
     for (; c < chunks; c++) bf16_chunk_avx512<R, X>(whole_block(w, in, c * kWidth, kWidth, spare), x, c, sum[0]);
     for (int r = 0; r < R; r++) {
       for (int k = 1; k < kC; k++) sum[0][r] = _mm512_add_ps(sum[0][r], sum[k][r]);
@@ -978,14 +1017,17 @@ TARGET_AVX512BF16 void bf16_avx512bf16(const at::BFloat16* weight, const uint16_
   const uint16_t* x[R];  // x's rows
   for (int r = 0; r < R; r++) x[r] = padded + (r0 + r) * chunks * kWidth;
   alignas(64) uint16_t spare[kWidth];
+  const int64_t ahead = read_ahead;
   for (int64_t n = n0; n < n1; n++) {
     const uint16_t* w = reinterpret_cast<const uint16_t*>(weight + n * in);
     __m512 sum[kC][R];
     for (int c = 0; c < kC; c++)
       for (int r = 0; r < R; r++) sum[c][r] = _mm512_setzero_ps();
     int64_t c = 0;
-    for (; c + kC <= whole; c += kC)
+    for (; c + kC <= whole; c += kC) {
+      read_ahead_of(w + c * kWidth, kC * kWidth * 2, ahead);
       for (int k = 0; k < kC; k++) bf16_chunk_avx512bf16<R>(w + (c + k) * kWidth, x, c + k, sum[k]);
+    }
     for (; c < chunks; c++) bf16_chunk_avx512bf16<R>(whole_block(w, in, c * kWidth, kWidth, spare), x, c, sum[0]);
     for (int r = 0; r < R; r++) {
       for (int k = 1; k < kC; k++) sum[0][r] = _mm512_add_ps(sum[0][r], sum[k][r]);
@@ -1185,6 +1227,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_matvec", &int8_matvec, py::arg("x"), py::arg("codes"), py::arg("scales"), py::arg("variant") = "");
   m.def("int4_matvec", &int4_matvec, py::arg("x"), py::arg("tiles"), py::arg("out"), py::arg("variant") = "");
   m.def("bf16_matvec", &bf16_matvec, py::arg("x"), py::arg("weight"), py::arg("variant") = "");
+  m.def("set_read_ahead", &set_read_ahead, "bytes ahead the SIMD matvec loops prefetch the weight (0: off); "
+        "returns the previous value", py::arg("bytes"));
   m.def("dequantize_int8", &dequantize_int8, py::arg("codes"), py::arg("scales"), py::arg("out"));
   m.def("dequantize_int4", &dequantize_int4, py::arg("tiles"), py::arg("out"));
   add_decoding_functions(m);

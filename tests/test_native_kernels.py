@@ -221,6 +221,28 @@ def test_leading_dimensions_are_kept(kernels):
     assert torch.equal(y[1, 2], native.int8_matvec(x[1, 2:3], *weights)[0])
 
 
+@pytest.mark.parametrize("kernel", ["int8", "int4", "bf16"])
+def test_read_ahead_changes_no_result_and_can_be_turned_off(kernels, kernel):
+    """The non-temporal read-ahead only asks for lines early: every variant gives the same bits without it, and with
+    it reaching far past the weight's end (prefetches never fault)."""
+    x, weights, _, _ = case(kernel, 3, 100)
+    product = getattr(native, f"{kernel}_matvec")
+    default = native.set_read_ahead(0)
+    try:
+        assert default > 0  # on unless a caller turns it off
+        for variant in native.variants(kernel):
+            off = product(x, *weights, variant)
+            assert native.set_read_ahead(default) == 0
+            assert torch.equal(product(x, *weights, variant), off)
+            native.set_read_ahead(1 << 30)
+            assert torch.equal(product(x, *weights, variant), off)
+            native.set_read_ahead(0)
+        with pytest.raises(RuntimeError, match="read_ahead must be 0 \\(off\\) or a number of bytes, not -1"):
+            native.set_read_ahead(-1)
+    finally:
+        native.set_read_ahead(default)
+
+
 def test_an_unknown_variant_is_one_clear_error(kernels):
     _, weights, _, _ = case("int8", 1, 33)
     with pytest.raises(RuntimeError, match="the int8 kernel has no variant avx9"):
