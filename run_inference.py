@@ -352,6 +352,14 @@ def compare_layer_by_hand(model, prompt_ids):
 # benchmarks/bench_kernels.py` and `python benchmarks/bench_decode.py --only minimal,minimal-small-pages`
 # measure what it buys).
 #
+# Reading ahead. A step reads each weight once, but the CPU keeps every line it loads in its caches, so the
+# weights flowing through (0.8 GB a step in int4, 2.5 GB in bfloat16) push out what the step does reuse: the
+# activations, the KV cache, Python's and PyTorch's own data; every small operation between two products then
+# starts with cache misses. speedups/quantized.cpp's products ask for the weight a few KB ahead of where they
+# read, with non-temporal prefetches (prefetchnta: a hint that a line is used once, which the CPU keeps out of
+# the caches' long-lived part): each line arrives before it is needed, and the rest of the step keeps its
+# caches (`python benchmarks/bench_kernels.py` times decode steps with it and without, taking turns).
+#
 # Attention. llama-models' Attention copies each key-value head's cached keys and values 4 times
 # (repeat_kv), so that every query head has its own: copies that grow with the context, at every step.
 # speedups.GroupedQueryAttention lays its cache out (batch, kv_heads, seq, head_dim) and hands it to

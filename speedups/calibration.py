@@ -42,7 +42,7 @@ from speedups.layouts import FORMATS, ROW_CLASSES, PlainLinear
 
 CALIBRATION_SECONDS = 2.0  # the most the timing may take, once per cache key (paging the weights in aside)
 CALIBRATION_ROUNDS = 3  # each candidate is timed up to this many times, interleaved; the fastest counts
-CALIBRATION_VERSION = 7  # part of the cache key: raise it when what is measured or how it is chosen changes
+CALIBRATION_VERSION = 8  # part of the cache key: raise it when what is measured or how it is chosen changes
 # A stock kernel replaces the project's own (C++) one only when it times faster by more than this factor. Timed one
 # layer at a time, a stock kernel's extra PyTorch operations per call (w8a8 rounds the input in six) cost less
 # than they do in the model's order: a choice of w8a8 timed 4% faster than q8 on three shapes decoded 13% slower
