@@ -525,14 +525,14 @@ class StepThreads:
     when nothing is busy. So trials come seldom while they keep all the threads (after TRIAL steps, then
     PERIOD steps, then twice as many each time, up to MAX_PERIOD), at once when the kept count's steps become
     SLOWDOWN times slower than when it was kept (the machine got busier), and every PERIOD steps while one thread is
-    kept (so that all come back soon after the machine is quiet again). A trial whose first step is SLOWDOWN times
-    slower than the kept count's median ends there: on a quiet machine a 1-thread step is, so a trial costs one slow
-    step, not TRIAL (in a 64-token run two full trials made 8 steps slow, about 12%). One thread is kept only where
-    its median step is FEWER_MARGIN times shorter than all threads': on a quiet machine a 1-thread step of the 1B
-    model took 1.13 (int4) to 1.21 (int8) times a 2-thread one, close enough that four noisy steps could pick one
-    thread for the next PERIOD steps; a busy core made it 3 to 6 times shorter. Steps are timed from one decode
-    step's end to the next, so the prompt's chunks and what the script does between steps are left out as long as
-    they are alike for both counts."""
+    kept (so that all come back soon after the machine is quiet again). One thread is kept only where its median
+    step is FEWER_MARGIN times shorter than all threads': on a quiet machine a 1-thread step of the 1B model took
+    1.13 (int4) to 1.21 (int8) times a 2-thread one, close enough that four noisy steps could pick one thread for
+    the next PERIOD steps; a busy core made it 3 to 6 times shorter. A trial whose first step already loses by
+    that rule (taken as the trial's median) ends there: on a quiet machine every trial of one thread does, so it
+    costs one slower step, not TRIAL (in a 64-token run, two full trials made 8 of its steps 13-21% slower).
+    Steps are timed from one decode step's end to the next, so the prompt's chunks and what the script does
+    between steps are left out as long as they are alike for both counts."""
 
     TRIAL = 4  # steps of each trial
     PERIOD = 32  # decode steps between the first trial and the second; doubled after each trial that keeps
@@ -564,7 +564,7 @@ class StepThreads:
         threads = torch.get_num_threads()
         if threads != self.current:  # a trial of the other count: over once it has TRIAL steps
             trial = self.steps[threads]
-            lost = len(trial) == 1 and trial[0] > self.SLOWDOWN * median(self.steps[self.current])
+            lost = len(trial) == 1 and self.wins(threads, trial[0], median(self.steps[self.current])) is False
             if lost or len(trial) >= self.TRIAL:
                 kept = self.current if lost else self.faster()
                 backing_off = kept == self.current == self.counts[0]  # on one thread, try all again every PERIOD
@@ -581,7 +581,13 @@ class StepThreads:
     def faster(self):
         """All threads, unless one thread's median step is FEWER_MARGIN times shorter."""
         every, one = (median(self.steps[count]) for count in self.counts)
-        return self.counts[1] if one * self.FEWER_MARGIN < every else self.counts[0]
+        return self.counts[1] if self.wins(1, one, every) else self.counts[0]
+
+    def wins(self, count, step, other_step):
+        """Whether `count` threads taking `step` seconds a step are kept against the other count taking
+        `other_step`."""
+        one, every = (step, other_step) if count == 1 else (other_step, step)
+        return (one * self.FEWER_MARGIN < every) == (count == 1)
 
     def busier(self):
         recent = self.steps[self.current]

@@ -317,9 +317,15 @@ MUTANTS = {
                                              "backing_off = kept == self.current", STEP_THREADS),
     "step-threads-busier-not-noticed": (CALIBRATION, "elif self.taken >= self.next_trial or self.busier():",
                                         "elif self.taken >= self.next_trial:", STEP_THREADS),
-    # A trial of the other thread count whose first step is clearly slower would still run all its steps.
-    "step-threads-trial-runs-on-when-clearly-slower": (CALIBRATION, "            lost = len(trial) == 1 and trial[0]",
-                                                      "            lost = False and trial[0]", STEP_THREADS),
+    # A trial of the other thread count whose first step already loses would still run all its steps; would end
+    # only when far slower (the old rule); a trial of all threads would be judged as one of one thread.
+    "step-threads-trial-runs-on-when-it-loses": (CALIBRATION, "lost = len(trial) == 1 and self.wins(",
+                                                 "lost = False and self.wins(", STEP_THREADS),
+    "step-threads-trial-ends-only-when-far-slower": (
+        CALIBRATION, "self.wins(threads, trial[0], median(self.steps[self.current])) is False",
+        "trial[0] > self.SLOWDOWN * median(self.steps[self.current])", STEP_THREADS),
+    "step-threads-trial-of-all-judged-as-one": (CALIBRATION, "return (one * self.FEWER_MARGIN < every) == (count == 1)",
+                                                "return one * self.FEWER_MARGIN < every", STEP_THREADS),
     # No margin: one thread kept on a near tie; a stock kernel chosen over ours when it times barely faster.
     "step-threads-one-thread-on-a-tie": (CALIBRATION, "    FEWER_MARGIN = 1.1", "    FEWER_MARGIN = 1.0", STEP_THREADS),
     "stock-kernel-on-a-tie": (CALIBRATION, "OURS_MARGIN = 1.15", "OURS_MARGIN = 1.0",

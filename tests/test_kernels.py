@@ -175,14 +175,26 @@ def test_step_threads_seldom_tries_the_slower_count_on_a_quiet_machine(monkeypat
     assert used.count(1) < 0.02 * len(used)
 
 
-def test_a_step_threads_trial_that_is_clearly_slower_ends_after_one_step(monkeypatch):
-    """A quiet machine, 1-thread steps 1.67 times as long: each trial of one thread is a single step. Steps
-    1.2 times as long (not clearly slower) get the whole trial."""
+def test_a_step_threads_trial_that_loses_at_its_first_step_ends_there(monkeypatch):
+    """A quiet machine, 1-thread steps 1.67, 1.2 or 0.95 times as long as 2-thread ones: none would be kept
+    (FEWER_MARGIN), so each trial of one thread is a single step. Steps 0.8 times as long get the whole trial
+    (and one thread is kept)."""
     trials = lambda used: [len(run) for run in "".join(map(str, used)).split("2") if run]  # steps of each trial
-    used = decode_with_step_threads(monkeypatch, lambda step, threads: 0.3 if threads == 2 else 0.5, 200)
-    assert trials(used) == [1, 1, 1]  # after 4 timed steps, then 64 and 128 steps later
-    used = decode_with_step_threads(monkeypatch, lambda step, threads: 0.3 if threads == 2 else 0.36, 20)
-    assert trials(used) == [calibration.StepThreads.TRIAL]
+    for one_thread in (0.5, 0.36, 0.285):
+        used = decode_with_step_threads(monkeypatch, lambda step, threads: 0.3 if threads == 2 else one_thread, 200)
+        assert trials(used) == [1, 1, 1]  # after 4 timed steps, then 64 and 128 steps later
+    used = decode_with_step_threads(monkeypatch, lambda step, threads: 0.3 if threads == 2 else 0.24, 20)
+    assert used[calibration.StepThreads.TRIAL + 1 :] == [1] * (20 - calibration.StepThreads.TRIAL - 1)
+
+
+def test_a_step_threads_trial_of_all_threads_that_loses_at_its_first_step_ends_there(monkeypatch):
+    """A busy core (2-thread steps 5 times as long) while one thread is kept: each trial of all threads is one
+    step; 2-thread steps 1.05 times as long as 1-thread ones (within FEWER_MARGIN) take all threads back."""
+    busy = decode_with_step_threads(monkeypatch, lambda step, threads: 0.3 if threads == 1 else 1.5, 200)
+    assert [len(run) for run in "".join(map(str, busy[10:])).split("1") if run] == [1] * 5
+    close = decode_with_step_threads(monkeypatch, lambda step, threads: 0.3 if threads == 1 else
+                                     (1.5 if step < 40 else 0.315), 120)
+    assert close[-1] == 2
 
 
 def test_step_threads_tries_again_as_soon_as_the_machine_gets_busier(monkeypatch):
