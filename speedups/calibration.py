@@ -564,7 +564,7 @@ class StepThreads:
         threads = torch.get_num_threads()
         if threads != self.current:  # a trial of the other count: over once it has TRIAL steps
             trial = self.steps[threads]
-            lost = len(trial) == 1 and self.wins(threads, trial[0], median(self.steps[self.current])) is False
+            lost = len(trial) == 1 and not self.wins(threads, trial[0], median(self.steps[self.current]))
             if lost or len(trial) >= self.TRIAL:
                 kept = self.current if lost else self.faster()
                 backing_off = kept == self.current == self.counts[0]  # on one thread, try all again every PERIOD

@@ -310,6 +310,9 @@ MUTANTS = {
                                    "_mm256_maddubs_epi16(magnitude[k], q)", AVX2_INT8),
     "native-int8-tile-odd-row-dropped": (NATIVE, "if (n < n1) int8_tile_avx2<kR, 1>",
                                          "if (false) int8_tile_avx2<kR, 1>", AVX2_INT8),
+    # The read-ahead setting not kept (benchmarks/bench_kernels.py would time "off" with it on).
+    "native-read-ahead-setting-ignored": (NATIVE, "  read_ahead = bytes;\n", "\n",
+                                          [NATIVE_TESTS, "-k", "read_ahead"]),
     # StepThreads: trials at a fixed period (a slower count's steps every 32), a busier machine not noticed.
     "step-threads-fixed-period": (CALIBRATION, "self.period = min(2 * self.period, self.MAX_PERIOD) if backing_off",
                                   "self.period = self.PERIOD if backing_off", STEP_THREADS),
@@ -319,10 +322,10 @@ MUTANTS = {
                                         "elif self.taken >= self.next_trial:", STEP_THREADS),
     # A trial of the other thread count whose first step already loses would still run all its steps; would end
     # only when far slower (the old rule); a trial of all threads would be judged as one of one thread.
-    "step-threads-trial-runs-on-when-it-loses": (CALIBRATION, "lost = len(trial) == 1 and self.wins(",
-                                                 "lost = False and self.wins(", STEP_THREADS),
+    "step-threads-trial-runs-on-when-it-loses": (CALIBRATION, "lost = len(trial) == 1 and not self.wins(",
+                                                 "lost = False and not self.wins(", STEP_THREADS),
     "step-threads-trial-ends-only-when-far-slower": (
-        CALIBRATION, "self.wins(threads, trial[0], median(self.steps[self.current])) is False",
+        CALIBRATION, "not self.wins(threads, trial[0], median(self.steps[self.current]))",
         "trial[0] > self.SLOWDOWN * median(self.steps[self.current])", STEP_THREADS),
     "step-threads-trial-of-all-judged-as-one": (CALIBRATION, "return (one * self.FEWER_MARGIN < every) == (count == 1)",
                                                 "return one * self.FEWER_MARGIN < every", STEP_THREADS),
